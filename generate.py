@@ -1,0 +1,163 @@
+"""Sample from a Llama 3 model: a Meta-format directory or a checkpoint written by train.py.
+
+    python generate.py --checkpoint PATH --prompt "The capital of France is" --temperature 0
+    python generate.py --checkpoint PATH --prompt FILE:prompt.txt --chat --top_p 0.9
+
+The completion streams to stdout; generation stops at <|eot_id|> or <|end_of_text|>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from checkpoint import CheckpointError, load_model, tokenizer_path_for
+from model import Transformer
+from tokenizer import load_tokenizer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, vocab) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int],
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """Yield new token ids one at a time, using the KV cache; stops after a stop id (not yielded)."""
+    device = model.tok_embeddings.weight.device
+    total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
+    if len(prompt) >= total:
+        raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {model.args.max_seq_len}")
+    model.setup_cache(batch_size=1, max_seq_len=total)
+    try:
+        tokens = torch.tensor([list(prompt)], device=device)
+        logits, _ = model(tokens, start_pos=0)
+        for pos in range(len(prompt), total):
+            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            token = int(next_id.item())
+            if token in stop_ids:
+                return
+            yield token
+            if pos + 1 < total:
+                logits, _ = model(next_id.view(1, 1), start_pos=pos)
+    finally:
+        model.clear_cache()
+
+
+def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> str:
+    """Prompt text -> completion text (used for sample generations during training)."""
+    return "".join(stream_completion(model, tokenizer, prompt, max_new_tokens, chat, temperature, top_k, top_p, seed))
+
+
+def stream_completion(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: Optional[int] = None) -> Iterator[str]:
+    """Yield text pieces as tokens arrive; bytes are decoded incrementally so a character split
+    across tokens is printed once complete."""
+    if chat:
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    else:
+        ids = tokenizer.encode(prompt, bos=True, eos=False)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in generate_tokens(model, ids, max_new_tokens, tokenizer.stop_tokens, temperature, top_k, top_p,
+                                 generator):
+        piece = decoder.decode(tokenizer.decode_token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 where it is native; float32 on CPU for faithful numerics
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[name]
+
+
+def read_prompt(prompt: str) -> str:
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[len("FILE:"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt {prompt}: file not found")
+        return path.read_text(encoding="utf-8")
+    return prompt
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Meta-format directory or a .pt checkpoint from train.py")
+    p.add_argument("--prompt", required=True, help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in Llama 3's chat format")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or HF tokenizer dir (default: the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be >= 1")
+    if not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        prompt = read_prompt(args.prompt)
+        device = pick_device(args.device)
+        model = load_model(args.checkpoint, device=device, dtype=pick_dtype(args.dtype, device))
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_path_for(args.checkpoint))
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer.n_words > model.args.vocab_size:
+        print(f"error: tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}",
+              file=sys.stderr)
+        return 2
+    for piece in stream_completion(model, tokenizer, prompt, args.max_new_tokens, args.chat, args.temperature,
+                                   args.top_k, args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
