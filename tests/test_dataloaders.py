@@ -1,0 +1,251 @@
+"""PretrainDataLoader against real shard files in tmp_path, checked with plain numpy slicing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders import DataError, PretrainDataLoader, max_token_id
+
+VOCAB = 1000
+TOKENIZER = {"kind": "tiktoken", "name": "tokenizer.model", "sha256": "ab" * 32, "n_words": VOCAB}
+
+
+def write_shards(data_dir: Path, splits: dict[str, list[np.ndarray]]) -> Path:
+    """Write shards and a manifest the way load_pretrain_dataset.py lays them out."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    manifest_splits = {}
+    for split, arrays in splits.items():
+        entries = []
+        for i, tokens in enumerate(arrays):
+            name = f"{split}_{i:06d}.npy"
+            np.save(data_dir / name, tokens.astype(np.uint32))
+            entries.append({"file": name, "num_tokens": len(tokens), "max_token_id": int(tokens.max())})
+        manifest_splits[split] = {"num_tokens": sum(len(a) for a in arrays), "shards": entries}
+    manifest = {
+        "format": "llama3-token-shards", "version": 1, "dtype": "uint32", "tokenizer": TOKENIZER,
+        "bos_id": 998, "eos_id": 999, "shard_size": 64, "splits": manifest_splits,
+        "sources": [], "stats": {}, "created": "2025-01-01T00:00:00",
+    }
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    return data_dir
+
+
+def counting_data(tmp_path: Path, num_tokens: int = 201, shard_len: int = 50) -> Path:
+    """Token k is k, so a window starting at sample s begins with token s*T: ids can be read off x."""
+    stream = np.arange(num_tokens)
+    return write_shards(tmp_path / "data", {"train": np.split(stream, range(shard_len, num_tokens, shard_len))})
+
+
+def sample_ids(x: torch.Tensor, seq_len: int) -> list[int]:
+    return (x[:, 0] // seq_len).tolist()
+
+
+def test_every_window_is_the_concatenated_stream_slice_across_shard_boundaries(tmp_path):
+    # Shards of 3 and 2 tokens are shorter than one window; several windows straddle 2-3 shards.
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, VOCAB, n) for n in (13, 3, 2, 20, 7, 16)]
+    stream = np.concatenate(shards)
+    T = 5
+    data = write_shards(tmp_path / "data", {"train": shards})
+    loader = PretrainDataLoader(str(data), "train", batch_size=1, seq_len=T, shuffle=False)
+    assert loader.num_samples == (len(stream) - 1) // T == 12
+    for i in range(loader.num_samples):
+        x, y = loader.next_batch()
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (1, T)
+        assert x[0].tolist() == stream[i * T : i * T + T].tolist()
+        assert y[0].tolist() == stream[i * T + 1 : i * T + T + 1].tolist()
+
+
+def test_shuffled_order_is_the_documented_permutation_and_unshuffled_is_sequential(tmp_path):
+    data, T, B = counting_data(tmp_path), 4, 5
+    shuffled = PretrainDataLoader(str(data), "train", batch_size=B, seq_len=T, seed=7)
+    expected = np.random.default_rng([7, 0]).permutation(50)
+    assert sample_ids(shuffled.next_batch()[0], T) == expected[:B].tolist()
+    assert sample_ids(shuffled.next_batch()[0], T) == expected[B : 2 * B].tolist()
+    sequential = PretrainDataLoader(str(data), "train", batch_size=B, seq_len=T, shuffle=False)
+    assert sample_ids(sequential.next_batch()[0], T) == [0, 1, 2, 3, 4]
+    assert sample_ids(sequential.next_batch()[0], T) == [5, 6, 7, 8, 9]
+
+
+def test_same_seed_repeats_the_order_and_another_seed_changes_it(tmp_path):
+    data = counting_data(tmp_path)
+
+    def first_batches(seed: int) -> list[list[int]]:
+        loader = PretrainDataLoader(str(data), "train", batch_size=4, seq_len=4, seed=seed)
+        return [loader.next_batch()[0].tolist() for _ in range(3)]
+
+    assert first_batches(1) == first_batches(1)
+    assert first_batches(1) != first_batches(2)
+
+
+def test_two_ranks_together_equal_one_rank_taking_two_batches(tmp_path):
+    data, T, B = counting_data(tmp_path), 4, 3
+    ranks = [PretrainDataLoader(str(data), "train", B, T, rank=r, world_size=2, seed=3) for r in range(2)]
+    single = PretrainDataLoader(str(data), "train", B, T, seed=3)
+    seen = [set(), set()]
+    for _ in range(8):  # one epoch: 50 // (3*2) = 8 steps
+        (x0, y0), (x1, y1) = ranks[0].next_batch(), ranks[1].next_batch()
+        (xa, ya), (xb, yb) = single.next_batch(), single.next_batch()
+        assert torch.equal(torch.cat([x0, x1]), torch.cat([xa, xb]))
+        assert torch.equal(torch.cat([y0, y1]), torch.cat([ya, yb]))
+        seen[0].update(sample_ids(x0, T))
+        seen[1].update(sample_ids(x1, T))
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) == 8 * B
+
+
+def test_an_epoch_sees_every_sample_once_then_reshuffles(tmp_path):
+    data, T, B = counting_data(tmp_path), 4, 4  # 50 samples: 12 batches, 2 samples dropped
+    loader = PretrainDataLoader(str(data), "train", B, T, seed=0)
+    assert loader.tokens_per_epoch == 12 * B * T
+    epoch0 = [i for _ in range(12) for i in sample_ids(loader.next_batch()[0], T)]
+    assert len(epoch0) == len(set(epoch0)) == 48 and set(epoch0) <= set(range(50))
+    assert loader.epoch == 0
+    epoch1 = [i for _ in range(12) for i in sample_ids(loader.next_batch()[0], T)]
+    assert loader.epoch == 1
+    assert len(set(epoch1)) == 48 and epoch1 != epoch0
+    assert epoch1 == np.random.default_rng([0, 1]).permutation(50)[:48].tolist()
+
+
+def test_reset_restarts_from_the_first_batch(tmp_path):
+    loader = PretrainDataLoader(str(counting_data(tmp_path)), "train", 4, 4, seed=5)
+    first = loader.next_batch()[0]
+    for _ in range(20):  # past an epoch boundary
+        loader.next_batch()
+    loader.reset()
+    assert loader.epoch == 0 and torch.equal(loader.next_batch()[0], first)
+
+
+def test_resumed_loader_continues_with_exactly_the_next_batches(tmp_path):
+    data = counting_data(tmp_path)
+    original = PretrainDataLoader(str(data), "train", 4, 4, seed=9)
+    for _ in range(10):
+        original.next_batch()
+    state = json.loads(json.dumps(original.state_dict()))  # must survive a JSON/checkpoint round trip
+    resumed = PretrainDataLoader(str(data), "train", 4, 4, seed=9)
+    resumed.load_state_dict(state)
+    for _ in range(6):  # crosses into epoch 1
+        assert torch.equal(resumed.next_batch()[0], original.next_batch()[0])
+    assert resumed.epoch == original.epoch == 1
+
+
+def test_state_saved_by_two_ranks_resumes_on_one_rank(tmp_path):
+    data, T, B = counting_data(tmp_path), 4, 3
+    ranks = [PretrainDataLoader(str(data), "train", B, T, rank=r, world_size=2, seed=4) for r in range(2)]
+    for _ in range(3):
+        for loader in ranks:
+            loader.next_batch()
+    single = PretrainDataLoader(str(data), "train", B, T, seed=4)
+    single.load_state_dict(ranks[0].state_dict())
+    for _ in range(4):
+        expected = torch.cat([ranks[0].next_batch()[0], ranks[1].next_batch()[0]])
+        assert torch.equal(torch.cat([single.next_batch()[0], single.next_batch()[0]]), expected)
+
+
+@pytest.mark.parametrize("change", [{"seq_len": 5}, {"seed": 1}, {"shuffle": False}, {"data": "longer"}])
+def test_state_from_different_settings_or_data_is_refused(tmp_path, change):
+    saved = PretrainDataLoader(str(counting_data(tmp_path / "a")), "train", 2, 4).state_dict()
+    data = counting_data(tmp_path / "b", num_tokens=251 if change.get("data") else 201)
+    settings = {"seq_len": 4, "seed": 0, "shuffle": True} | {k: v for k, v in change.items() if k != "data"}
+    loader = PretrainDataLoader(str(data), "train", 2, **settings)
+    with pytest.raises(DataError, match="skip or repeat"):
+        loader.load_state_dict(saved)
+
+
+# ---- bad data is refused at construction, naming the file -------------------------------------
+
+
+def test_missing_manifest_says_how_to_make_the_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"manifest\.json.*load_pretrain_dataset\.py"):
+        PretrainDataLoader(str(tmp_path / "empty"), "train", 1, 4)
+    with pytest.raises(DataError, match="load_pretrain_dataset.py"):
+        PretrainDataLoader(str(tmp_path / "nowhere"), "train", 1, 4)
+
+
+def test_unknown_split_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"manifest\.json has no split 'val'"):
+        PretrainDataLoader(str(counting_data(tmp_path)), "val", 1, 4)
+
+
+def test_other_tokenizer_is_refused_naming_both(tmp_path):
+    other = TOKENIZER | {"name": "other.model", "sha256": "cd" * 32}
+    with pytest.raises(DataError) as error:
+        PretrainDataLoader(str(counting_data(tmp_path)), "train", 1, 4, tokenizer_identity=other)
+    assert "manifest.json" in str(error.value) and "ab" * 32 in str(error.value) and "cd" * 32 in str(error.value)
+    PretrainDataLoader(str(counting_data(tmp_path)), "train", 1, 4, tokenizer_identity=dict(TOKENIZER))
+
+
+def test_missing_shard_is_named(tmp_path):
+    data = counting_data(tmp_path)
+    (data / "train_000002.npy").unlink()
+    with pytest.raises(DataError, match=r"train_000002\.npy.*missing"):
+        PretrainDataLoader(str(data), "train", 1, 4)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: np.save(path, np.arange(30, dtype=np.uint32)),  # fewer tokens than the manifest says
+        lambda path: np.save(path, np.arange(50, dtype=np.int64)),  # wrong dtype
+        lambda path: path.write_bytes(path.read_bytes()[:-40]),  # cut off mid-file
+        lambda path: path.write_bytes(b"\x00garbage" * 40),  # not an .npy at all
+    ],
+)
+def test_damaged_shard_is_named(tmp_path, damage):
+    data = counting_data(tmp_path)
+    damage(data / "train_000001.npy")
+    with pytest.raises(DataError, match=r"train_000001\.npy"):
+        PretrainDataLoader(str(data), "train", 1, 4)
+
+
+def test_token_id_beyond_vocab_is_found_by_scanning_the_shard(tmp_path):
+    tokens = np.arange(100)
+    tokens[77] = 600
+    data = write_shards(tmp_path / "data", {"train": [np.arange(100), tokens]})
+    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600 >= vocab_size 500"):
+        PretrainDataLoader(str(data), "train", 1, 4, vocab_size=500)
+    # The manifest's max is not trusted on its own: a shard whose data disagrees with it is reported.
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["max_token_id"] = 99
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600"):
+        PretrainDataLoader(str(data), "train", 1, 4, vocab_size=500)
+    with pytest.raises(DataError, match=r"train_000001\.npy has max token id 600 but manifest\.json says 99"):
+        PretrainDataLoader(str(data), "train", 1, 4, vocab_size=601)
+
+
+def test_chunked_scan_finds_the_max_wherever_it_sits():
+    rng = np.random.default_rng(0)
+    for where in (0, 6, 7, 99):  # first, chunk end, chunk start, last
+        tokens = rng.integers(0, 50, 100).astype(np.uint32)
+        tokens[where] = 70
+        assert max_token_id(tokens, chunk=7) == int(np.max(tokens)) == 70
+
+
+def test_split_too_small_for_one_global_batch_is_refused(tmp_path):
+    data = counting_data(tmp_path)  # 201 tokens, T=4: 50 samples
+    message = rf"split 'train' in {re.escape(str(data))} has 201 tokens, fewer than one step needs.* 209"
+    with pytest.raises(DataError, match=message):
+        PretrainDataLoader(str(data), "train", 13, 4, world_size=4)
+    PretrainDataLoader(str(data), "train", 25, 4, world_size=2)  # exactly one batch fits
+
+
+def test_two_ranks_equal_one_rank_with_two_calls_across_epoch_boundaries(tmp_path):
+    # 50 samples, steps of 2 x 7 = 14: 8 samples are left over per epoch, enough for one more
+    # single-rank call of 7. Epochs must still end between steps for both layouts alike.
+    data = counting_data(tmp_path)
+    two = [PretrainDataLoader(str(data), "train", 7, 4, rank=r, world_size=2, seed=3, samples_per_step=14)
+           for r in range(2)]
+    one = PretrainDataLoader(str(data), "train", 7, 4, seed=3, samples_per_step=14)
+    for _ in range(10):  # 3 steps per epoch: into the fourth epoch
+        ranks = torch.cat([loader.next_batch()[0] for loader in two])
+        single = torch.cat([one.next_batch()[0], one.next_batch()[0]])
+        assert torch.equal(ranks, single)
+    assert one.epoch == two[0].epoch == 3
