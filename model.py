@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (prompt tokens, padding)
 
@@ -248,7 +249,8 @@ class Transformer(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         loss_reduction: str = "mean",
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return_logits: bool = True,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """tokens (B, T) -> (logits (B, T, vocab), loss or None).
 
         targets: (B, T) next-token ids, IGNORE_INDEX where no loss is wanted. `loss_reduction`
@@ -257,6 +259,8 @@ class Transformer(nn.Module):
             attention is allowed; combined with the causal mask (packed sequences use it).
         positions: optional (B, T) or (T,) rotary positions (restart at 0 per packed document).
         start_pos: with a KV cache, the position of tokens[:, 0].
+        return_logits: False (training) computes the loss chunk by chunk without ever holding the
+            float32 (B, T, vocab) logits, and returns None for them.
         """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -266,9 +270,12 @@ class Transformer(nn.Module):
         mask = self._attention_mask(seqlen, start_pos, attn_mask, tokens.device)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
-        logits = self.output(self.norm(h))
+        h = self.norm(h)
         if targets is None:
-            return logits, None
+            return self.output(h), None
+        if not return_logits:
+            return None, chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), loss_reduction)
+        logits = self.output(h)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
         return logits, loss
@@ -299,6 +306,27 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
         n += a.dim * a.vocab_size if a.tie_word_embeddings else 0
         return 6 * n + 12 * a.n_layers * a.dim * seq_len
+
+
+def _cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight).float()  # (rows, vocab), one chunk only
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                          chunk_rows: int = 1024) -> torch.Tensor:
+    """Cross-entropy of the output layer, `chunk_rows` positions at a time.
+
+    With a 128k vocabulary the float32 logits of a batch dwarf the rest of a small model's
+    activations. Each chunk's logits are recomputed in the backward pass (activation
+    checkpointing) instead of being stored, so peak memory holds one chunk. h: (N, dim).
+    """
+    total = h.new_zeros((), dtype=torch.float32)
+    for h_chunk, t_chunk in zip(h.split(chunk_rows), targets.split(chunk_rows)):
+        total = total + checkpoint(_cross_entropy_sum, h_chunk, weight, t_chunk, use_reentrant=False)
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ NAMED_SPECIAL_TOKENS = [
 # places so token ids stay identical to Meta's.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1))
+# The lookbehinds let a match start only where a run starts, keeping the scan linear.
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d}|(?<!\S)\S{%d}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1))
 
 
 def default_tokenizer_path() -> Path:
