@@ -1,0 +1,449 @@
+"""Train a Llama 3 model. Settings come from `.env` (see .env.example and config.py).
+
+    python train.py                                   # one process (CPU or one GPU)
+    torchrun --nproc_per_node 8 train.py              # DDP on one node
+    python train.py --pretrain_checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume
+
+TRAINING_STAGE=pretrain is implemented here; the other stages plug into the same loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap
+from config import Config, ConfigError, exit_on_config_error, load_config
+from dataloaders import DataError, PretrainDataLoader
+from distributed import DistInfo, all_reduce_sum, setup_distributed, teardown_distributed
+from generate import complete
+from metrics import RunLogger, format_step_line
+from model import IGNORE_INDEX, ModelArgs, Transformer
+from tokenizer import load_tokenizer
+
+
+class SetupError(ValueError):
+    """A run that cannot start as configured; printed as one line."""
+
+
+# ---- batch arithmetic, learning rate -----------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int  # sequences per forward on one rank
+    seq_len: int
+    world_size: int
+    grad_accum: int  # micro-batches per optimizer step on each rank
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.seq_len * self.world_size * self.grad_accum
+
+    @classmethod
+    def derive(cls, cfg: Config, world_size: int) -> "BatchPlan":
+        per_micro_step = cfg.max_batch_size * cfg.max_seq_len * world_size
+        if cfg.total_batch_size % per_micro_step:
+            raise SetupError(
+                f"TOTAL_BATCH_SIZE={cfg.total_batch_size} is not a multiple of MAX_BATCH_SIZE x MAX_SEQ_LEN x world "
+                f"size = {cfg.max_batch_size} x {cfg.max_seq_len} x {world_size} = {per_micro_step}")
+        return cls(cfg.max_batch_size, cfg.max_seq_len, world_size, cfg.total_batch_size // per_micro_step)
+
+    def describe(self) -> str:
+        return (f"batch: {self.tokens_per_step:,} tokens/step = {self.micro_batch} seqs x {self.seq_len} tokens"
+                f" x {self.world_size} ranks x {self.grad_accum} accumulation steps")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to MAX_LR over WARMUP_STEPS, then cosine decay to MIN_LR at MAX_STEPS."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+# ---- building blocks --------------------------------------------------------------------------------------
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
+    args = ModelArgs(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=vocab_size,
+        multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, use_scaled_rope=cfg.use_scaled_rope, rope_scale_factor=cfg.rope_scale_factor,
+        rope_low_freq_factor=cfg.rope_low_freq_factor, rope_high_freq_factor=cfg.rope_high_freq_factor,
+        rope_original_max_seq_len=cfg.rope_original_max_seq_len, max_seq_len=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    return Transformer(args).to(device)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and embeddings) only, never on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+
+
+def build_loaders(cfg: Config, d: DistInfo, plan: "BatchPlan", tokenizer, vocab_size: int
+                  ) -> tuple[PretrainDataLoader, PretrainDataLoader]:
+    common = dict(batch_size=cfg.max_batch_size, seq_len=cfg.max_seq_len, rank=d.rank, world_size=d.world_size,
+                  seed=cfg.seed, tokenizer_identity=tokenizer.identity(), vocab_size=vocab_size)
+    train = PretrainDataLoader(cfg.pretrain_data_dir, "train", shuffle=True,
+                               samples_per_step=plan.tokens_per_step // plan.seq_len, **common)
+    val = PretrainDataLoader(cfg.pretrain_data_dir, "val", shuffle=False, **common)
+    return train, val
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if cfg.training_precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.training_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+KNOWN_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, FLOP/s (vendor datasheets)
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+}
+
+
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """Achievable dense matmul FLOP/s on this device and dtype (the MFU denominator where no
+    datasheet figure applies, e.g. CPUs)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float:
+    if cfg.mfu_flops_peak:
+        return cfg.mfu_flops_peak
+    if device.type == "cuda" and cfg.training_precision != "fp32":
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training_precision]
+    return measured_matmul_peak(device, dtype)
+
+
+# ---- run state, checkpoints, signals -----------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    best_val_loss: float = float("inf")
+    validations_without_improvement: int = 0
+    wandb_run_id: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def save_training_checkpoint(cfg: Config, state: TrainState, model, optimizer, scaler, train_loader,
+                             tokenizer, plan: BatchPlan) -> Path:
+    path = checkpoint_dir(cfg) / f"step_{state.step:06d}.pt"
+    save_checkpoint(
+        path, model,
+        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=state.step,
+        best_val_loss=state.best_val_loss, validations_without_improvement=state.validations_without_improvement,
+        wandb_run_id=state.wandb_run_id, dataloader=train_loader.state_dict(), rng=rng_state(),
+        config=cfg.to_dict(), tokenizer=tokenizer.identity(), tokenizer_path=str(tokenizer.path),
+        world_size=plan.world_size, tokens_per_step=plan.tokens_per_step,
+    )
+    old = sorted(checkpoint_dir(cfg).glob("step_*.pt"))[: -cfg.keep_last_checkpoints]
+    for stale in old:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def resume(path: str, cfg: Config, model, optimizer, scaler, train_loader, tokenizer, reset_optimizer: bool,
+           ) -> TrainState:
+    ckpt = read_checkpoint(path)
+    if ckpt.get("tokenizer", {}).get("sha256") != tokenizer.identity()["sha256"]:
+        raise CheckpointError(f"{path}: trained with another tokenizer than TOKENIZER_PATH gives")
+    saved_args = ModelArgs.from_dict(ckpt["model_args"])
+    if saved_args != unwrap(model).args:
+        raise CheckpointError(f"{path}: model shape {saved_args} differs from the .env's {unwrap(model).args}")
+    unwrap(model).load_state_dict(ckpt["model"])
+    if not reset_optimizer:
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{path}: holds no optimizer state; pass --reset-optimizer to start a fresh one")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    if "dataloader" in ckpt:
+        train_loader.load_state_dict(ckpt["dataloader"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return TrainState(step=int(ckpt.get("step", 0)), best_val_loss=float(ckpt.get("best_val_loss", float("inf"))),
+                      validations_without_improvement=int(ckpt.get("validations_without_improvement", 0)),
+                      wandb_run_id=ckpt.get("wandb_run_id"))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop agrees on it across ranks at the end of a step,
+    saves a checkpoint and exits, so preemption loses at most one step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second Ctrl-C: the user really means it
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+# ---- the step ---------------------------------------------------------------------------------------------
+def train_step(model, optimizer, scaler, batches, cfg: Config, d: DistInfo, lr: float, stop_flag: bool
+               ) -> tuple[dict, bool]:
+    """One optimizer step over this rank's micro-batches.
+
+    The loss is normalised by the number of target tokens over all micro-batches and ranks
+    (not averaged per micro-batch), so masked data and uneven micro-batches weigh correctly.
+    """
+    n_valid_local = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    counts = all_reduce_sum(torch.tensor([float(n_valid_local), float(stop_flag)], device=d.device))
+    n_valid, stop_all = counts[0].item(), counts[1].item() > 0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    loss_sum = torch.zeros((), device=d.device)
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs.
+        sync_ctx = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        with sync_ctx:
+            with autocast_context(cfg, d.device):
+                _, loss = model(x, y, loss_reduction="sum", return_logits=False)
+            # DDP averages gradients over ranks, hence the world_size factor.
+            scaler.scale(loss * (d.world_size / max(n_valid, 1.0))).backward()
+        loss_sum += loss.detach().float()
+
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if torch.isfinite(grad_norm) or scaler.is_enabled():
+        scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = all_reduce_sum(loss_sum).item() / max(n_valid, 1.0)
+    return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": int(n_valid)}, stop_all
+
+
+def next_batches(loader: PretrainDataLoader, n: int, device: torch.device) -> list:
+    pin = device.type == "cuda"
+    out = []
+    for _ in range(n):
+        x, y = loader.next_batch()
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        out.append((x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)))
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, loader: PretrainDataLoader, steps: int, cfg: Config, d: DistInfo) -> float:
+    """Mean token loss over the same `steps` validation batches every time, summed over ranks."""
+    loader.reset()
+    model.eval()
+    totals = torch.zeros(2, device=d.device)
+    for x, y in next_batches(loader, steps, d.device):
+        with autocast_context(cfg, d.device):
+            _, loss = model(x, y, loss_reduction="sum", return_logits=False)
+        totals += torch.stack([loss.float(), (y != IGNORE_INDEX).sum().float()])
+    model.train()
+    totals = all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    path = Path(cfg.generation_prompts_file)
+    if not path.is_file():
+        raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r}: file not found "
+                         "(one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r} holds no prompt")
+    return prompts
+
+
+def sample_generations(model: Transformer, tokenizer, prompts: list[str], cfg: Config, step: int,
+                       logger: RunLogger) -> None:
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        with autocast_context(cfg, model.tok_embeddings.weight.device):
+            text = complete(model, tokenizer, prompt, cfg.generation_max_new_tokens, temperature=0.8, top_k=50,
+                            seed=cfg.seed + step)
+        samples.append({"prompt": prompt, "completion": text})
+        logger.print(f"  sample | {prompt}{text!r}")
+    model.train()
+    logger.log(step, {"samples": samples})
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env_file", default=None, help="settings file (default: ./.env if present)")
+    p.add_argument("--pretrain_checkpoint", default=None, help="resume from this checkpoint file")
+    p.add_argument("--reset-optimizer", "--reset_optimizer", dest="reset_optimizer", action="store_true",
+                   help="when resuming, keep the weights but start a fresh optimizer")
+    p.add_argument("--start-step", "--start_step", dest="start_step", type=int, default=None,
+                   help="step to continue from (learning-rate schedule position); default: the checkpoint's")
+    p.add_argument("--stop-step", "--stop_step", dest="stop_step", type=int, default=None,
+                   help="save and stop after this step without changing the schedule (time-boxed jobs)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.env_file)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    if cfg.training_stage != "pretrain":
+        print(f"error: TRAINING_STAGE={cfg.training_stage} is not implemented yet; only 'pretrain' is",
+              file=sys.stderr)
+        return 2
+    d = setup_distributed(cfg.device, cfg.ddp_backend)
+    try:
+        return pretrain(cfg, args, d)
+    except (SetupError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown_distributed()
+
+
+def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
+    tokenizer = load_tokenizer(cfg.tokenizer_path or None)
+    vocab_size = cfg.vocab_size or tokenizer.n_words
+    if vocab_size < tokenizer.n_words:
+        raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
+    plan = BatchPlan.derive(cfg, d.world_size)
+    prompts = read_prompts(cfg)
+    train_loader, val_loader = build_loaders(cfg, d, plan, tokenizer, vocab_size)
+    model = build_model(cfg, vocab_size, d.device)
+    optimizer = build_optimizer(model, cfg, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.training_precision == "fp16")
+    state = TrainState()
+    if args.pretrain_checkpoint:
+        state = resume(args.pretrain_checkpoint, cfg, model, optimizer, scaler, train_loader, tokenizer,
+                       args.reset_optimizer)
+    resumed_from = state.step
+    if args.start_step is not None:
+        state.step = args.start_step
+    stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
+
+    logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if args.pretrain_checkpoint else 0,
+                       wandb_run_id=state.wandb_run_id, initial_step=state.step)
+    state.wandb_run_id = logger.wandb_run_id
+    flops_per_token = model.flops_per_token(cfg.max_seq_len)
+    peak = peak_flops(cfg, d.device)
+    logger.print(f"model: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
+                 f"without embeddings), {flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x "
+                 f"{d.world_size} | {cfg.training_precision}")
+    logger.print(plan.describe())
+    logger.print(f"data: {train_loader.num_tokens:,} train tokens ({train_loader.num_tokens / plan.tokens_per_step:.1f}"
+                 f" steps/epoch), {val_loader.num_tokens:,} validation tokens")
+    if args.pretrain_checkpoint:
+        logger.print(f"resumed from {args.pretrain_checkpoint} at step {resumed_from}"
+                     + (f", continuing as step {state.step}" if state.step != resumed_from else "")
+                     + (", fresh optimizer" if args.reset_optimizer else ""))
+
+    train_model = model
+    if d.world_size > 1:
+        train_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    eval_model = torch.compile(model) if cfg.compile else model
+
+    stop = StopRequest()
+    reason = "finished"
+    save = lambda: save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan)  # noqa: E731
+    while state.step < stop_step:
+        t0 = time.perf_counter()
+        batches = next_batches(train_loader, plan.grad_accum, d.device)
+        t_data = time.perf_counter() - t0
+        metrics, stop_all = train_step(train_model, optimizer, scaler, batches, cfg, d, lr_at(state.step, cfg),
+                                       stop.requested)
+        state.step += 1
+        step_time = time.perf_counter() - t0
+        tokens_per_s = metrics["tokens"] / step_time
+        metrics.update(tokens_per_s=tokens_per_s, step_time_s=step_time, data_share=t_data / step_time,
+                       mfu=flops_per_token * tokens_per_s / (peak * d.world_size), epoch=train_loader.epoch)
+        logger.advance()
+        logger.log(state.step, metrics, format_step_line(state.step, cfg.max_steps, metrics)
+                   if state.step % cfg.log_every_x_steps == 0 else None)
+        if not math.isfinite(metrics["loss"]):
+            logger.print(f"warning: non-finite loss at step {state.step}")
+
+        last = state.step >= stop_step
+        if cfg.validate_every_x_steps and state.step % cfg.validate_every_x_steps == 0 or last:
+            if evaluate_and_check_patience(eval_model, val_loader, cfg, d, state, logger):
+                reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
+                last = True
+        if d.is_main and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0 or last):
+            sample_generations(model, tokenizer, prompts, cfg, state.step, logger)
+        if stop_all:
+            reason, last = "stopped by signal", True
+        if (cfg.save_every_x_steps and state.step % cfg.save_every_x_steps == 0) or last:
+            if d.is_main:
+                logger.print(f"checkpoint: {save()}")
+        if last:
+            break
+    logger.print(f"{reason} at step {state.step}")
+    logger.close()
+    return 0
+
+
+def evaluate_and_check_patience(model, val_loader, cfg: Config, d: DistInfo, state: TrainState,
+                                logger: RunLogger) -> bool:
+    """Log validation loss; True when early stopping's patience has run out."""
+    val = validation_loss(model, val_loader, cfg.validation_steps, cfg, d)
+    improved = val < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.validations_without_improvement = val, 0
+    else:
+        state.validations_without_improvement += 1
+    logger.log(state.step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))},
+               f"validation | step {state.step} | val_loss {val:.4f} | best {state.best_val_loss:.4f}")
+    return bool(cfg.early_stopping_patience) and state.validations_without_improvement >= cfg.early_stopping_patience
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
