@@ -13,7 +13,6 @@ import os
 import sys
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +202,7 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
 
     keys = set(Config.keys())
     for unknown in sorted(set(file_values) - keys):
-        warnings.warn(f"{path}: unknown key {unknown} is ignored (typo?)", stacklevel=2)
+        print(f"warning: {path}: unknown key {unknown} is ignored (typo?)", file=sys.stderr)
 
     values: dict[str, object] = {"env_file": path or ""}
     for f in dataclasses.fields(Config):

@@ -2,6 +2,7 @@
 processes, real shards on disk, real checkpoints."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -163,3 +164,30 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     # ... and training resumes from it.
     resume_env = write_env(tmp_path / "resume.env", token_data, run_dir, MAX_STEPS=str(ckpt["step"] + 1))
     assert "resumed from" in train(resume_env, "--pretrain_checkpoint", str(finished[-1])).stdout
+
+
+@pytest.mark.parametrize("overrides,args,message", [
+    ({"TOTAL_BATCH_SIZE": "100"}, [], r"TOTAL_BATCH_SIZE=100 is not a multiple of .* = 64"),
+    ({"PRETRAIN_DATA_DIR": "missing"}, [], r"missing.*load_pretrain_dataset\.py"),
+    ({"GENERATION_PROMPTS_FILE": "nope.txt"}, [], r"GENERATION_PROMPTS_FILE='nope.txt': file not found"),
+    ({}, ["--pretrain_checkpoint", "nope.pt"], r"checkpoint not found: nope\.pt"),
+    ({"TRAINING_STAGE": "dpo"}, [], r"TRAINING_STAGE=dpo is not implemented yet"),
+])
+def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, args, message):
+    env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(tmp_path / "run"), **overrides}
+    (tmp_path / "bad.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", "bad.env", *args], cwd=tmp_path,
+                            capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+
+def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data):
+    run_dir = tmp_path / "run"
+    train(write_env(tmp_path / "a.env", token_data, run_dir, MAX_STEPS="1", WARMUP_STEPS="1"))
+    wider = write_env(tmp_path / "b.env", token_data, tmp_path / "run2", DIM="128", MAX_STEPS="2")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(wider), "--pretrain_checkpoint",
+                             str(run_dir / "checkpoints" / "step_000001.pt")], cwd=tmp_path, capture_output=True,
+                            text=True, env=clean_env(), timeout=60)
+    assert result.returncode == 2 and "model shape" in result.stderr and len(result.stderr.strip().splitlines()) == 1
