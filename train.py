@@ -394,7 +394,6 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
 
     stop = StopRequest()
     reason = "finished"
-    save = lambda: save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan)  # noqa: E731
     while state.step < stop_step:
         t0 = time.perf_counter()
         batches = next_batches(train_loader, plan.grad_accum, d.device)
@@ -423,7 +422,8 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
             reason, last = "stopped by signal", True
         if (cfg.save_every_x_steps and state.step % cfg.save_every_x_steps == 0) or last:
             if d.is_main:
-                logger.print(f"checkpoint: {save()}")
+                path = save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan)
+                logger.print(f"checkpoint: {path}")
         if last:
             break
     logger.print(f"{reason} at step {state.step}")
