@@ -80,6 +80,9 @@ class Config:
     generate_every_x_steps: int = _f(100, "Sample generations every N steps (0: only at the end)")
     generation_prompts_file: str = _f("prompts.txt", "One prompt per line, used for sample generations")
     generation_max_new_tokens: int = _f(32, "Tokens to sample per prompt")
+    hellaswag_every_x_steps: int = _f(0, "HellaSwag accuracy every N steps, on all ranks (0: off)")
+    hellaswag_number_of_examples: int = _f(500, "HellaSwag items scored during training (0: all 10,042)")
+    hellaswag_path: str = _f("", "Local hellaswag_val.jsonl (empty: download once to ~/.cache/llama3-trainer)")
     save_every_x_steps: int = _f(100, "Checkpoint every N steps (0: only at the end)")
     keep_last_checkpoints: int = _f(3, "How many step checkpoints to keep on disk")
     log_every_x_steps: int = _f(1, "Console line every N steps")
@@ -122,7 +125,8 @@ class Config:
             if getattr(self, key.lower()) < 1:
                 bad(key, "a positive integer")
         for key in ("VOCAB_SIZE", "WARMUP_STEPS", "VALIDATE_EVERY_X_STEPS", "EARLY_STOPPING_PATIENCE",
-                    "GENERATE_EVERY_X_STEPS", "SAVE_EVERY_X_STEPS"):
+                    "GENERATE_EVERY_X_STEPS", "SAVE_EVERY_X_STEPS", "HELLASWAG_EVERY_X_STEPS",
+                    "HELLASWAG_NUMBER_OF_EXAMPLES"):
             if getattr(self, key.lower()) < 0:
                 bad(key, "an integer >= 0")
         for key in ("MAX_LR", "NORM_EPS", "ROPE_THETA", "ADAM_EPS", "ROPE_SCALE_FACTOR"):
@@ -148,6 +152,8 @@ class Config:
             bad("ROPE_HIGH_FREQ_FACTOR", f"> ROPE_LOW_FREQ_FACTOR ({self.rope_low_freq_factor})")
         if self.warmup_steps > self.max_steps:
             bad("WARMUP_STEPS", f"<= MAX_STEPS ({self.max_steps})")
+        if self.hellaswag_path and not Path(self.hellaswag_path).is_file():
+            bad("HELLASWAG_PATH", "an existing .jsonl file in HellaSwag's schema")
         if self.tokenizer_path and not Path(self.tokenizer_path).exists():
             bad("TOKENIZER_PATH", "an existing tokenizer.model file or tokenizer directory")
         return self

@@ -28,6 +28,8 @@ from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, PretrainDataLoader
 from distributed import DistInfo, all_reduce_sum, setup_distributed, teardown_distributed
 from generate import complete
+from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_examples
+from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
 from model import IGNORE_INDEX, ModelArgs, Transformer
 from tokenizer import load_tokenizer
@@ -342,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     d = setup_distributed(cfg.device, cfg.ddp_backend)
     try:
         return pretrain(cfg, args, d)
-    except (SetupError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (SetupError, DataError, CheckpointError, HellaSwagDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -356,6 +358,8 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
         raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
     plan = BatchPlan.derive(cfg, d.world_size)
     prompts = read_prompts(cfg)
+    hellaswag = load_examples(cfg.hellaswag_path or None, cfg.hellaswag_number_of_examples or None) \
+        if cfg.hellaswag_every_x_steps else None
     train_loader, val_loader = build_loaders(cfg, d, plan, tokenizer, vocab_size)
     model = build_model(cfg, vocab_size, d.device)
     optimizer = build_optimizer(model, cfg, d.device)
@@ -416,6 +420,8 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
             if evaluate_and_check_patience(eval_model, val_loader, cfg, d, state, logger):
                 reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
                 last = True
+        if hellaswag and (state.step % cfg.hellaswag_every_x_steps == 0 or last):
+            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger)
         if d.is_main and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0 or last):
             sample_generations(model, tokenizer, prompts, cfg, state.step, logger)
         if stop_all:
@@ -429,6 +435,16 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     logger.print(f"{reason} at step {state.step}")
     logger.close()
     return 0
+
+
+def run_hellaswag(model: Transformer, tokenizer, hellaswag: tuple[list, int], cfg: Config, d: DistInfo, step: int,
+                  logger: RunLogger) -> None:
+    """Every rank scores its share of the items (none waits idle for another); counts are all-reduced."""
+    examples, skipped = hellaswag
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training_precision)
+    result = hellaswag_evaluate(model, tokenizer, examples, max(1, cfg.max_batch_size // 4), d.rank, d.world_size,
+                                autocast_dtype=dtype)
+    logger.log(step, as_metrics(result, skipped), format_result(result, skipped))
 
 
 def evaluate_and_check_patience(model, val_loader, cfg: Config, d: DistInfo, state: TrainState,

@@ -83,11 +83,23 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(latest)["model"]
 
 
+def write_hellaswag_items(path: Path, n: int = 5) -> Path:
+    items = [{"ind": i, "activity_label": "Cooking", "ctx_a": f"A cook opens jar number {i}.",
+              "ctx_b": "then she", "ctx": f"A cook opens jar number {i}. then she", "split": "val",
+              "split_type": "indomain", "source_id": f"x{i}", "label": i % 4,
+              "endings": ["pours it out.", "closes the lid again.", "smells the sauce.", "puts it back on the shelf."]}
+             for i in range(n)]
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
 def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, token_data):
+    hellaswag = {"HELLASWAG_EVERY_X_STEPS": "3",
+                 "HELLASWAG_PATH": str(write_hellaswag_items(tmp_path / "hellaswag.jsonl"))}
     single = tmp_path / "single"
-    train(write_env(tmp_path / "single.env", token_data, single))
+    train(write_env(tmp_path / "single.env", token_data, single, **hellaswag))
     ddp = tmp_path / "ddp"
-    train(write_env(tmp_path / "ddp.env", token_data, ddp), torchrun=2)
+    train(write_env(tmp_path / "ddp.env", token_data, ddp, **hellaswag), torchrun=2)
 
     expected, got = step_losses(single), step_losses(ddp)
     assert sorted(expected) == sorted(got) == list(range(1, 7))
@@ -99,6 +111,10 @@ def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, t
     assert all(abs(norms[s] - ddp_norms[s]) <= 1e-4 * norms[s] for s in norms)
     a, b = final_weights(single), final_weights(ddp)
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
+    # HellaSwag ran at the interval on both layouts, each rank scoring its share, none stalling.
+    for run in (single, ddp):
+        assert sorted(step_metric(run, "hellaswag_n").items()) == [(3, 5), (6, 5)]
+    assert step_metric(single, "hellaswag_acc") == step_metric(ddp, "hellaswag_acc")
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data):
