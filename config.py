@@ -72,6 +72,7 @@ class Config:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: off)")
     training_precision: str = _f("bf16", "bf16 | fp16 (with loss scaling) | fp32 — autocast dtype of the forward pass")
     compile: bool = _f(False, "torch.compile the model")
+    activation_checkpointing: bool = _f(False, "Recompute each block in backward: less memory, ~1/3 more compute")
 
     # ---- evaluation, checkpoints, logging -----------------------------------------------
     validate_every_x_steps: int = _f(50, "Validation loss every N steps (0: never; also at the end)")

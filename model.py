@@ -213,6 +213,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Recompute each block's activations in backward instead of storing them: less memory,
+        # about a third more compute. A training choice, not part of the shape, so not in ModelArgs.
+        self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -269,7 +272,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)
         mask = self._attention_mask(seqlen, start_pos, attn_mask, tokens.device)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos, mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h), None

@@ -84,7 +84,9 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transform
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    return Transformer(args).to(device)
+    model = Transformer(args).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
