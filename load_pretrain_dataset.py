@@ -1,0 +1,420 @@
+"""Tokenize a text corpus into uint32 token shards plus a manifest.json for pretraining.
+
+    python load_pretrain_dataset.py                      # offline default: CPython's own documentation
+    python load_pretrain_dataset.py --files books/ notes/*.jsonl
+    python load_pretrain_dataset.py --dataset HuggingFaceFW/fineweb-edu --dataset_config sample-10BT \\
+        --max_tokens 1_000_000_000
+    python load_pretrain_dataset.py --mix mix.json       # [{"files": "books/", "weight": 2}, {"dataset": ...}]
+
+Each document becomes `[bos] + tokens + [eos]`; the stream of documents is cut into shards of
+--shard_size tokens (`train_000000.npy`, ...). About --val_fraction of the documents, chosen by a
+hash of their text, go to `val_000000.npy`, .... Written to --out_dir (default PRETRAIN_DATA_DIR).
+An interrupted run resumes from its last finished shard when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+import zipfile
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from config import ConfigError, exit_on_config_error, load_config
+from data_preparation_utils import (
+    EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
+    DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
+    cached_tokenizer, decode_errors_in, encode_documents, init_encoder, is_validation, load_mix_file, one_line,
+    open_source, ordered_map, start_or_resume, write_json_atomic, write_jsonl_atomic,
+)
+
+DEFAULT_SHARD_SIZE = 10_000_000  # 40 MB per shard
+
+# ---- the default corpus: English that ships with every CPython -----------------------------------
+
+STDLIB_DIR = Path(sysconfig.get_paths()["stdlib"])
+# tests are code more than prose; pydoc_data holds the topics, which are read from the module directly
+SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+MIN_PASSAGE_CHARS = 60  # docstrings and comments like "Return self." teach little
+
+
+def cpython_documents(stdlib_dir: Path = STDLIB_DIR) -> Iterator[dict]:
+    """`{"text", "source"}` rows, in a fixed order: the language reference topics of `pydoc_data`, then one
+    document per module of the standard library (and of pip and setuptools, bundled for `ensurepip`)
+    made of its docstrings and comments. About 5 million characters, 1.2 million tokens on CPython 3.11."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield {"text": topics[key], "source": f"pydoc_data.topics:{key}"}
+    for path in _python_files(stdlib_dir):
+        module = ".".join(path.relative_to(stdlib_dir).with_suffix("").parts)
+        if text := module_document(module, path.read_bytes()):
+            yield {"text": text, "source": f"stdlib:{module}"}
+    for wheel in sorted((stdlib_dir / "ensurepip" / "_bundled").glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            names = sorted(n for n in archive.namelist() if n.endswith(".py") and not SKIPPED_DIRS & set(n.split("/")))
+            for name in names:
+                module = name[: -len(".py")].replace("/", ".")
+                if text := module_document(module, archive.read(name)):
+                    yield {"text": text, "source": f"{wheel.name}:{module}"}
+
+
+def _python_files(root: Path) -> Iterator[Path]:
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in SKIPPED_DIRS)  # sorted: os.walk's order is the disk's
+        yield from (Path(directory) / f for f in sorted(files) if f.endswith(".py"))
+
+
+def module_document(module: str, source: bytes) -> str:
+    """A module's docstrings and comment blocks in source order, under its name ("" when it has none)."""
+    try:
+        tree = ast.parse(source)
+        text = importlib.util.decode_source(source)
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return ""  # Python 2 era or deliberately broken files
+    passages = sorted(_docstrings(tree, module) + _comment_blocks(text))
+    return "\n\n".join([module] + [p for _, p in passages]) if passages else ""
+
+
+def _docstrings(tree: ast.Module, module: str) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, qualname: str) -> None:
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= MIN_PASSAGE_CHARS:
+                found.append((getattr(node, "lineno", 0), doc if node is tree else f"{qualname}:\n{doc}"))
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{qualname}.{child.name}")
+            elif isinstance(child, ast.stmt):  # definitions inside if/try/with blocks
+                visit(child, qualname)
+
+    visit(tree, module)
+    return found
+
+
+# Comments and string literals, leftmost first, as Python's tokenizer sees them: a `#` inside a string
+# belongs to the string and a quote inside a comment to the comment. (Python 3.12 f-strings may nest
+# quotes; the rare miss only costs a passage.) Far faster than walking every node of the AST.
+_COMMENT_OR_STRING = re.compile(
+    r"#[^\n]*"  # a comment, to the end of its line
+    r'|"""(?:\\.|[^\\])*?"""'  # triple-quoted strings, which may span lines
+    r"|'''(?:\\.|[^\\])*?'''"
+    r'|"(?:\\.|[^"\\\n])*"'  # single-quoted strings
+    r"|'(?:\\.|[^'\\\n])*'",
+    re.DOTALL,
+)
+
+
+def _comment_blocks(text: str) -> list[tuple[int, str]]:
+    """Runs of full-line `#` comments on consecutive lines, joined, with their first line number."""
+    blocks: list[tuple[int, list[str]]] = []
+    line, pos, last_line = 1, 0, -1
+    for match in _COMMENT_OR_STRING.finditer(text):
+        line += text.count("\n", pos, match.start())
+        pos = match.start()
+        comment = match.group()
+        line_start = text.rfind("\n", 0, pos) + 1
+        if not comment.startswith("#") or text[line_start:pos].strip():
+            continue  # a string, or a comment after code
+        if comment.startswith("#!") or (line <= 2 and "coding" in comment):
+            continue
+        if line != last_line + 1 or not blocks:
+            blocks.append((line, []))
+        blocks[-1][1].append(comment.lstrip("#").strip())
+        last_line = line
+    joined = [(start, "\n".join(lines).strip()) for start, lines in blocks]
+    return [(start, passage) for start, passage in joined if len(passage) >= MIN_PASSAGE_CHARS]
+
+
+def default_corpus_file(raw_dir: Path) -> Path:
+    """The default corpus as JSON lines, written once (atomically) so that it goes through `datasets` like any file."""
+    path = raw_dir / f"cpython-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}-docs.jsonl"
+    if not path.is_file():
+        print(f"writing the default corpus (CPython's documentation) to {path}")
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(path, cpython_documents())
+    return path
+
+
+# ---- one run: documents in, shards out --------------------------------------------------------------
+
+
+@dataclass
+class SourceProgress:
+    rows: int = 0  # rows read from the source, skipped ones included: where a resumed run restarts
+    documents: int = 0
+    tokens: int = 0
+    exhausted: bool = False  # its max_tokens is reached
+
+
+class Preparation:
+    """Writes documents to the train/val shard writers, keeps the counts, and checkpoints after every shard."""
+
+    def __init__(self, out_dir: Path, sources: list[Source], fingerprint: dict, shard_size: int,
+                 val_fraction: float, max_tokens: int, saved: dict | None):
+        self.out_dir, self.sources, self.fingerprint = out_dir, sources, fingerprint
+        self.val_fraction, self.max_tokens = val_fraction, max_tokens
+        saved = saved or {}
+        self.progress = [SourceProgress(**p) for p in saved.get("sources", [{} for _ in sources])]
+        self.picks: int = saved.get("picks", 0)  # mixer picks consumed: a resumed run replays them
+        self.stats = PrepStats(**saved.get("stats", {}))
+        self.seconds_before: float = saved.get("seconds", 0.0)
+        self.started = time.perf_counter()
+        self.writers = {split: ShardWriter(out_dir, split, shard_size, **saved.get("splits", {}).get(split, {}))
+                        for split in SPLITS}
+        self.resumed_shards = sum(len(w.shards) for w in self.writers.values())
+        self.resumed_tokens = self.stats.tokens
+        self.done = False  # the global token budget is reached
+
+    def consume(self, rows: list[Row], encoded: EncodedBatch, mixer: Mixer) -> None:
+        """Take one worker task's rows, in order; `encoded` holds the tokens of the well-formed ones."""
+        ends = np.cumsum(encoded.lengths)
+        starts = ends - encoded.lengths
+        ok = 0  # index of the next well-formed document in `encoded`
+        for row in rows:
+            if self.done:
+                return
+            tokens = doc_hash = None
+            if row.status not in (EMPTY, MALFORMED):
+                tokens, doc_hash = encoded.tokens[starts[ok] : ends[ok]], int(encoded.hashes[ok])
+                ok += 1
+            self._take(row, tokens, doc_hash, mixer)
+
+    def _take(self, row: Row, tokens: np.ndarray | None, doc_hash: int | None, mixer: Mixer) -> None:
+        progress = self.progress[row.source]
+        if progress.exhausted:
+            return  # read ahead before its budget was known to be full: as if never read
+        progress.rows += 1
+        self.picks = row.pick + 1
+        if row.status == EMPTY:
+            self.stats.empty_documents += 1
+            return
+        if row.status == MALFORMED:
+            self.stats.malformed_rows += 1
+            return
+        split = self._split_of(doc_hash)
+        finished_shards = self.writers[split].add(tokens)
+        self._count(row, split, len(tokens))
+        budget = self.sources[row.source].max_tokens
+        if budget and progress.tokens >= budget:
+            progress.exhausted = True
+            mixer.finish(row.source)
+        self.done = bool(self.max_tokens) and self.stats.tokens >= self.max_tokens
+        if finished_shards:
+            self.checkpoint()
+
+    def _split_of(self, doc_hash: int) -> str:
+        if self.val_fraction == 0:
+            return "train"
+        if self.stats.documents == 0:
+            return "val"  # so there always is a validation split
+        return "val" if is_validation(doc_hash, self.val_fraction) else "train"
+
+    def _count(self, row: Row, split: str, num_tokens: int) -> None:
+        progress = self.progress[row.source]
+        progress.documents += 1
+        progress.tokens += num_tokens
+        self.stats.documents += 1
+        self.stats.tokens += num_tokens
+        self.stats.huge_documents += row.chars > HUGE_DOCUMENT_CHARS
+        if split == "val":
+            self.stats.val_documents += 1
+        else:
+            self.stats.train_documents += 1
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def _progress_file(self, splits: dict, complete: bool) -> dict:
+        return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
+                "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
+                "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
+
+    def checkpoint(self) -> None:
+        """Everything up to the current document becomes durable; a crash after this resumes from here."""
+        splits = {split: writer.checkpoint() for split, writer in self.writers.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(splits, complete=False))
+        for writer in self.writers.values():
+            writer.remove_stale_pending()
+
+    def finish(self, tokenizer, shard_size: int) -> dict:
+        """Write the last shards, the manifest, and mark the run complete; returns the manifest."""
+        if self.stats.documents == 0:
+            raise DataPrepError(f"no usable documents: {sum(p.rows for p in self.progress)} rows read, "
+                                f"{self.stats.empty_documents} empty, {self.stats.malformed_rows} malformed")
+        splits = {split: writer.finish() for split, writer in self.writers.items()}
+        if splits["train"]["num_tokens"] == 0:
+            raise DataPrepError(f"no training documents: all {self.stats.documents} went to validation; "
+                                "add data or lower --val_fraction")
+        sources = [{**s.describe(), "documents": p.documents, "tokens": p.tokens}
+                   for s, p in zip(self.sources, self.progress)]
+        stats = {**dataclasses.asdict(self.stats), "seconds": round(self.seconds, 3),
+                 "tokens_per_second": round(self.stats.tokens / max(self.seconds, 1e-9))}
+        manifest = build_manifest(tokenizer, shard_size, splits, sources, stats,
+                                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+        done = {split: {"shards": s["shards"], "pending_tokens": 0} for split, s in splits.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(done, complete=True))
+        for writer in self.writers.values():
+            writer.remove_pending()  # only now: until progress says complete, a crash resumes from them
+        return manifest
+
+
+def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, tokenizer_path: str | None = None,
+                             shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.01, max_tokens: int = 0,
+                             num_workers: int = 0, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Tokenize `sources` into shards under `out_dir`, resuming an interrupted run with the same settings.
+
+    Returns {"manifest", "already_done" (nothing to do), "resumed_shards" (finished before this call),
+    "session_tokens" (encoded by this call), "seconds" (this call)}.
+    """
+    _check_settings(shard_size, val_fraction, max_tokens, num_workers)
+    sources = [s.resolve() for s in sources]
+    try:
+        tokenizer = cached_tokenizer(tokenizer_path)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise DataPrepError(f"cannot load the tokenizer: {one_line(e)}") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"version": MANIFEST_VERSION, "tokenizer": tokenizer.identity(), "shard_size": shard_size,
+                   "val_fraction": val_fraction, "max_tokens": max_tokens,
+                   "sources": [s.fingerprint() for s in sources]}
+    saved = start_or_resume(out_dir, fingerprint, overwrite)
+    started = time.perf_counter()
+    if saved and saved["complete"]:
+        print(f"{out_dir} is already prepared with these settings; nothing to do (--overwrite to redo)")
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0}
+
+    run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
+    streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
+    mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
+                  finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+    run.stats.decode_errors = decode_errors_in(sources)
+    if run.resumed_shards:
+        print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
+    results = ordered_map(encode_documents, batch_rows(mixer), num_workers, init_encoder, (tokenizer_path,))
+    with closing(results), tqdm(total=max_tokens or None, initial=run.stats.tokens, unit="tok", unit_scale=True,
+                                desc="tokenizing", disable=not show_progress, mininterval=0.5) as bar:
+        for rows, encoded in results:
+            tokens_before = run.stats.tokens
+            run.consume(rows, encoded, mixer)
+            bar.update(run.stats.tokens - tokens_before)
+            bar.set_postfix(docs=run.stats.documents, refresh=False)
+            if run.done:
+                break
+    manifest = run.finish(tokenizer, shard_size)
+    return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
+            "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started}
+
+
+def _check_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:
+    if shard_size < 1:
+        raise DataPrepError(f"--shard_size must be >= 1, got {shard_size}")
+    if not 0 <= val_fraction < 1:
+        raise DataPrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if max_tokens < 0:
+        raise DataPrepError(f"--max_tokens must be >= 0 (0: no limit), got {max_tokens}")
+    if num_workers < 0:
+        raise DataPrepError(f"--num_workers must be >= 0 (0: tokenize in this process), got {num_workers}")
+
+
+def print_summary(report: dict, out_dir: Path, num_workers: int) -> None:
+    if report["already_done"]:
+        return
+    manifest, seconds = report["manifest"], report["seconds"]
+    stats, splits = manifest["stats"], manifest["splits"]
+    rate = report["session_tokens"] / max(seconds, 1e-9)
+    resumed = f" (resumed after {report['resumed_shards']} shard(s))" if report["resumed_shards"] else ""
+    print(f"done in {seconds:.1f} s{resumed}: {report['session_tokens']:,} tokens encoded at {rate:,.0f} tokens/s "
+          f"with {num_workers} worker(s)")
+    print(f"  documents {stats['documents']:,} (train {stats['train_documents']:,}, val {stats['val_documents']:,}); "
+          f"skipped {stats['empty_documents']:,} empty, {stats['malformed_rows']:,} malformed; "
+          f"{stats['decode_errors']:,} decode errors replaced; {stats['huge_documents']:,} huge documents")
+    print("  " + ", ".join(f"{name} {split['num_tokens']:,} tokens in {len(split['shards'])} shard(s)"
+                           for name, split in splits.items()) + f" -> {out_dir / MANIFEST_FILE}")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--files", nargs="+", metavar="PATH",
+                        help=".txt/.jsonl/.json/.parquet files, directories or globs (default: CPython's docs)")
+    source.add_argument("--dataset", help="a Hugging Face dataset, e.g. HuggingFaceFW/fineweb-edu, "
+                        "or a local dataset directory")
+    source.add_argument("--mix", metavar="FILE.json", help="a JSON list of sources, each with files or dataset, and "
+                        "optionally weight, max_tokens, text_column, config, split, streaming, sample_by")
+    parser.add_argument("--dataset_config", default=None, help="the dataset's configuration, e.g. sample-10BT")
+    parser.add_argument("--split", default="train", help="the dataset's split to read")
+    parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                        help="stream the dataset instead of downloading it first")
+    parser.add_argument("--text_column", default="text", help="the column holding the documents (json/parquet/hub)")
+    parser.add_argument("--sample_by", choices=SAMPLE_BY, default="document",
+                        help="one document per .txt file, per blank-line-separated paragraph, or per line")
+    parser.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0: no limit)")
+    parser.add_argument("--out_dir", default=None, help="where shards go (default: PRETRAIN_DATA_DIR of the config)")
+    parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
+    parser.add_argument("--val_fraction", type=float, default=0.01,
+                        help="fraction of documents held out for validation")
+    parser.add_argument("--num_workers", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="tokenizer processes (0: tokenize in the main process)")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier output in --out_dir and start afresh")
+    parser.add_argument("--env_file", default=None, help="settings file (default: .env when present)")
+    return parser.parse_args(argv)
+
+
+def sources_from_args(args: argparse.Namespace, out_dir: Path) -> list[Source]:
+    if args.mix:
+        return load_mix_file(args.mix)
+    if args.dataset:
+        return [Source(dataset=args.dataset, config=args.dataset_config, split=args.split, streaming=args.streaming,
+                       text_column=args.text_column)]
+    if args.dataset_config:
+        raise DataPrepError("--dataset_config needs --dataset")
+    files = args.files or [str(default_corpus_file(out_dir / "raw"))]
+    return [Source(files=files, text_column=args.text_column, sample_by=args.sample_by)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.env_file)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    out_dir = Path(args.out_dir or config.pretrain_data_dir)
+    try:
+        report = prepare_pretrain_dataset(
+            sources_from_args(args, out_dir), out_dir, tokenizer_path=config.tokenizer_path or None,
+            shard_size=args.shard_size, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
+            num_workers=args.num_workers, overwrite=args.overwrite)
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
+        raise SystemExit(130)
+    print_summary(report, out_dir, args.num_workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Data preparation: token shards against a plain `tokenizer.encode` loop, on real files read by `datasets`."""
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network (read when datasets is imported)
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data_preparation_utils as dpu
+import load_pretrain_dataset as lpd
+from data_preparation_utils import DataPrepError, Source
+from tokenizer import Tokenizer, load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the model reads every token of a document once and learns which one comes next é 中文 🙂".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
+    rng = random.Random(seed)
+    return [f"{prefix} {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for i in range(n)]
+
+
+def expected_split(index: int, doc: str, val_fraction: float) -> str:
+    """The documented rule: the first document, then those whose BLAKE2b-64 falls below the fraction, are val."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little")
+    return "val" if index == 0 or h < val_fraction * 2**64 else "train"
+
+
+def reference_shards(tok, docs: list[str], shard_size: int, val_fraction: float) -> dict[str, list[np.ndarray]]:
+    """The expected output, computed the plain way: frame each document, assign it to a split, cut."""
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    for i, doc in enumerate(docs):
+        split = expected_split(i, doc, val_fraction)
+        streams[split] += [tok.bos_id] + tok.encode(doc, bos=False, eos=False) + [tok.eos_id]
+    return {s: [np.array(t[i : i + shard_size], dtype=np.uint32) for i in range(0, len(t), shard_size)]
+            for s, t in streams.items()}
+
+
+def assert_matches_reference(out_dir: Path, manifest: dict, expected: dict[str, list[np.ndarray]]) -> None:
+    for split, shards in expected.items():
+        entry = manifest["splits"][split]
+        assert [s["file"] for s in entry["shards"]] == [f"{split}_{i:06d}.npy" for i in range(len(shards))]
+        assert entry["num_tokens"] == sum(len(s) for s in shards)
+        for want, meta in zip(shards, entry["shards"]):
+            got = np.load(out_dir / meta["file"])
+            assert got.dtype == np.uint32
+            np.testing.assert_array_equal(got, want)
+            assert meta["num_tokens"] == len(got) and meta["max_token_id"] == int(got.max())
+
+
+def prepare(sources, out_dir, **kw):
+    kw = {"shard_size": 300, "val_fraction": 0.2, "num_workers": 0, "show_progress": False, **kw}
+    return lpd.prepare_pretrain_dataset(sources, out_dir, **kw)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def output_files(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.npy"))}
+
+
+def stable(manifest: dict) -> dict:
+    """The manifest without what changes from run to run (time, and the paths of the inputs)."""
+    stats = {k: v for k, v in manifest["stats"].items() if k not in ("seconds", "tokens_per_second")}
+    sources = [{k: v for k, v in s.items() if k != "files"} for s in manifest["sources"]]
+    return {**manifest, "created": None, "stats": stats, "sources": sources}
+
+
+# ---- shards equal the plain loop -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "dataset_dir"])
+def test_shards_equal_plain_encode_loop(tmp_path, tok, kind):
+    docs = make_docs(40)
+    data = tmp_path / "data"
+    data.mkdir()
+    if kind == "txt":  # one document per file, in sorted file order
+        for i, doc in enumerate(docs):
+            (data / f"part{i:03d}.txt").write_text(doc)
+        source = Source(files=[str(data)])
+    elif kind == "jsonl":
+        source = Source(files=[str(write_jsonl(data / "a.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)]))])
+    else:
+        pq.write_table(pa.table({"content": docs}), data / "part-0.parquet")
+        source = (Source(files=[str(data / "*.parquet")], text_column="content") if kind == "parquet"
+                  else Source(dataset=str(data), text_column="content"))  # the hub code path, on a local dataset
+    report = prepare([source], tmp_path / "out")
+    assert_matches_reference(tmp_path / "out", report["manifest"], reference_shards(tok, docs, 300, 0.2))
+    stats = report["manifest"]["stats"]
+    assert stats["documents"] == 40 and stats["val_documents"] >= 1
+    assert stats["tokens"] == sum(report["manifest"]["splits"][s]["num_tokens"] for s in ("train", "val"))
+
+
+def test_manifest_has_the_agreed_schema(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(10)])
+    manifest = prepare([Source(files=[str(path)])], tmp_path / "out")["manifest"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    assert set(manifest) == {"format", "version", "dtype", "tokenizer", "bos_id", "eos_id", "shard_size",
+                             "splits", "sources", "stats", "created"}
+    assert (manifest["format"], manifest["version"], manifest["dtype"]) == ("llama3-token-shards", 1, "uint32")
+    assert manifest["tokenizer"] == tok.identity()
+    assert (manifest["bos_id"], manifest["eos_id"], manifest["shard_size"]) == (tok.bos_id, tok.eos_id, 300)
+    for key in ("documents", "empty_documents", "malformed_rows", "decode_errors", "tokens"):
+        assert isinstance(manifest["stats"][key], int)
+    assert manifest["sources"][0]["documents"] == 10 and manifest["sources"][0]["weight"] == 1.0
+
+
+def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(300)])
+    runs = {}
+    for workers in (1, 2):
+        runs[workers] = prepare([Source(files=[str(path)])], tmp_path / f"w{workers}", num_workers=workers)
+    monkeypatch.setattr(dpu, "BATCH_DOCUMENTS", 7)
+    runs["small batches"] = prepare([Source(files=[str(path)])], tmp_path / "small")
+    assert runs[1]["manifest"]["splits"]["val"]["num_tokens"] > 0
+    assert output_files(tmp_path / "w1") == output_files(tmp_path / "w2") == output_files(tmp_path / "small")
+    assert stable(runs[1]["manifest"]) == stable(runs[2]["manifest"]) == stable(runs["small batches"]["manifest"])
+
+
+# ---- messy input ------------------------------------------------------------------------------------
+
+
+def test_messy_rows_are_counted_and_skipped(tmp_path, tok):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": "first good document"}, {"text": ""}, {"text": "   \n\t"}, {"text": None}, {"text": 42},
+            {"other": "no text here"}, {"text": ["a", "list"]}, {"text": "second good document"}]
+    write_jsonl(data / "a.jsonl", rows)
+    huge = "a long document " * 125_000  # 2 million characters
+    (data / "b.txt").write_bytes(b"caf\xe9 latin-1, then \xff\xfe bytes that are no UTF-8")
+    (data / "c.txt").write_text(huge)
+    report = prepare([Source(files=[str(data)])], tmp_path / "out", shard_size=100_000)
+    stats = report["manifest"]["stats"]
+    assert (stats["empty_documents"], stats["malformed_rows"], stats["decode_errors"]) == (2, 4, 3)
+    assert (stats["documents"], stats["huge_documents"]) == (4, 1)
+    docs = ["first good document", "second good document",
+            "caf\ufffd latin-1, then \ufffd\ufffd bytes that are no UTF-8", huge]
+    assert_matches_reference(tmp_path / "out", report["manifest"], reference_shards(tok, docs, 100_000, 0.2))
+
+
+def test_invalid_utf8_in_json_lines_is_replaced_and_counted(tmp_path, tok):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "bad \xc3 byte"}\n')
+    report = prepare([Source(files=[str(path)])], tmp_path / "out")
+    assert report["manifest"]["stats"]["decode_errors"] == 1
+    expected = reference_shards(tok, ["ok", "bad \ufffd byte"], 300, 0.2)
+    assert_matches_reference(tmp_path / "out", report["manifest"], expected)
+
+
+# ---- interruption and resumption ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one source", "mix"])
+def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, tok, monkeypatch, mixed):
+    docs = make_docs(120)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    pq.write_table(pa.table({"text": make_docs(80, seed=5, prefix="beta")}), tmp_path / "b.parquet")
+
+    def sources():  # the mix also checks that a resumed run replays the mixer's random picks
+        if not mixed:
+            return [Source(files=[str(path)])]
+        return [Source(files=[str(path)], weight=2, max_tokens=2500), Source(files=[str(tmp_path / "b.parquet")])]
+
+    clean = prepare(sources(), tmp_path / "clean")
+    real_save, calls = np.save, []
+
+    def crash_on_third_shard(file, array, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            file.write(b"\x93NUMPY half a shard")
+            raise OSError("disk full")
+        real_save(file, array, **kw)
+
+    monkeypatch.setattr(np, "save", crash_on_third_shard)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        prepare(sources(), out)
+    monkeypatch.setattr(np, "save", real_save)
+
+    written = sorted(out.glob("*.npy"))
+    assert len(written) == 2 and not list(out.glob("*.tmp"))  # the third never got its final name
+    for p in written:  # what has a final name is a complete, correct shard
+        np.testing.assert_array_equal(np.load(p), np.load(tmp_path / "clean" / p.name))
+
+    encoded: list[str] = []
+    real_encode = Tokenizer.encode_batch
+    def recording_encode(self, texts, **kw):
+        encoded.extend(texts)
+        return real_encode(self, texts, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", recording_encode)
+    report = prepare(sources(), out)
+
+    assert output_files(out) == output_files(tmp_path / "clean")
+    assert stable(report["manifest"]) == stable(clean["manifest"])
+    assert report["resumed_shards"] >= 1 and 0 < report["session_tokens"] < clean["manifest"]["stats"]["tokens"]
+    assert not list(out.glob("*.pending"))
+    if not mixed:  # documents wholly inside the first train shard were not encoded again
+        train_docs = [d for i, d in enumerate(docs) if expected_split(i, d, 0.2) == "train"]
+        ends = np.cumsum([len(tok.encode(d, bos=True, eos=True)) for d in train_docs])
+        in_first_shard = [d for d, end in zip(train_docs, ends) if end <= 300]
+        assert in_first_shard and not set(in_first_shard) & set(encoded)
+
+
+def test_shard_writer_resumes_from_its_last_recorded_checkpoint(tmp_path):
+    """A checkpoint whose progress.json write was lost left extra tokens in the pending file: they must go."""
+    chunks = [np.arange(7 * i, 7 * i + 7, dtype=np.uint32) for i in range(12)]
+    writer = dpu.ShardWriter(tmp_path, "train", shard_size=40)
+    for c in chunks[:6]:
+        writer.add(c)  # one shard of 40, 2 tokens pending
+    recorded = writer.checkpoint()
+    writer.add(chunks[6])
+    writer.checkpoint()  # appended, but progress.json never heard of it (crash)
+    writer = dpu.ShardWriter(tmp_path, "train", 40, **recorded)
+    for c in chunks[6:8]:
+        writer.add(c)
+    recorded = writer.checkpoint()
+    writer = dpu.ShardWriter(tmp_path, "train", 40, **recorded)
+    for c in chunks[8:]:
+        writer.add(c)
+    entry = writer.finish()
+    np.testing.assert_array_equal(np.concatenate([np.load(tmp_path / s["file"]) for s in entry["shards"]]),
+                                  np.concatenate(chunks))
+    assert [s["num_tokens"] for s in entry["shards"]] == [40, 40, 4]
+
+
+def test_damaged_shard_is_not_trusted_on_resume(tmp_path, tok, monkeypatch):
+    docs = make_docs(60)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    monkeypatch.setattr(lpd.Preparation, "finish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([Source(files=[str(path)])], tmp_path / "out")
+    monkeypatch.undo()
+    np.save(tmp_path / "out" / "train_000000.npy", np.zeros(5, dtype=np.uint32))  # wrong length
+    report = prepare([Source(files=[str(path)])], tmp_path / "out")
+    assert not report["already_done"] and report["resumed_shards"] == 0  # started afresh
+    assert_matches_reference(tmp_path / "out", report["manifest"], reference_shards(tok, docs, 300, 0.2))
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(20)])
+    prepare([Source(files=[str(path)])], tmp_path / "out")
+    again = prepare([Source(files=[str(path)])], tmp_path / "out")
+    assert again["already_done"] and again["session_tokens"] == 0
+    with pytest.raises(DataPrepError, match="shard_size"):
+        prepare([Source(files=[str(path)])], tmp_path / "out", shard_size=500)
+    report = prepare([Source(files=[str(path)])], tmp_path / "out", shard_size=500, overwrite=True)
+    files = {s["file"] for split in report["manifest"]["splits"].values() for s in split["shards"]}
+    assert report["manifest"]["shard_size"] == 500 and {p.name for p in (tmp_path / "out").glob("*.npy")} == files
+
+
+# ---- budgets and mixes ----------------------------------------------------------------------------------
+
+
+def test_max_tokens_stops_after_the_document_that_reaches_it(tmp_path, tok):
+    docs = make_docs(100)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    manifest = prepare([Source(files=[str(path)])], tmp_path / "out", max_tokens=1000)["manifest"]
+    lengths = np.cumsum([len(tok.encode(d, bos=True, eos=True)) for d in docs])
+    taken = int(np.searchsorted(lengths, 1000)) + 1  # documents up to the one that reaches the budget
+    assert manifest["stats"]["documents"] == taken and manifest["stats"]["tokens"] == lengths[taken - 1]
+
+
+def test_mix_interleaves_sources_and_respects_source_budgets(tmp_path, tok):
+    a_docs, b_docs = make_docs(200, seed=1, prefix="alpha"), make_docs(200, seed=2, prefix="beta")
+    write_jsonl(tmp_path / "a.jsonl", [{"body": d} for d in a_docs])
+    pq.write_table(pa.table({"text": b_docs}), tmp_path / "b.parquet")
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps([{"files": "a.jsonl", "text_column": "body", "max_tokens": 2000, "weight": 3},
+                               {"files": ["b.parquet"], "weight": 1}]))
+    manifest = prepare(dpu.load_mix_file(str(mix)), tmp_path / "out", val_fraction=0.0, shard_size=10**6)["manifest"]
+    tokens = np.load(tmp_path / "out" / "train_000000.npy")
+    docs = tok.decode(tokens.tolist()).split("<|end_of_text|>")[:-1]
+    texts = [d.removeprefix("<|begin_of_text|>") for d in docs]
+    from_a = [t for t in texts if t.startswith("alpha")]
+    assert from_a == a_docs[: len(from_a)] and [t for t in texts if t.startswith("beta")] == b_docs
+    a = manifest["sources"][0]
+    assert 2000 <= a["tokens"] < 2000 + max(len(tok.encode(d, bos=True, eos=True)) for d in a_docs)
+    assert texts.index(b_docs[0]) < texts.index(from_a[-1])  # interleaved, not one source after the other
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"files": "a.jsonl", "wieght": 2}, "unknown key"),
+    ({"files": "a.jsonl", "dataset": "x"}, "exactly one of"),
+    ({"files": "a.jsonl", "weight": -1}, "weight must be > 0"),
+    ({"files": "missing.jsonl"}, "file not found"),
+])
+def test_bad_mix_entries_are_named(tmp_path, entry, message):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    (tmp_path / "mix.json").write_text(json.dumps([entry]))
+    with pytest.raises(DataPrepError, match=message):
+        dpu.load_mix_file(str(tmp_path / "mix.json"))
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+
+def run_cli(tmp_path, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    return subprocess.run([sys.executable, str(REPO / "load_pretrain_dataset.py"), "--out_dir", str(tmp_path / "out"),
+                           "--num_workers", "0", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case", ["missing file", "empty glob", "unknown column", "bad mix file"])
+def test_bad_input_is_one_line_error_and_exit_2(tmp_path, case):
+    write_jsonl(tmp_path / "a.jsonl", [{"content": "hello"}])
+    (tmp_path / "mix.json").write_text("[{\"files\": \"a.jsonl\",}]")
+    args, named = {
+        "missing file": (["--files", "nope.txt"], "nope.txt"),
+        "empty glob": (["--files", "data/*.jsonl"], "data/*.jsonl"),
+        "unknown column": (["--files", "a.jsonl"], "'text'"),
+        "bad mix file": (["--mix", "mix.json"], "mix.json"),
+    }[case]
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+
+
+def test_cli_prepares_files_and_prints_a_summary(tmp_path, tok):
+    docs = make_docs(30)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    result = run_cli(tmp_path, "--files", "a.jsonl", "--shard_size", "300", "--val_fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout and "documents 30" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert_matches_reference(tmp_path / "out", manifest, reference_shards(tok, docs, 300, 0.2))
+
+
+# ---- the default corpus --------------------------------------------------------------------------------
+
+
+def test_default_corpus_is_over_a_million_tokens_of_prose(tok):
+    docs = [d["text"] for d in lpd.cpython_documents()]
+    assert sum(map(len, docs)) > 4_000_000
+    assert sum(map(len, tok.encode_batch(docs, bos=False, eos=False))) > 1_000_000
+    assert any("tokenize" in d for d in docs) and not any(d.startswith("test.") for d in docs)
+
+
+def test_default_corpus_does_not_depend_on_directory_listing_order(monkeypatch):
+    root = lpd.STDLIB_DIR / "xml"  # four subpackages, several modules each: enough for the order to matter
+    normal = list(lpd.cpython_documents(root))
+    real_walk = os.walk
+
+    def reversed_walk(top):
+        for directory, subdirs, files in real_walk(top):
+            subdirs.reverse()
+            files.reverse()
+            yield directory, subdirs, files
+
+    monkeypatch.setattr(os, "walk", reversed_walk)
+    assert list(lpd.cpython_documents(root)) == normal
+    assert len([d for d in normal if d["source"].startswith("stdlib:")]) > 10
+
+
+def test_module_document_keeps_docstrings_and_comments_not_strings():
+    source = b'''"""Module doc that is long enough to be kept in the corpus, by design of the builder."""
+# A comment block explaining why the code below exists, which is long enough to keep.
+TEMPLATE = """
+# not a comment: this line is inside a string and is long enough to be mistaken for one
+"""
+def f():
+    """Function doc that is long enough to be kept in the corpus, by design of the builder."""
+'''
+    text = lpd.module_document("pkg.mod", source)
+    assert text.startswith("pkg.mod\n\nModule doc") and "A comment block explaining why" in text
+    assert "pkg.mod.f:\nFunction doc" in text and "not a comment" not in text
