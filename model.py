@@ -314,22 +314,63 @@ class Transformer(nn.Module):
         return 6 * n + 12 * a.n_layers * a.dim * seq_len
 
 
-def _cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()  # (rows, vocab), one chunk only
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T`, whose gradients are computed during the forward
+    pass, chunk by chunk, so the (rows, vocab) logits never exist all at once nor are stored.
+
+    For one row: loss = logsumexp(z) - z[target] and dloss/dz = softmax(z) - onehot(target); the
+    chunk's logits buffer is turned into that gradient in place and multiplied straight into
+    dh and dW. Rows whose target is IGNORE_INDEX add nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int, mm_dtype: torch.dtype):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        h_mm, w_mm = h.to(mm_dtype), weight.to(mm_dtype)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=mm_dtype, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = (h_mm[rows] @ w_mm.T).float()  # (n, vocab)
+            t = targets[rows]
+            valid = (t != IGNORE_INDEX)[:, None]
+            safe_t = t.clamp(min=0)[:, None]
+            z_target = z.gather(1, safe_t)
+            # In place, one buffer: z -> exp(z - max); sum; log-sum-exp = max + log(sum).
+            z_max = z.amax(dim=-1, keepdim=True)
+            z.sub_(z_max).exp_()
+            z_sum = z.sum(dim=-1, keepdim=True)
+            total += ((z_max + z_sum.log() - z_target) * valid).sum()
+            if not need_grad:
+                continue
+            # (exp - onehot * sum) / sum = softmax - onehot; zero on ignored rows.
+            z.scatter_add_(1, safe_t, -z_sum)
+            g = z.mul_(valid / z_sum).to(mm_dtype)
+            grad_h[rows] = g @ w_mm
+            grad_w.addmm_(g.T, h_mm[rows])  # accumulates like one matmul over all rows would
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total, grad_w * grad_total, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                          chunk_rows: int = 1024) -> torch.Tensor:
-    """Cross-entropy of the output layer, `chunk_rows` positions at a time.
+                          chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of the output layer without materialising the float32 (N, vocab) logits.
 
-    With a 128k vocabulary the float32 logits of a batch dwarf the rest of a small model's
-    activations. Each chunk's logits are recomputed in the backward pass (activation
-    checkpointing) instead of being stored, so peak memory holds one chunk. h: (N, dim).
+    With a 128k vocabulary those logits dwarf the rest of a small model's activations; here
+    only one chunk of about 256 MiB of float32 exists at a time. Matmuls run in the autocast dtype when
+    autocast is on, the softmax in float32. h: (N, dim), weight: (vocab, dim), targets: (N,).
     """
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_chunk, t_chunk in zip(h.split(chunk_rows), targets.split(chunk_rows)):
-        total = total + checkpoint(_cross_entropy_sum, h_chunk, weight, t_chunk, use_reentrant=False)
+    device_type = h.device.type
+    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    chunk_rows = chunk_rows or max(16, (1 << 26) // weight.shape[0])
+    total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, mm_dtype)
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -369,3 +369,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert len(calls) == 2  # the block really was recomputed in backward
     for n, p in model.named_parameters():
         assert max_diff(plain[n], p.grad) <= 1e-6, n
+
+
+def test_chunked_loss_under_bf16_autocast_tracks_the_float32_reference():
+    # bf16 matmuls, float32 softmax: loss and gradients stay within bf16 rounding of float32.
+    model = build(CONFIGS["tied"]).train()
+    x, targets = tokens(batch=12), tokens(batch=12, seed=2)
+    ref_loss = model(x, targets)[1]
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, targets, return_logits=False)[1]
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) <= 2e-2 * ref_loss.item()
+    for n, p in model.named_parameters():
+        assert (p.grad - ref[n]).norm() <= 3e-2 * ref[n].norm(), n
