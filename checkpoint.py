@@ -130,12 +130,16 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, **extra) -> None:
-    """Save the unwrapped model's weights and shape plus any training state passed in `extra`."""
+def save_checkpoint(path: Path, model: torch.nn.Module, model_state: Optional[dict] = None, **extra) -> None:
+    """Save the model's shape and weights plus any training state passed in `extra`.
+
+    `model_state`: a full (unsharded) state dict gathered beforehand, as FSDP needs; by default
+    the unwrapped model's own state_dict(), without `module.` or `_orig_mod.` prefixes.
+    """
     bare = unwrap(model)
     atomic_torch_save(
         {"format": CHECKPOINT_FORMAT, "version": 1, "model_args": asdict(bare.args),
-         "model": bare.state_dict(), **extra},
+         "model": model_state if model_state is not None else bare.state_dict(), **extra},
         path,
     )
 

@@ -94,6 +94,7 @@ class Config:
     wandb_mode: str = _f("online", "online | offline | disabled")
 
     # ---- distributed --------------------------------------------------------------------
+    parallelism: str = _f("ddp", "ddp (a full replica per rank) | fsdp (FSDP2: parameters, grads and optimizer state sharded)")
     ddp_backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
 
     # ---- derived, not read from .env --------------------------------------------------------
@@ -116,6 +117,8 @@ class Config:
             bad("TRAINING_PRECISION", " | ".join(PRECISIONS))
         if self.wandb_mode not in ("online", "offline", "disabled"):
             bad("WANDB_MODE", "online | offline | disabled")
+        if self.parallelism not in ("ddp", "fsdp"):
+            bad("PARALLELISM", "ddp | fsdp")
         if self.ddp_backend not in ("auto", "nccl", "gloo"):
             bad("DDP_BACKEND", "auto | nccl | gloo")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

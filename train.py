@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap
+from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, PretrainDataLoader
 from distributed import DistInfo, all_reduce_sum, setup_distributed, teardown_distributed
@@ -96,6 +99,29 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+
+
+def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module:
+    """DDP keeps a full replica per rank; FSDP2 shards every block and the root in place, so
+    parameters, gradients and optimizer state are split over the ranks."""
+    if d.world_size == 1:
+        return model
+    if cfg.parallelism == "fsdp":
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Gradients are reduced across ranks only on the last micro-step of an optimizer step."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        return nullcontext()
+    if isinstance(model, DDP) and not enabled:
+        return model.no_sync()
+    return nullcontext()
 
 
 def build_loaders(cfg: Config, d: DistInfo, plan: "BatchPlan", tokenizer, vocab_size: int
@@ -177,12 +203,21 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) / "checkpoints"
 
 
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def save_training_checkpoint(cfg: Config, state: TrainState, model, optimizer, scaler, train_loader,
-                             tokenizer, plan: BatchPlan) -> Path:
+                             tokenizer, plan: BatchPlan, d: DistInfo) -> Optional[Path]:
+    """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives
+    them); rank 0 writes one file that loads under DDP, FSDP or a single process alike."""
+    model_state = get_model_state_dict(model, options=FULL_STATE)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    if not d.is_main:
+        return None
     path = checkpoint_dir(cfg) / f"step_{state.step:06d}.pt"
     save_checkpoint(
-        path, model,
-        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=state.step,
+        path, model, model_state=model_state,
+        optimizer=optim_state, scaler=scaler.state_dict(), step=state.step,
         best_val_loss=state.best_val_loss, validations_without_improvement=state.validations_without_improvement,
         wandb_run_id=state.wandb_run_id, dataloader=train_loader.state_dict(), rng=rng_state(),
         config=cfg.to_dict(), tokenizer=tokenizer.identity(), tokenizer_path=str(tokenizer.path),
@@ -194,19 +229,26 @@ def save_training_checkpoint(cfg: Config, state: TrainState, model, optimizer, s
     return path
 
 
-def resume(path: str, cfg: Config, model, optimizer, scaler, train_loader, tokenizer, reset_optimizer: bool,
-           ) -> TrainState:
+def load_weights(path: str, model: Transformer, tokenizer, reset_optimizer: bool) -> dict:
+    """Read a checkpoint and load its weights into the bare model, before any wrapping or sharding."""
     ckpt = read_checkpoint(path)
     if ckpt.get("tokenizer", {}).get("sha256") != tokenizer.identity()["sha256"]:
         raise CheckpointError(f"{path}: trained with another tokenizer than TOKENIZER_PATH gives")
     saved_args = ModelArgs.from_dict(ckpt["model_args"])
-    if saved_args != unwrap(model).args:
-        raise CheckpointError(f"{path}: model shape {saved_args} differs from the .env's {unwrap(model).args}")
-    unwrap(model).load_state_dict(ckpt["model"])
+    if saved_args != model.args:
+        raise CheckpointError(f"{path}: model shape {saved_args} differs from the .env's {model.args}")
+    if not reset_optimizer and "optimizer" not in ckpt:
+        raise CheckpointError(f"{path}: holds no optimizer state; pass --reset-optimizer to start a fresh one")
+    model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, model, optimizer, scaler, train_loader, reset_optimizer: bool
+                           ) -> TrainState:
+    """Optimizer (sharded again under FSDP), loss scaler, data position and RNG from a checkpoint."""
     if not reset_optimizer:
-        if "optimizer" not in ckpt:
-            raise CheckpointError(f"{path}: holds no optimizer state; pass --reset-optimizer to start a fresh one")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         scaler.load_state_dict(ckpt["scaler"])
     if "dataloader" in ckpt:
         train_loader.load_state_dict(ckpt["dataloader"])
@@ -249,9 +291,7 @@ def train_step(model, optimizer, scaler, batches, cfg: Config, d: DistInfo, lr: 
     loss_sum = torch.zeros((), device=d.device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
-        # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs.
-        sync_ctx = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
-        with sync_ctx:
+        with gradient_sync(model, enabled=last):
             with autocast_context(cfg, d.device):
                 _, loss = model(x, y, loss_reduction="sum", return_logits=False)
             # DDP averages gradients over ranks, hence the world_size factor.
@@ -260,6 +300,8 @@ def train_step(model, optimizer, scaler, batches, cfg: Config, d: DistInfo, lr: 
 
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
     if torch.isfinite(grad_norm) or scaler.is_enabled():
         scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
     scaler.update()
@@ -364,12 +406,18 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
         if cfg.hellaswag_every_x_steps else None
     train_loader, val_loader = build_loaders(cfg, d, plan, tokenizer, vocab_size)
     model = build_model(cfg, vocab_size, d.device)
+    flops_per_token, n_params = model.flops_per_token(cfg.max_seq_len), model.num_params()
+    n_params_no_embed = model.num_params(exclude_embeddings=True)
+    ckpt = load_weights(args.pretrain_checkpoint, model, tokenizer, args.reset_optimizer) \
+        if args.pretrain_checkpoint else None
+    train_model = parallelize(model, cfg, d)
+    sharded = isinstance(model, FSDPModule)
     optimizer = build_optimizer(model, cfg, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.training_precision == "fp16")
     state = TrainState()
-    if args.pretrain_checkpoint:
-        state = resume(args.pretrain_checkpoint, cfg, model, optimizer, scaler, train_loader, tokenizer,
-                       args.reset_optimizer)
+    if ckpt is not None:
+        state = restore_training_state(ckpt, model, optimizer, scaler, train_loader, args.reset_optimizer)
+        del ckpt
     resumed_from = state.step
     if args.start_step is not None:
         state.step = args.start_step
@@ -378,11 +426,10 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if args.pretrain_checkpoint else 0,
                        wandb_run_id=state.wandb_run_id, initial_step=state.step)
     state.wandb_run_id = logger.wandb_run_id
-    flops_per_token = model.flops_per_token(cfg.max_seq_len)
     peak = peak_flops(cfg, d.device)
-    logger.print(f"model: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} "
-                 f"without embeddings), {flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x "
-                 f"{d.world_size} | {cfg.training_precision}")
+    logger.print(f"model: {n_params:,} parameters ({n_params_no_embed:,} without embeddings), "
+                 f"{flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x {d.world_size}"
+                 f"{' (fsdp)' if sharded else ''} | {cfg.training_precision}")
     logger.print(plan.describe())
     logger.print(f"data: {train_loader.num_tokens:,} train tokens ({train_loader.num_tokens / plan.tokens_per_step:.1f}"
                  f" steps/epoch), {val_loader.num_tokens:,} validation tokens")
@@ -391,9 +438,6 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
                      + (f", continuing as step {state.step}" if state.step != resumed_from else "")
                      + (", fresh optimizer" if args.reset_optimizer else ""))
 
-    train_model = model
-    if d.world_size > 1:
-        train_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
     eval_model = torch.compile(model) if cfg.compile else model
@@ -423,14 +467,15 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
                 reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
                 last = True
         if hellaswag and (state.step % cfg.hellaswag_every_x_steps == 0 or last):
-            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger)
-        if d.is_main and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0 or last):
+            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger, sharded)
+        # Sharded weights are gathered collectively, so under FSDP every rank generates (the same text).
+        if (d.is_main or sharded) and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0 or last):
             sample_generations(model, tokenizer, prompts, cfg, state.step, logger)
         if stop_all:
             reason, last = "stopped by signal", True
         if (cfg.save_every_x_steps and state.step % cfg.save_every_x_steps == 0) or last:
-            if d.is_main:
-                path = save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan)
+            path = save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan, d)
+            if path:
                 logger.print(f"checkpoint: {path}")
         if last:
             break
@@ -440,11 +485,13 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
 
 
 def run_hellaswag(model: Transformer, tokenizer, hellaswag: tuple[list, int], cfg: Config, d: DistInfo, step: int,
-                  logger: RunLogger) -> None:
-    """Every rank scores its share of the items (none waits idle for another); counts are all-reduced."""
+                  logger: RunLogger, sharded: bool) -> None:
+    """Every rank scores its share of the items (none waits idle for another); counts are all-reduced.
+    Under FSDP each forward is collective, so every rank scores all items in lockstep instead."""
     examples, skipped = hellaswag
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training_precision)
-    result = hellaswag_evaluate(model, tokenizer, examples, max(1, cfg.max_batch_size // 4), d.rank, d.world_size,
+    rank, world = (0, 1) if sharded else (d.rank, d.world_size)
+    result = hellaswag_evaluate(model, tokenizer, examples, max(1, cfg.max_batch_size // 4), rank, world,
                                 autocast_dtype=dtype)
     logger.log(step, as_metrics(result, skipped), format_result(result, skipped))
 

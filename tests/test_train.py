@@ -117,6 +117,24 @@ def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, t
     assert step_metric(single, "hellaswag_acc") == step_metric(ddp, "hellaswag_acc")
 
 
+def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp(tmp_path, token_data):
+    single = tmp_path / "single"
+    train(write_env(tmp_path / "single.env", token_data, single))
+    fsdp = tmp_path / "fsdp"
+    env = write_env(tmp_path / "fsdp.env", token_data, fsdp, PARALLELISM="fsdp")
+    first = train(env, "--stop-step", "3", torchrun=2)
+    assert "(fsdp)" in first.stdout
+    # The FSDP checkpoint holds full tensors: a plain single process continues from it.
+    train(env, "--pretrain_checkpoint", str(fsdp / "checkpoints" / "step_000003.pt"))
+
+    expected, got = step_losses(single), step_losses(fsdp)
+    assert sorted(got) == list(range(1, 7))
+    assert all(abs(expected[s] - got[s]) <= 1e-4 for s in expected), (expected, got)
+    a, b = final_weights(single), final_weights(fsdp)
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
+
+
 def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data):
     straight = tmp_path / "straight"
     train(write_env(tmp_path / "straight.env", token_data, straight))
