@@ -129,6 +129,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or HF tokenizer dir (default: the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (dynamic shapes: one compilation serves every position)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
@@ -151,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}",
               file=sys.stderr)
         return 2
+    if args.compile:
+        model = torch.compile(model, dynamic=True)  # attribute access (args, setup_cache) passes through
     for piece in stream_completion(model, tokenizer, prompt, args.max_new_tokens, args.chat, args.temperature,
                                    args.top_k, args.top_p, args.seed):
         sys.stdout.write(piece)
