@@ -225,3 +225,15 @@ def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data):
                              str(run_dir / "checkpoints" / "step_000001.pt")], cwd=tmp_path, capture_output=True,
                             text=True, env=clean_env(), timeout=60)
     assert result.returncode == 2 and "model shape" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, token_data):
+    # A learning rate far below float32 resolution leaves the weights, hence the validation loss, unchanged.
+    run_dir = tmp_path / "run"
+    env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_LR="1e-12", MIN_LR="1e-12",
+                    VALIDATE_EVERY_X_STEPS="1", EARLY_STOPPING_PATIENCE="1", MAX_STEPS="6")
+    out = train(env).stdout
+    assert "early stopping" in out and max(step_losses(run_dir)) == 2
+    val = step_metric(run_dir, "val_loss")
+    assert val[1] == val[2]
+    assert (run_dir / "checkpoints" / "step_000002.pt").is_file()
