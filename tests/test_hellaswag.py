@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from checkpoint import save_checkpoint
 from hellaswag_utils import (
@@ -29,6 +28,7 @@ from hellaswag_utils import (
     predictions,
     score_examples,
 )
+from hf_convert import to_hf
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -111,37 +111,6 @@ def model() -> Transformer:
 
 
 # ---- the independent reference: transformers' Llama on the same weights -------------------------
-def _permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates interleaved pairs, HF rotates halves: reorder wq/wk rows (as test_model_parity)."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def to_hf(model: Transformer) -> LlamaForCausalLM:
-    a, sd = model.args, model.state_dict()
-    config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim,
-                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                         rms_norm_eps=a.norm_eps, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
-                         tie_word_embeddings=a.tie_word_embeddings, attn_implementation="eager")
-    new = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
-    for i in range(a.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        new[hf + "self_attn.q_proj.weight"] = _permute_for_rotate_half(sd[ours + "attention.wq.weight"], a.n_heads)
-        new[hf + "self_attn.k_proj.weight"] = _permute_for_rotate_half(sd[ours + "attention.wk.weight"], a.n_kv_heads)
-        new[hf + "self_attn.v_proj.weight"] = sd[ours + "attention.wv.weight"]
-        new[hf + "self_attn.o_proj.weight"] = sd[ours + "attention.wo.weight"]
-        new[hf + "mlp.gate_proj.weight"] = sd[ours + "feed_forward.w1.weight"]
-        new[hf + "mlp.down_proj.weight"] = sd[ours + "feed_forward.w2.weight"]
-        new[hf + "mlp.up_proj.weight"] = sd[ours + "feed_forward.w3.weight"]
-        new[hf + "input_layernorm.weight"] = sd[ours + "attention_norm.weight"]
-        new[hf + "post_attention_layernorm.weight"] = sd[ours + "ffn_norm.weight"]
-    hf_model = LlamaForCausalLM(config)
-    hf_model.load_state_dict(new, strict=True)
-    return hf_model.eval()
-
-
 @pytest.fixture(scope="module")
 def reference(model, tok, examples) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-ending log-likelihood sums and token counts (N, 4): each ending run alone, unpadded,

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_convert import to_hf
 from model import PRESETS, ModelArgs, Transformer, document_attention_mask
 
 VOCAB = 300
@@ -50,52 +50,6 @@ def build(args: ModelArgs, seed: int = 0) -> Transformer:
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5)
     return model.eval()
-
-
-def _permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates interleaved pairs (x0,x1),(x2,x3)..; HF rotates halves. Reorder wq/wk rows."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def hf_config(args: ModelArgs) -> LlamaConfig:
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
-                "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-                "original_max_position_embeddings": args.rope_original_max_seq_len}
-    else:
-        rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    return LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps, max_position_embeddings=1024, rope_parameters=rope,
-        tie_word_embeddings=args.tie_word_embeddings, attn_implementation="eager",
-    )
-
-
-def to_hf(model: Transformer) -> LlamaForCausalLM:
-    """An HF model holding the same weights as ours (Meta names -> HF names, RoPE rows permuted)."""
-    args = model.args
-    sd = model.state_dict()
-    new = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
-    for i in range(args.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        new[hf + "self_attn.q_proj.weight"] = _permute_for_rotate_half(sd[ours + "attention.wq.weight"], args.n_heads)
-        new[hf + "self_attn.k_proj.weight"] = _permute_for_rotate_half(sd[ours + "attention.wk.weight"], args.n_kv_heads)
-        new[hf + "self_attn.v_proj.weight"] = sd[ours + "attention.wv.weight"]
-        new[hf + "self_attn.o_proj.weight"] = sd[ours + "attention.wo.weight"]
-        new[hf + "mlp.gate_proj.weight"] = sd[ours + "feed_forward.w1.weight"]
-        new[hf + "mlp.down_proj.weight"] = sd[ours + "feed_forward.w2.weight"]
-        new[hf + "mlp.up_proj.weight"] = sd[ours + "feed_forward.w3.weight"]
-        new[hf + "input_layernorm.weight"] = sd[ours + "attention_norm.weight"]
-        new[hf + "post_attention_layernorm.weight"] = sd[ours + "ffn_norm.weight"]
-    hf_model = LlamaForCausalLM(hf_config(args))
-    hf_model.load_state_dict(new, strict=True)
-    return hf_model.eval()
 
 
 def tokens(batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
