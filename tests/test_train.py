@@ -237,3 +237,17 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, t
     val = step_metric(run_dir, "val_loss")
     assert val[1] == val[2]
     assert (run_dir / "checkpoints" / "step_000002.pt").is_file()
+
+
+def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, token_data):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    env = write_env(tmp_path / "run.env", token_data, run_dir, WANDB_ENABLED="true", WANDB_MODE="offline",
+                    VALIDATE_EVERY_X_STEPS="0")
+    train(env, "--stop-step", "2")
+    first_id = read_checkpoint(run_dir / "checkpoints" / "step_000002.pt")["wandb_run_id"]
+    train(env, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000002.pt"))
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert first_id and len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
+    assert read_checkpoint(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])["wandb_run_id"] == first_id
+    assert sorted(step_losses(run_dir)) == list(range(1, 7))
