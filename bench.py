@@ -1,0 +1,625 @@
+"""Benchmark this project against Hugging Face `transformers` on the same model, weights and batch.
+
+    python bench.py                                         # CPU, `small` preset (a few minutes)
+    python bench.py --device cuda --preset 1b --json bench_gpu_1b.json
+    python bench.py --preset tiny --quick --json out.json   # seconds: checks that the tool works
+
+What is measured, printed as one table and written with the environment to --json:
+
+- training step (forward, backward, AdamW) of our `Transformer` and of `LlamaForCausalLM` holding the
+  same weights, on the same batch, in fp32 and under bf16 autocast: tokens/s, ratio, peak memory, MFU;
+- generation: greedy decoding with our KV cache against `transformers`' `generate`, fp32 and bf16 weights;
+- data preparation: the shard writer (`prepare_pretrain_dataset`) with 1 and 2 worker processes against
+  a plain single-process tiktoken loop over the same documents.
+
+Method
+- Each model lives in its own spawned process, so each peak memory is its own: on CPU the peak resident
+  set (VmHWM, reset once the model, optimizer and batch exist) minus the resident set right after the
+  imports; on CUDA `torch.cuda.max_memory_allocated`. Each training precision gets a fresh pair.
+- After warm-up, the parent alternates the processes run by run, swapping who goes first every round,
+  so that other jobs on a shared machine slow both alike; figures are medians over the rounds.
+- MFU = flops_per_token x tokens/s / peak. flops_per_token = 6 N + 12 n_layers dim seq_len, with N the
+  parameters without the embedding lookup but with the output layer even when tied (the second term
+  is attention's scores and weighted values; PaLM, appendix B). The peak is (a) a dense square matmul
+  in the same dtype, timed in the same rounds, and (b) on a GPU, its datasheet figure.
+- HF is given `shift_labels=y`, so it scores the same T positions as ours without its internal shift
+  (older `transformers` without it get a T+1 window and score T positions: see `hf_loss_positions`),
+  and `use_cache=False`, as in any training loop. Ours runs `model(x, y, return_logits=False)`, the
+  trainer's fused chunked output layer + cross-entropy. Both use the trainer's `build_optimizer`.
+- Generation: tokens/s = new tokens / wall time of the whole call, prompt included, batch 1, eager.
+- Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock.
+- On CPU the allocator matters: glibc maps tensors above its mmap threshold (at most 32 MB) afresh and
+  unmaps them when freed, so every step page-faults its big buffers again. Settings such as
+  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes> reach the model processes through the environment
+  and are recorded under environment.allocator_env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from config import Config
+from generate import generate_tokens
+from hf_convert import to_hf
+from model import PRESETS as MODEL_PRESETS
+from model import ModelArgs, Transformer
+from train import KNOWN_PEAK_FLOPS, build_optimizer
+
+ROOT = Path(__file__).resolve().parent
+SEED = 1234
+KINDS = ("ours", "hf")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Datasheet dense peaks in fp32 without tensor cores (PyTorch's default: TF32 off); bf16 comes from train.py.
+KNOWN_FP32_PEAK_FLOPS = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "L4": 30.3e12}
+
+
+# ---- presets -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    model: dict  # ModelArgs fields; the vocabulary is always Llama 3's 128,256 tokens
+    batch: int
+    seq_len: int
+
+
+LLAMA3_VOCAB = 128256
+PRESETS: dict[str, Preset] = {
+    # seconds on a laptop: for the test
+    "tiny": Preset(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, tie_word_embeddings=True),
+                   batch=2, seq_len=64),
+    # a model a CPU steps in seconds; the 128k vocabulary is most of its weights, as in every small Llama 3
+    "small": Preset(dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=256, tie_word_embeddings=True),
+                    batch=4, seq_len=256),
+    # Llama 3.2 1B, for GPUs. Batch 2 because both models share the GPU: by estimate HF's fp32 step (~40 GB)
+    # then fits beside the other model's idle weights and AdamW state (~15 GB) in 80 GB. --batch changes it.
+    "1b": Preset(MODEL_PRESETS["llama3.2-1b"], batch=2, seq_len=2048),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a model process needs to build its side of the comparison."""
+    preset: str
+    device: str
+    batch: int
+    seq_len: int
+    compile: bool
+    prompt_len: int
+    new_tokens: int
+
+    def model_args(self) -> ModelArgs:
+        max_seq_len = max(self.seq_len, self.prompt_len + self.new_tokens)
+        return ModelArgs(**PRESETS[self.preset].model, vocab_size=LLAMA3_VOCAB, max_seq_len=max_seq_len)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    train_warmup: int
+    train: int
+    generate_warmup: int
+    generate: int
+    data_prep: int
+    corpus_chars: int  # the data-preparation corpus: CPython's documentation, repeated up to this size
+
+
+# 40M characters are about 9.3M tokens. A full CPU run of the small preset takes about 5 minutes.
+FULL = Rounds(train_warmup=2, train=5, generate_warmup=1, generate=5, data_prep=3, corpus_chars=40_000_000)
+QUICK = Rounds(train_warmup=1, train=2, generate_warmup=1, generate=2, data_prep=1, corpus_chars=200_000)
+
+
+def hf_takes_shift_labels() -> bool:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    return "shift_labels" in inspect.signature(ForCausalLMLoss).parameters
+
+
+# ---- memory and timing helpers -------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak here; False when the CPU peak cannot be reset (then it includes set-up)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Achieved FLOP/s of a dense square matmul: the machine's practical peak in this dtype."""
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # first call: library dispatch and page faults
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+# ---- one model in one process ------------------------------------------------------------------------------
+class ModelRunner:
+    """Lives in a model process: builds ours or HF's model and runs the timed work on request."""
+
+    def __init__(self, kind: str, plan: Plan):
+        self.kind, self.plan = kind, plan
+        self.device = torch.device(plan.device)
+        if kind == "hf":  # its lazily loaded modules must not count as the model's memory
+            import transformers
+            from transformers import LlamaForCausalLM  # noqa: F401
+
+            transformers.logging.set_verbosity_error()  # config and generation notices would drown the table
+        self.hf_shift_labels = kind == "hf" and hf_takes_shift_labels()
+        self.rss_after_imports = _status_kib("VmRSS") * 1024
+        self.model: Optional[torch.nn.Module] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.peak_resettable = True
+        self.first_loss: Optional[float] = None  # before any update: shows both start from the same point
+
+    def _build(self) -> torch.nn.Module:
+        """The same weights in both processes: our seeded initialisation, converted for HF."""
+        with torch.device(self.device):
+            torch.manual_seed(SEED)
+            ours = Transformer(self.plan.model_args())
+            return ours if self.kind == "ours" else to_hf(ours, attn_implementation="sdpa")
+
+    # ---- training ----
+    def setup_training(self, precision: str) -> dict:
+        self.precision = precision
+        self.model = self._build().train()
+        self.step_model = torch.compile(self.model) if self.plan.compile else self.model
+        self.optimizer = build_optimizer(self.model, Config(), self.device)
+        window = torch.randint(0, LLAMA3_VOCAB, (self.plan.batch, self.plan.seq_len + 1),
+                               generator=torch.Generator().manual_seed(SEED + 1)).to(self.device)
+        if self.kind == "hf" and not self.hf_shift_labels:
+            self.x = self.y = window  # HF shifts internally: T+1 tokens in, T positions scored
+        else:
+            self.x, self.y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        info = {"params": sum(p.numel() for p in self.model.parameters())}
+        if self.kind == "ours":
+            info["flops_per_token"] = self.model.flops_per_token(self.plan.seq_len)
+        else:
+            info["hf_loss_positions"] = "shift_labels" if self.hf_shift_labels else "T+1 window"
+        gc.collect()
+        self.peak_resettable = reset_peak_memory(self.device)
+        return info
+
+    def _loss(self) -> torch.Tensor:
+        if self.kind == "ours":
+            return self.step_model(self.x, self.y, return_logits=False)[1]
+        if self.hf_shift_labels:
+            return self.step_model(input_ids=self.x, labels=self.y, shift_labels=self.y, use_cache=False).loss
+        return self.step_model(input_ids=self.x, labels=self.y, use_cache=False).loss
+
+    def _step(self) -> float:
+        with autocast(self.precision, self.device):
+            loss = self._loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # waits for the device
+        if self.first_loss is None:
+            self.first_loss = loss_value
+        return loss_value
+
+    def train_step(self) -> dict:
+        """One timed step. On CUDA both models share one GPU, which cannot hold both activation peaks
+        of the 1b preset: each turn gives its cached blocks back at the end, so it starts with an
+        untimed step that takes them again from the driver, and times the next."""
+        if self.device.type == "cuda":
+            self._step()
+        sync(self.device)
+        start = time.perf_counter()
+        loss_value = self._step()
+        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"seconds": seconds, "loss": loss_value}
+
+    def finish_training(self) -> dict:
+        """Peak memory since set-up, in bytes; then frees the model and optimizer."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_kib("VmHWM") * 1024 - self.rss_after_imports
+        first_loss, self.first_loss = self.first_loss, None
+        self.model = self.step_model = self.optimizer = None
+        gc.collect()
+        return {"peak_bytes": peak, "includes_setup": not self.peak_resettable, "first_loss": first_loss}
+
+    # ---- generation ----
+    def setup_generation(self, precision: str) -> None:
+        self.model = self._build().to(DTYPES[precision]).eval()
+        self.prompt = torch.randint(0, LLAMA3_VOCAB, (self.plan.prompt_len,),
+                                    generator=torch.Generator().manual_seed(SEED + 2)).to(self.device)
+
+    def generate(self) -> dict:
+        """Greedy decoding of exactly `new_tokens` tokens (no stop token) after the prompt."""
+        n = self.plan.new_tokens
+        sync(self.device)
+        start = time.perf_counter()
+        if self.kind == "ours":
+            ids = list(generate_tokens(self.model, self.prompt.tolist(), n, stop_ids=[]))
+        else:
+            prompt = self.prompt[None]
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+            ids = out[0, prompt.shape[1]:].tolist()
+        sync(self.device)
+        return {"seconds": time.perf_counter() - start, "new_tokens": len(ids), "ids": ids}
+
+
+def _serve(conn, kind: str, plan: Plan) -> None:
+    """A model process's loop: (method, args) in, (ok, result or traceback) out, None to stop."""
+    runner = ModelRunner(kind, plan)
+    conn.send((True, None))
+    while (request := conn.recv()) is not None:
+        method, args = request
+        try:
+            conn.send((True, getattr(runner, method)(*args)))
+        except Exception:
+            conn.send((False, traceback.format_exc()))
+    conn.close()
+    if not plan.compile:  # compiled: a normal exit, which lets inductor's compile workers release their semaphores
+        os._exit(0)  # nothing left to flush; tearing down an interpreter that holds torch takes seconds
+
+
+class ModelProcess:
+    """One model in its own spawned process; `call` runs a `ModelRunner` method there."""
+
+    def __init__(self, kind: str, plan: Plan):
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreter: its memory is the model's alone
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, kind, plan), daemon=True)
+        self.process.start()
+        child.close()
+
+    def call(self, method: str, *args):
+        self.send(method, *args)
+        return self.receive(method)
+
+    def send(self, method: str, *args) -> None:
+        self.conn.send((method, args))
+
+    def receive(self, what: str):
+        try:
+            ok, result = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the {self.kind} model process died (out of memory?)") from None
+        if not ok:
+            raise RuntimeError(f"{self.kind} model process, {what}:\n{result}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+
+
+@contextmanager
+def model_processes(plan: Plan) -> Iterator[dict[str, ModelProcess]]:
+    procs = {kind: ModelProcess(kind, plan) for kind in KINDS}
+    try:
+        for p in procs.values():
+            p.receive("start-up")  # both import in parallel; wait until both are ready
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+        for p in procs.values():  # both exit at once; the next measurement starts on an idle machine
+            p.process.join(timeout=60)
+
+
+def call_both(procs: dict[str, ModelProcess], method: str, *args) -> dict:
+    """Run `method` in both processes at once (set-up, never timed work)."""
+    for p in procs.values():
+        p.send(method, *args)
+    return {kind: p.receive(method) for kind, p in procs.items()}
+
+
+def alternate(runs: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, list]:
+    """Call each function `warmup` times, then `rounds` times in turn, reversing the order every other
+    round (A B C, C B A, ...) so that neither always runs just after the other. Returns the results."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    results: dict[str, list] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(runs[name]())
+    return results
+
+
+# ---- the three benchmarks ------------------------------------------------------------------------------
+def nominal_peak(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    table = KNOWN_PEAK_FLOPS if precision == "bf16" else KNOWN_FP32_PEAK_FLOPS
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in table.items() if key in name), None)
+
+
+def bench_training(procs: dict[str, ModelProcess], plan: Plan, precision: str, rounds: Rounds) -> dict:
+    device, dtype = torch.device(plan.device), DTYPES[precision]
+    info = call_both(procs, "setup_training", precision)
+    runs = alternate({"ours": lambda: procs["ours"].call("train_step"),
+                      "hf": lambda: procs["hf"].call("train_step"),
+                      "matmul": lambda: matmul_flops(device, dtype)},
+                     rounds.train_warmup, rounds.train)
+    memory = call_both(procs, "finish_training")
+
+    tokens_per_step = plan.batch * plan.seq_len
+    flops_per_token = info["ours"]["flops_per_token"]
+    measured_peak = statistics.median(runs["matmul"])
+    nominal = nominal_peak(device, precision)
+    out = {"matmul_peak_flops": measured_peak, "matmul_peak_runs": runs["matmul"], "nominal_peak_flops": nominal,
+           "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step}
+    for kind in KINDS:
+        seconds = [r["seconds"] for r in runs[kind]]
+        tokens_per_s = tokens_per_step / statistics.median(seconds)
+        achieved = flops_per_token * tokens_per_s
+        out[kind] = {
+            "tokens_per_s": tokens_per_s, "step_seconds": seconds, "first_step_loss": memory[kind]["first_loss"],
+            "losses": [r["loss"] for r in runs[kind]],
+            "params": info[kind]["params"], "peak_memory_mib": memory[kind]["peak_bytes"] / 2**20,
+            "peak_includes_setup": memory[kind]["includes_setup"],
+            "mfu_measured_peak": achieved / measured_peak, "mfu_nominal_peak": achieved / nominal if nominal else None,
+        }
+    out["hf_loss_positions"] = info["hf"]["hf_loss_positions"]
+    out["ratio"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    out["memory_ratio"] = out["ours"]["peak_memory_mib"] / out["hf"]["peak_memory_mib"]
+    return out
+
+
+def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str, rounds: Rounds) -> dict:
+    call_both(procs, "setup_generation", precision)
+    runs = alternate({kind: (lambda p=p: p.call("generate")) for kind, p in procs.items()},
+                     rounds.generate_warmup, rounds.generate)
+    out: dict = {"prompt_tokens": plan.prompt_len, "new_tokens": plan.new_tokens}
+    for kind in KINDS:
+        seconds = [r["seconds"] for r in runs[kind]]
+        out[kind] = {"tokens_per_s": plan.new_tokens / statistics.median(seconds), "seconds": seconds}
+    out["ratio"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    # Greedy on identical weights: identical ids in fp32 show both decoded the same thing.
+    out["same_tokens"] = runs["ours"][0]["ids"] == runs["hf"][0]["ids"]
+    return out
+
+
+# Runs in a fresh `python -c` interpreter: the writer's spawned workers then re-import nothing of bench.py
+# (torch, transformers) and start exactly as under load_pretrain_dataset.py. Before the clock starts the
+# tokenizer is loaded and the corpus's first document read, which imports `datasets` and the modules it
+# loads on first use (its json reader, and torch for its formatters): about 2 s that a process pays once,
+# not per token. Worker start-up (spawn, imports, tokenizer) stays on the clock: every run pays it.
+# The modes alternate as in `alternate`: plain, 1, 2, then 2, 1, plain, ...
+DATA_PREP_RUN = r"""
+import json, sys, time
+from pathlib import Path
+from data_preparation_utils import Source, cached_tokenizer, open_source
+from load_pretrain_dataset import prepare_pretrain_dataset
+
+corpus, work_dir, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+tokenizer = cached_tokenizer(None)
+next(open_source(Source(files=[corpus]).resolve()))
+docs = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+
+def plain():
+    ids = [tokenizer.encode(doc, bos=True, eos=True) for doc in docs]
+    return sum(map(len, ids))
+
+def writer(num_workers, out_dir):
+    report = prepare_pretrain_dataset([Source(files=[corpus])], out_dir, num_workers=num_workers,
+                                      overwrite=True, show_progress=False)
+    return report["session_tokens"]
+
+modes = {"plain_loop": plain, "writer_1_worker": lambda: writer(1, work_dir / f"out{time.time_ns()}"),
+         "writer_2_workers": lambda: writer(2, work_dir / f"out{time.time_ns()}")}
+runs = {name: [] for name in modes}
+for r in range(rounds):
+    for name in list(modes) if r % 2 == 0 else list(modes)[::-1]:
+        start = time.perf_counter()
+        tokens = modes[name]()
+        runs[name].append({"seconds": time.perf_counter() - start, "tokens": tokens})
+print(json.dumps(runs))
+"""
+
+
+def write_corpus(path: Path, target_chars: int) -> dict:
+    """CPython's documentation (the project's offline default corpus) as .jsonl, repeated up to `target_chars`."""
+    from load_pretrain_dataset import cpython_documents
+
+    docs, chars = [], 0
+    for doc in itertools.cycle(cpython_documents()):
+        docs.append(doc["text"])
+        chars += len(doc["text"])
+        if chars >= target_chars:
+            break
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in docs)
+    return {"documents": len(docs), "chars": chars}
+
+
+def bench_data_prep(rounds: Rounds) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        out = {"corpus": write_corpus(corpus, rounds.corpus_chars)}
+        proc = subprocess.run([sys.executable, "-c", DATA_PREP_RUN, str(corpus), tmp, str(rounds.data_prep)],
+                              cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"data preparation failed:\n{proc.stderr[-3000:]}")
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, name_runs in runs.items():
+        tokens, seconds = name_runs[0]["tokens"], [r["seconds"] for r in name_runs]
+        out[name] = {"tokens": tokens, "tokens_per_s": tokens / statistics.median(seconds), "seconds": seconds}
+    out["corpus"]["tokens"] = out["plain_loop"]["tokens"]
+    out["same_token_count"] = len({out[name]["tokens"] for name in runs}) == 1
+    out["scaling_2_vs_1"] = out["writer_2_workers"]["tokens_per_s"] / out["writer_1_worker"]["tokens_per_s"]
+    return out
+
+
+# ---- environment, table, command line ------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        return re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+        "git_commit": commit.stdout.strip() or None, "load_average_start": os.getloadavg()[0],
+        # the allocator decides how often big tensors are page-faulted afresh: a large share of CPU step time
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD", "OMP_"))},
+    }
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    """First cell left-aligned, the others right-aligned, two spaces apart."""
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def format_table(report: dict) -> str:
+    env, cfg, rounds = report["environment"], report["config"], report["config"]["rounds"]
+    lines = [
+        f"bench.py | preset {cfg['preset']} | {env['device']} | {env['cpu']}, {env['cpu_cores']} cores | "
+        f"torch {env['torch']} | transformers {env['transformers']} | {env['date']}",
+        f"model: {cfg['params'] / 1e6:.1f}M parameters, vocab {cfg['vocab_size']:,}, batch {cfg['batch']} x "
+        f"{cfg['seq_len']} tokens, {cfg['flops_per_token'] / 1e6:.1f} MFLOP/token (6N + 12 L d T)"
+        f"{', compiled' if cfg['compile'] else ', eager'}; medians of {rounds['train']} alternated steps",
+        "",
+    ]
+    widths = [24, 10, 9, 6, 9, 8, 14, 15, 15]
+    lines.append(_row(["training step", "ours tok/s", "HF tok/s", "ratio", "ours MiB", "HF MiB", "matmul peak",
+                       "MFU ours / HF", "nominal MFU"], widths))
+    for precision, t in report["train"].items():
+        ours, hf = t["ours"], t["hf"]
+        nominal = "-" if t["nominal_peak_flops"] is None else \
+            f"{_pct(ours['mfu_nominal_peak'])} / {_pct(hf['mfu_nominal_peak'])}"
+        lines.append(_row([
+            "fp32" if precision == "fp32" else "bf16 autocast", f"{ours['tokens_per_s']:,.0f}",
+            f"{hf['tokens_per_s']:,.0f}", f"{t['ratio']:.2f}x", f"{ours['peak_memory_mib']:,.0f}",
+            f"{hf['peak_memory_mib']:,.0f}", f"{t['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s",
+            f"{_pct(ours['mfu_measured_peak'])} / {_pct(hf['mfu_measured_peak'])}", nominal], widths))
+    lines.append("first-step loss (same weights, same batch): " + "; ".join(
+        f"{p} ours {t['ours']['first_step_loss']:.4f}, HF {t['hf']['first_step_loss']:.4f}"
+        for p, t in report["train"].items()))
+
+    g0 = next(iter(report["generate"].values()))
+    lines += ["", _row(["generation", "ours tok/s", "HF tok/s", "ratio", "same tokens"], widths[:4] + [13])
+              + f"    greedy, batch 1, {g0['prompt_tokens']}-token prompt + {g0['new_tokens']} new tokens, "
+                f"medians of {rounds['generate']} alternated runs"]
+    for precision, g in report["generate"].items():
+        lines.append(_row([f"{precision} weights", f"{g['ours']['tokens_per_s']:,.1f}",
+                           f"{g['hf']['tokens_per_s']:,.1f}", f"{g['ratio']:.2f}x",
+                           "yes" if g["same_tokens"] else "no"], widths[:4] + [13]))
+
+    d = report["data_prep"]
+    lines += ["", _row(["data preparation", "tokens/s"], [24, 10])
+              + f"    {d['corpus']['tokens']:,} tokens ({d['corpus']['documents']:,} documents), "
+                f"medians of {rounds['data_prep']} alternated runs"]
+    for name, label in (("plain_loop", "plain tiktoken loop"), ("writer_1_worker", "shard writer, 1 worker"),
+                        ("writer_2_workers", "shard writer, 2 workers")):
+        lines.append(_row([label, f"{d[name]['tokens_per_s']:,.0f}"], [24, 10]))
+    lines.append(_row(["2 vs 1 workers", f"{d['scaling_2_vs_1']:.2f}x"], [24, 10]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--preset", choices=list(PRESETS), default="small")
+    p.add_argument("--json", metavar="FILE", help="write every figure and the environment here")
+    p.add_argument("--quick", action="store_true", help="fewer rounds, shorter generation, a tiny corpus")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile both models for training (default: on CUDA only)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
+    p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    rounds = QUICK if args.quick else FULL
+    plan = Plan(preset=args.preset, device=args.device, batch=args.batch or preset.batch,
+                seq_len=args.seq_len or preset.seq_len,
+                compile=args.device == "cuda" if args.compile is None else args.compile,
+                prompt_len=8 if args.quick else 32, new_tokens=8 if args.quick else 64)
+    device = torch.device(args.device)
+    report: dict = {"environment": environment(device), "train": {}, "generate": {}}
+    started = time.perf_counter()
+
+    for precision in PRECISIONS:  # a fresh pair of processes per precision: separate memory peaks
+        with model_processes(plan) as procs:
+            print(f"training step, {precision} ...", file=sys.stderr)
+            report["train"][precision] = bench_training(procs, plan, precision, rounds)
+            if precision == PRECISIONS[-1]:  # generation reuses the last pair: no memory is measured there
+                for gen_precision in PRECISIONS:
+                    print(f"generation, {gen_precision} ...", file=sys.stderr)
+                    report["generate"][gen_precision] = bench_generation(procs, plan, gen_precision, rounds)
+    print("data preparation ...", file=sys.stderr)
+    report["data_prep"] = bench_data_prep(rounds)
+
+    train = report["train"]["fp32"]
+    report["config"] = {**asdict(plan), "model_args": asdict(plan.model_args()), "vocab_size": LLAMA3_VOCAB,
+                        "params": train["ours"]["params"], "flops_per_token": train["flops_per_token"],
+                        "rounds": asdict(rounds), "seconds": time.perf_counter() - started}
+    report["environment"]["load_average_end"] = os.getloadavg()[0]
+    table = format_table(report)
+    print(table)
+    if args.json:
+        report["table"] = table
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

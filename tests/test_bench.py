@@ -1,0 +1,41 @@
+"""bench.py runs end to end as users start it and reports every section. Speed is not judged here:
+the figures come from a tiny model on a shared machine; only that each was measured and is positive."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers"):
+        assert heading in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["table"] == proc.stdout.strip()
+    env = report["environment"]
+    assert env["date"] and env["cpu"] and env["cpu_cores"] >= 1 and env["torch"] and env["device"] == "cpu"
+    assert report["config"]["preset"] == "tiny" and report["config"]["flops_per_token"] > 0
+
+    for precision in ("fp32", "bf16"):
+        train = report["train"][precision]
+        assert train["matmul_peak_flops"] > 0 and train["ratio"] > 0
+        for kind in ("ours", "hf"):
+            side = train[kind]
+            assert side["tokens_per_s"] > 0 and side["peak_memory_mib"] > 0 and side["mfu_measured_peak"] > 0
+        # same weights, same batch: the first timed step starts from nearly the same loss
+        assert abs(train["ours"]["losses"][0] - train["hf"]["losses"][0]) < 0.1
+
+        gen = report["generate"][precision]
+        assert gen["ours"]["tokens_per_s"] > 0 and gen["hf"]["tokens_per_s"] > 0 and gen["ratio"] > 0
+
+    data = report["data_prep"]
+    for name in ("plain_loop", "writer_1_worker", "writer_2_workers"):
+        assert data[name]["tokens_per_s"] > 0
+    assert data["same_token_count"] and data["scaling_2_vs_1"] > 0
