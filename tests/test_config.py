@@ -53,15 +53,27 @@ def test_env_example_documents_every_key_and_loads_to_the_defaults(monkeypatch):
     ("TRAINING_PRECISION=fp8", "TRAINING_PRECISION", "bf16 | fp16 | fp32"),
     ("BETA2=1.5", "BETA2", "in [0, 1)"),
 ])
-def test_bad_env_value_stops_train_with_one_line_naming_key_and_expectation(tmp_path, line, key, expected):
+def test_bad_env_value_stops_train_with_one_line_naming_key_and_expectation(tmp_path, capsys, line, key, expected):
+    # train.main is the CLI entry point; the subprocess test below shows the same path end to end.
+    import train
+
     env = tmp_path / "bad.env"
     env.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--env_file", str(env)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert key in lines[0] and expected in lines[0] and str(env) in lines[0]
+
+
+def test_bad_env_value_from_the_command_line_prints_one_line_without_traceback(tmp_path):
+    env = tmp_path / "bad.env"
+    env.write_text("N_LAYERS=abc\n")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert key in lines[0] and expected in lines[0] and str(env) in lines[0]
+    assert result.stderr == f"config error: N_LAYERS='abc' is invalid: expected an integer (from {env})\n"
 
 
 def test_missing_env_file_is_one_line(tmp_path):

@@ -93,11 +93,21 @@ def write_hellaswag_items(path: Path, n: int = 5) -> Path:
     return path
 
 
-def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, token_data):
-    hellaswag = {"HELLASWAG_EVERY_X_STEPS": "3",
-                 "HELLASWAG_PATH": str(write_hellaswag_items(tmp_path / "hellaswag.jsonl"))}
-    single = tmp_path / "single"
-    train(write_env(tmp_path / "single.env", token_data, single, **hellaswag))
+@pytest.fixture(scope="module")
+def hellaswag(tmp_path_factory) -> dict:
+    path = write_hellaswag_items(tmp_path_factory.mktemp("hellaswag") / "hellaswag.jsonl")
+    return {"HELLASWAG_EVERY_X_STEPS": "3", "HELLASWAG_PATH": str(path)}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, token_data, hellaswag) -> Path:
+    """The reference: 6 uninterrupted steps in one process (shared by the tests that compare to it)."""
+    out = tmp_path_factory.mktemp("single")
+    train(write_env(out / "single.env", token_data, out / "run", **hellaswag))
+    return out / "run"
+
+
+def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, token_data, hellaswag, single):
     ddp = tmp_path / "ddp"
     train(write_env(tmp_path / "ddp.env", token_data, ddp, **hellaswag), torchrun=2)
 
@@ -117,11 +127,10 @@ def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, t
     assert step_metric(single, "hellaswag_acc") == step_metric(ddp, "hellaswag_acc")
 
 
-def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp(tmp_path, token_data):
-    single = tmp_path / "single"
-    train(write_env(tmp_path / "single.env", token_data, single))
+def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp(tmp_path, token_data, hellaswag,
+                                                                                 single):
     fsdp = tmp_path / "fsdp"
-    env = write_env(tmp_path / "fsdp.env", token_data, fsdp, PARALLELISM="fsdp")
+    env = write_env(tmp_path / "fsdp.env", token_data, fsdp, PARALLELISM="fsdp", **hellaswag)
     first = train(env, "--stop-step", "3", torchrun=2)
     assert "(fsdp)" in first.stdout
     # The FSDP checkpoint holds full tensors: a plain single process continues from it.
@@ -135,12 +144,10 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data):
-    straight = tmp_path / "straight"
-    train(write_env(tmp_path / "straight.env", token_data, straight))
-
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single):
+    straight = single
     resumed = tmp_path / "resumed"
-    env = write_env(tmp_path / "resumed.env", token_data, resumed)
+    env = write_env(tmp_path / "resumed.env", token_data, resumed, **hellaswag)
     first = train(env, "--stop-step", "3")
     assert "stopped" not in first.stdout and (resumed / "checkpoints" / "step_000003.pt").is_file()
     second = train(env, "--pretrain_checkpoint", str(resumed / "checkpoints" / "step_000003.pt"))
