@@ -282,9 +282,11 @@ def train_step(model, optimizer, scaler, batches, cfg: Config, d: DistInfo, lr: 
     The loss is normalised by the number of target tokens over all micro-batches and ranks
     (not averaged per micro-batch), so masked data and uneven micro-batches weigh correctly.
     """
-    n_valid_local = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-    counts = all_reduce_sum(torch.tensor([float(n_valid_local), float(stop_flag)], device=d.device))
-    n_valid, stop_all = counts[0].item(), counts[1].item() > 0
+    # One host sync per step for both figures: the global target count and the stop vote.
+    n_valid_local = torch.stack([(y != IGNORE_INDEX).sum() for _, y in batches]).sum().float()
+    counts = all_reduce_sum(torch.stack([n_valid_local, torch.tensor(float(stop_flag), device=d.device)]))
+    n_valid, stop_votes = counts.tolist()
+    stop_all = stop_votes > 0
     for group in optimizer.param_groups:
         group["lr"] = lr
 
