@@ -30,6 +30,7 @@ from hellaswag_utils import (
 )
 from hf_convert import to_hf
 from model import ModelArgs, Transformer
+from reference_weights import o1_random_
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +71,7 @@ ITEMS = [
 N_VALID = 7  # odd, so two ranks get unequal shares
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and spinning threads crawl on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +95,7 @@ def examples(fixture_path) -> list[Example]:
 def model() -> Transformer:
     """O(1) random weights: the default init's near-uniform logits would hide mistakes."""
     torch.manual_seed(0)
-    m = Transformer(ARGS)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    return m.eval()
+    return o1_random_(Transformer(ARGS))
 
 
 # ---- the independent reference: transformers' Llama on the same weights -------------------------

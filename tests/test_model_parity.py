@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from hf_convert import to_hf
 from model import PRESETS, ModelArgs, Transformer, document_attention_mask
+from reference_weights import o1_random_
 
 VOCAB = 300
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, multiple_of=32, max_seq_len=128)
@@ -29,27 +30,14 @@ CONFIGS = {
 SEQ_LEN = 100  # > rope_original_max_seq_len of the scaled config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and spinning threads crawl on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(args: ModelArgs, seed: int = 0) -> Transformer:
     """Our model with O(1) random weights: the default N(0, 0.02) init gives near-zero logits
     that would hide layout mistakes under any tolerance. Norm weights are random too."""
     torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    return model.eval()
+    return o1_random_(Transformer(args))
 
 
 def tokens(batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:

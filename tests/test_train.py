@@ -75,8 +75,6 @@ def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in records if key in r}
 
 
-step_losses = step_metric
-
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
@@ -111,7 +109,7 @@ def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, t
     ddp = tmp_path / "ddp"
     train(write_env(tmp_path / "ddp.env", token_data, ddp, **hellaswag), torchrun=2)
 
-    expected, got = step_losses(single), step_losses(ddp)
+    expected, got = step_metric(single), step_metric(ddp)
     assert sorted(expected) == sorted(got) == list(range(1, 7))
     for step in expected:
         assert abs(expected[step] - got[step]) <= 1e-4, (step, expected[step], got[step])
@@ -136,7 +134,7 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
     # The FSDP checkpoint holds full tensors: a plain single process continues from it.
     train(env, "--pretrain_checkpoint", str(fsdp / "checkpoints" / "step_000003.pt"))
 
-    expected, got = step_losses(single), step_losses(fsdp)
+    expected, got = step_metric(single), step_metric(fsdp)
     assert sorted(got) == list(range(1, 7))
     assert all(abs(expected[s] - got[s]) <= 1e-4 for s in expected), (expected, got)
     a, b = final_weights(single), final_weights(fsdp)
@@ -153,7 +151,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_da
     second = train(env, "--pretrain_checkpoint", str(resumed / "checkpoints" / "step_000003.pt"))
     assert "resumed from" in second.stdout
 
-    assert step_losses(resumed) == step_losses(straight)  # steps 1..6, bit for bit
+    assert step_metric(resumed) == step_metric(straight)  # steps 1..6, bit for bit
     a, b = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ckpt = read_checkpoint(sorted((resumed / "checkpoints").glob("step_*.pt"))[-1])
@@ -175,7 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, token_data):
     assert "stopped by signal" in out
     saved = sorted((run_dir / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1
-    assert read_checkpoint(saved[0])["step"] == max(step_losses(run_dir))
+    assert read_checkpoint(saved[0])["step"] == max(step_metric(run_dir))
 
 
 def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path, token_data):
@@ -240,7 +238,7 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, t
     env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_LR="1e-12", MIN_LR="1e-12",
                     VALIDATE_EVERY_X_STEPS="1", EARLY_STOPPING_PATIENCE="1", MAX_STEPS="6")
     out = train(env).stdout
-    assert "early stopping" in out and max(step_losses(run_dir)) == 2
+    assert "early stopping" in out and max(step_metric(run_dir)) == 2
     val = step_metric(run_dir, "val_loss")
     assert val[1] == val[2]
     assert (run_dir / "checkpoints" / "step_000002.pt").is_file()
@@ -257,4 +255,4 @@ def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, token_data):
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert first_id and len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
     assert read_checkpoint(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])["wandb_run_id"] == first_id
-    assert sorted(step_losses(run_dir)) == list(range(1, 7))
+    assert sorted(step_metric(run_dir)) == list(range(1, 7))
