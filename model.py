@@ -253,6 +253,7 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         loss_reduction: str = "mean",
         return_logits: bool = True,
+        logits_to_keep: int = 0,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """tokens (B, T) -> (logits (B, T, vocab), loss or None).
 
@@ -264,8 +265,24 @@ class Transformer(nn.Module):
         start_pos: with a KV cache, the position of tokens[:, 0].
         return_logits: False (training) computes the loss chunk by chunk without ever holding the
             float32 (B, T, vocab) logits, and returns None for them.
+        logits_to_keep: without targets, compute logits for the last this many positions only (0: all);
+            a prefill needs one row, not prompt_len x vocab.
         """
-        bsz, seqlen = tokens.shape
+        h = self.hidden_states(tokens, start_pos=start_pos, attn_mask=attn_mask, positions=positions)
+        if targets is None:
+            return self.output(h[:, -logits_to_keep:] if logits_to_keep else h), None
+        if not return_logits:
+            return None, chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), loss_reduction)
+        logits = self.output(h)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=loss_reduction)
+        return logits, loss
+
+    def hidden_states(self, tokens: torch.Tensor, *, start_pos: int = 0, attn_mask: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) -> final normed hidden states (B, T, dim), the output layer's input. For callers
+        that need only some positions' logits (decoding) or never the full logits (chunked losses)."""
+        seqlen = tokens.shape[1]
         h = self.tok_embeddings(tokens)
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
@@ -276,15 +293,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, mask)
-        h = self.norm(h)
-        if targets is None:
-            return self.output(h), None
-        if not return_logits:
-            return None, chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), loss_reduction)
-        logits = self.output(h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction=loss_reduction)
-        return logits, loss
+        return self.norm(h)
 
     @staticmethod
     def _attention_mask(seqlen: int, start_pos: int, attn_mask: Optional[torch.Tensor],
