@@ -10,7 +10,10 @@ TRAINING_STAGE=pretrain is implemented here; the other stages plug into the same
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import os
+import platform
 import random
 import signal
 import sys
@@ -139,6 +142,21 @@ def autocast_context(cfg: Config, device: torch.device):
         return nullcontext()
     dtype = torch.bfloat16 if cfg.training_precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """Ask glibc to serve big buffers from its heap and keep them when freed (up to 2 GiB).
+
+    By default glibc maps every buffer over its mmap threshold (at most 32 MiB) afresh and unmaps it when
+    freed, so each CPU training step page-faults its activations and logits chunks in again: measured with
+    bench.py's small preset, the bf16 step runs about 2.3x faster without that (README, Performance).
+    The cost is a higher resident set: freed memory stays with the process. Skipped when the user set any
+    MALLOC_* variable (theirs win) and off glibc. Returns whether the setting took."""
+    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 KNOWN_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, FLOP/s (vendor datasheets)
@@ -388,6 +406,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     d = setup_distributed(cfg.device, cfg.ddp_backend)
+    if d.device.type == "cpu":
+        keep_freed_memory_on_cpu()
     try:
         return pretrain(cfg, args, d)
     except (SetupError, DataError, CheckpointError, HellaSwagDataError, FileNotFoundError) as e:
