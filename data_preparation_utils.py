@@ -36,7 +36,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-from tokenizer import load_tokenizer
+# the private names are Meta's cutting rule, which the fast path in `encode_text` must follow too
+from tokenizer import MAX_NO_WHITESPACES_CHARS, TIKTOKEN_MAX_ENCODE_CHARS, Tokenizer, _LONG_RUN, load_tokenizer
 
 SHARD_DTYPE = np.uint32  # Llama 3's 128,256 ids need more than 16 bits
 MANIFEST_FORMAT = "llama3-token-shards"
@@ -441,13 +442,38 @@ class EncodedBatch:
 
 
 def encode_documents(texts: list[str]) -> EncodedBatch:
-    """Frame each text as `[bos] + tokens + [eos]`; runs in a worker process (see `init_encoder`)."""
+    """Frame each text as `[bos] + tokens + [eos]`; runs in a worker process (see `init_encoder`).
+
+    One tokenizer call per text: `encode_batch(num_threads=1)` builds a thread pool per call, which
+    makes it about 1.5x slower. The result is numpy arrays, ready to write: they pickle as one buffer
+    each, where lists of ints would cost the main process, which shares the cores, time per token.
+    """
     tokenizer = cached_tokenizer(_encoder_path)
-    ids = tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=1)  # parallelism comes from processes
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=SHARD_DTYPE, count=int(lengths.sum()))
+    bos, eos = np.array([tokenizer.bos_id], SHARD_DTYPE), np.array([tokenizer.eos_id], SHARD_DTYPE)
+    ids = [encode_text(tokenizer, text) for text in texts]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    tokens = np.concatenate([part for doc in ids for part in (bos, doc, eos)]) if ids else np.empty(0, SHARD_DTYPE)
     hashes = np.fromiter(map(document_hash, texts), dtype=np.uint64, count=len(texts))
     return EncodedBatch(tokens, lengths, hashes)
+
+
+def encode_text(tokenizer, text: str) -> np.ndarray:
+    """`tokenizer.encode(text, bos=False, eos=False)` as a uint32 array.
+
+    Meta's tokenizer encodes most texts in one tiktoken call, which can fill a numpy array directly,
+    with no Python int per token (about 15% faster). Texts that Meta cuts into pieces first (very
+    long ones, or ones with very long runs), and any other tokenizer, take the plain path.
+    """
+    if isinstance(tokenizer, Tokenizer) and not _needs_cutting(text):
+        return tokenizer.model.encode_to_numpy(text, disallowed_special=())
+    return np.array(tokenizer.encode(text, bos=False, eos=False), dtype=SHARD_DTYPE)
+
+
+def _needs_cutting(text: str) -> bool:
+    """Whether `Tokenizer.encode` splits `text` before encoding it (the same test as `Tokenizer.encode_batch`).
+    A run longer than MAX_NO_WHITESPACES_CHARS needs a text at least that long: most texts skip the scan."""
+    return len(text) > TIKTOKEN_MAX_ENCODE_CHARS or (
+        len(text) > MAX_NO_WHITESPACES_CHARS and _LONG_RUN.search(text) is not None)
 
 
 def document_hash(text: str) -> int:

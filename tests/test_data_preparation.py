@@ -18,7 +18,7 @@ import pytest
 import data_preparation_utils as dpu
 import load_pretrain_dataset as lpd
 from data_preparation_utils import DataPrepError, Source
-from tokenizer import Tokenizer, load_tokenizer
+from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "the model reads every token of a document once and learns which one comes next é 中文 🙂".split()
@@ -134,6 +134,22 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
     assert stable(runs[1]["manifest"]) == stable(runs[2]["manifest"]) == stable(runs["small batches"]["manifest"])
 
 
+def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
+    """Workers take tiktoken's numpy path where Meta's tokenizer would not cut the text; every text must
+    still get exactly `tok.encode`'s ids, including those that are cut."""
+    texts = ["plain prose, é 中文 🙂", "<|end_of_text|> is text here, not a special token",
+             "x" * 30_000 + " tail",  # a run Meta cuts at 25,000 characters
+             "a" + " " * 26_000 + "b",  # the same for whitespace
+             "many words " * 40_000]  # over tiktoken's 400,000-character limit
+    dpu.init_encoder(None)
+    batch = dpu.encode_documents(texts)
+    expected = [tok.encode(t, bos=True, eos=True) for t in texts]
+    assert batch.tokens.dtype == np.uint32 and batch.lengths.tolist() == [len(e) for e in expected]
+    np.testing.assert_array_equal(batch.tokens, np.concatenate([np.array(e, dtype=np.uint32) for e in expected]))
+    assert batch.hashes.tolist() == [dpu.document_hash(t) for t in texts]
+    assert len(dpu.encode_documents([]).tokens) == 0  # a task of only empty or malformed rows
+
+
 # ---- messy input ------------------------------------------------------------------------------------
 
 
@@ -200,12 +216,11 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
         np.testing.assert_array_equal(np.load(p), np.load(tmp_path / "clean" / p.name))
 
     encoded: list[str] = []
-    real_encode = Tokenizer.encode_batch
-    def recording_encode(self, texts, **kw):
+    def recording_encode(texts):
         encoded.extend(texts)
-        return real_encode(self, texts, **kw)
+        return dpu.encode_documents(texts)
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", recording_encode)
+    monkeypatch.setattr(lpd, "encode_documents", recording_encode)
     report = prepare(sources(), out)
 
     assert output_files(out) == output_files(tmp_path / "clean")
@@ -216,7 +231,7 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
         train_docs = [d for i, d in enumerate(docs) if expected_split(i, d, 0.2) == "train"]
         ends = np.cumsum([len(tok.encode(d, bos=True, eos=True)) for d in train_docs])
         in_first_shard = [d for d, end in zip(train_docs, ends) if end <= 300]
-        assert in_first_shard and not set(in_first_shard) & set(encoded)
+        assert encoded and in_first_shard and not set(in_first_shard) & set(encoded)
 
 
 def test_shard_writer_resumes_from_its_last_recorded_checkpoint(tmp_path):
