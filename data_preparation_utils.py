@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -486,25 +487,45 @@ def is_validation(doc_hash: int, val_fraction: float) -> bool:
     return doc_hash < val_fraction * 2.0**64
 
 
-def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], num_workers: int, initializer: Callable,
-                initargs: tuple, max_in_flight: int = 0) -> Iterator[tuple[Any, Any]]:
-    """Yield (key, fn(payload)) for each (key, payload) item, in input order.
+@contextmanager
+def worker_pool(num_workers: int, initializer: Callable, initargs: tuple) -> Iterator[ProcessPoolExecutor | None]:
+    """`num_workers` worker processes, started at once; None for 0 (the work then runs in this process).
 
-    Like `Pool.imap`, but at most `max_in_flight` tasks are read ahead (imap would read the whole input
-    into memory), and a worker that dies raises instead of hanging. `num_workers=0` runs in this process.
-    Use it under `contextlib.closing`, so that an exception in the caller's loop (Ctrl-C) still shuts
-    the workers down: a worker left alone blocks forever writing its result.
+    Start them before opening the sources: a spawned worker needs about half a second (a fresh
+    interpreter, imports, the tokenizer), which then overlaps with the main process's own set-up.
+    After a clean exit the workers are left to quit on their own while the caller writes its last
+    shard; after an exception they are waited for, so none is left behind.
     """
     if num_workers == 0:
         initializer(*initargs)
-        yield from ((key, fn(payload)) for key, payload in items)
+        yield None
         return
-    max_in_flight = max_in_flight or 2 * num_workers + 2
     # spawn: forking a process that holds pyarrow/datasets threads can deadlock
     pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker_process, initargs=(initializer, *initargs))
+    for _ in range(num_workers):
+        pool.submit(os.getpid)  # the executor starts a process per task submitted, up to num_workers
     try:
-        window: deque = deque()
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], pool: ProcessPoolExecutor | None,
+                max_in_flight: int) -> Iterator[tuple[Any, Any]]:
+    """Yield (key, fn(payload)) for each (key, payload) item, in input order, computed by `pool`'s workers
+    (see `worker_pool`; None: in this process).
+
+    Like `Pool.imap`, but at most `max_in_flight` tasks are read ahead (imap would read the whole input
+    into memory), and a worker that dies raises instead of hanging.
+    """
+    if pool is None:
+        yield from ((key, fn(payload)) for key, payload in items)
+        return
+    window: deque = deque()
+    try:
         for key, payload in items:
             window.append((key, pool.submit(fn, payload)))
             if len(window) >= max_in_flight:
@@ -517,7 +538,8 @@ def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], num_workers: int
         raise DataPrepError("a worker process died (out of memory?); run again to resume, "
                             "perhaps with fewer --num_workers") from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for _, future in window:
+            future.cancel()  # the caller stopped early (a token budget, Ctrl-C): skip what has not started
 
 
 # ---- shards --------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
     DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
     cached_tokenizer, decode_errors_in, encode_documents, init_encoder, is_validation, load_mix_file, one_line,
-    open_source, ordered_map, start_or_resume, write_json_atomic, write_jsonl_atomic,
+    open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
 )
 
 DEFAULT_SHARD_SIZE = 10_000_000  # 40 MB per shard
@@ -304,13 +305,23 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
         return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0}
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
-    streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
-    mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
-                  finished=[i for i, p in enumerate(run.progress) if p.exhausted])
-    run.stats.decode_errors = decode_errors_in(sources)
-    if run.resumed_shards:
-        print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
-    results = ordered_map(encode_documents, batch_rows(mixer), num_workers, init_encoder, (tokenizer_path,))
+    with worker_pool(num_workers, init_encoder, (tokenizer_path,)) as pool:  # first: workers start while we read
+        streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
+        mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
+                      finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+        run.stats.decode_errors = decode_errors_in(sources)
+        if run.resumed_shards:
+            print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
+        encode_all(run, mixer, pool, 2 * num_workers + 2, max_tokens, show_progress)
+    manifest = run.finish(tokenizer, shard_size)
+    return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
+            "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started}
+
+
+def encode_all(run: Preparation, mixer: Mixer, pool: ProcessPoolExecutor | None, max_in_flight: int,
+               max_tokens: int, show_progress: bool) -> None:
+    """Feed the mixed rows through the workers and the results, in order, to the shard writers."""
+    results = ordered_map(encode_documents, batch_rows(mixer), pool, max_in_flight)
     with closing(results), tqdm(total=max_tokens or None, initial=run.stats.tokens, unit="tok", unit_scale=True,
                                 desc="tokenizing", disable=not show_progress, mininterval=0.5) as bar:
         for rows, encoded in results:
@@ -320,9 +331,6 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
             bar.set_postfix(docs=run.stats.documents, refresh=False)
             if run.done:
                 break
-    manifest = run.finish(tokenizer, shard_size)
-    return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
-            "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started}
 
 
 def _check_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:

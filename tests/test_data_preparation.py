@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import subprocess
@@ -132,6 +133,15 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
     assert runs[1]["manifest"]["splits"]["val"]["num_tokens"] > 0
     assert output_files(tmp_path / "w1") == output_files(tmp_path / "w2") == output_files(tmp_path / "small")
     assert stable(runs[1]["manifest"]) == stable(runs[2]["manifest"]) == stable(runs["small batches"]["manifest"])
+
+
+def test_workers_started_early_are_stopped_when_opening_the_sources_fails(tmp_path):
+    """Workers start before the sources are opened (their start-up overlaps the reading); an error
+    there must still leave no process behind."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"body": d} for d in make_docs(20)])
+    with pytest.raises(DataPrepError, match="column 'text' not found"):
+        prepare([Source(files=[str(path)])], tmp_path / "out", num_workers=2)
+    assert multiprocessing.active_children() == []
 
 
 def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
