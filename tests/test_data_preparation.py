@@ -244,8 +244,10 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
         assert encoded and in_first_shard and not set(in_first_shard) & set(encoded)
 
 
-def test_shard_writer_resumes_from_its_last_recorded_checkpoint(tmp_path):
+@pytest.mark.parametrize("buffer_tokens", [1 << 26, 3], ids=["one allocation", "growing buffer"])
+def test_shard_writer_resumes_from_its_last_recorded_checkpoint(tmp_path, monkeypatch, buffer_tokens):
     """A checkpoint whose progress.json write was lost left extra tokens in the pending file: they must go."""
+    monkeypatch.setattr(dpu, "WRITER_BUFFER_TOKENS", buffer_tokens)
     chunks = [np.arange(7 * i, 7 * i + 7, dtype=np.uint32) for i in range(12)]
     writer = dpu.ShardWriter(tmp_path, "train", shard_size=40)
     for c in chunks[:6]:
