@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from checkpoint import CheckpointError, load_model, tokenizer_path_for
 from model import Transformer
@@ -94,7 +95,8 @@ def cpu_decode_kernels(model: nn.Module) -> Iterator[None]:
     """While inside, every plain nn.Linear of a CPU model computes with a reordered copy of its weight.
     Does nothing on other devices, under autocast (which picks its own dtype per op), for a torch.compile'd
     model (inductor packs weights itself), or when the copies would take over half the free memory."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None and m.weight.device.type == "cpu"]
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None and m.weight.device.type == "cpu"
+               and not isinstance(m.weight, DTensor)]  # FSDP shards: each forward gathers them anew
     if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
         linears = []
     stale = [m for m in linears if m not in _packed or _packed[m][:2] != (m.weight.data_ptr(), m.weight._version)]
