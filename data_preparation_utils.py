@@ -14,6 +14,7 @@ message is one line that the command-line scripts print before exiting with stat
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import dataclasses
 import functools
@@ -426,6 +427,9 @@ def init_encoder(tokenizer_path: str | None) -> None:
 def _init_worker_process(initializer: Callable, *initargs: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle, once
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    # A worker holds nothing to flush or clean up; skipping the interpreter's teardown (freeing the
+    # tokenizer and every module: about 0.1 s of CPU) keeps it off the cores while the last shard is written.
+    atexit.register(os._exit, 0)
     initializer(*initargs)
 
 
