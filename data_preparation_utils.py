@@ -24,6 +24,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import threading
@@ -415,21 +416,21 @@ def cached_tokenizer(path: str | None):
     return load_tokenizer(path)
 
 
-_encoder_path: str | None = None  # which tokenizer `encode_documents` uses in this process
+_encoder = None  # the tokenizer `encode_documents` uses in this process (see `init_encoder`)
 
 
-def init_encoder(tokenizer_path: str | None) -> None:
-    global _encoder_path
-    _encoder_path = tokenizer_path
-    cached_tokenizer(tokenizer_path)
+def init_encoder(tokenizer) -> None:
+    global _encoder
+    _encoder = tokenizer
 
 
-def _init_worker_process(initializer: Callable, *initargs: Any) -> None:
+def _init_worker_process(init_file: Path) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle, once
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     # A worker holds nothing to flush or clean up; skipping the interpreter's teardown (freeing the
     # tokenizer and every module: about 0.1 s of CPU) keeps it off the cores while the last shard is written.
     atexit.register(os._exit, 0)
+    initializer, initargs = pickle.loads(init_file.read_bytes())
     initializer(*initargs)
 
 
@@ -454,7 +455,7 @@ def encode_documents(texts: list[str]) -> EncodedBatch:
     makes it about 1.5x slower. The result is numpy arrays, ready to write: they pickle as one buffer
     each, where lists of ints would cost the main process, which shares the cores, time per token.
     """
-    tokenizer = cached_tokenizer(_encoder_path)
+    tokenizer = _encoder
     bos, eos = np.array([tokenizer.bos_id], SHARD_DTYPE), np.array([tokenizer.eos_id], SHARD_DTYPE)
     ids = [encode_text(tokenizer, text) for text in texts]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
@@ -493,29 +494,33 @@ def is_validation(doc_hash: int, val_fraction: float) -> bool:
 
 
 @contextmanager
-def worker_pool(num_workers: int, initializer: Callable, initargs: tuple) -> Iterator[ProcessPoolExecutor | None]:
-    """`num_workers` worker processes, started at once; None for 0 (the work then runs in this process).
+def worker_pool(num_workers: int, initializer: Callable, initargs: tuple,
+                scratch_dir: Path) -> Iterator[ProcessPoolExecutor | None]:
+    """`num_workers` worker processes, started at once, each first running `initializer(*initargs)`;
+    None for 0 (the work then runs in this process, initialized the same way).
 
     Start them before opening the sources: a spawned worker needs about half a second (a fresh
     interpreter, imports, the tokenizer), which then overlaps with the main process's own set-up.
-    After a clean exit the workers are left to quit on their own while the caller writes its last
-    shard; after an exception they are waited for, so none is left behind.
+    The initargs (a tokenizer: about 2 MB pickled) reach the workers through a file in `scratch_dir`:
+    passed to the executor, each start would block until the worker before it had finished its
+    imports and read them. Given the main process's tokenizer, a worker skips parsing tokenizer.model.
     """
     if num_workers == 0:
         initializer(*initargs)
         yield None
         return
+    init_file = scratch_dir / ("worker_init.pickle" + TMP_SUFFIX)  # a crash leaves it to start_or_resume
+    init_file.write_bytes(pickle.dumps((initializer, initargs)))
     # spawn: forking a process that holds pyarrow/datasets threads can deadlock
     pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker_process, initargs=(initializer, *initargs))
-    for _ in range(num_workers):
-        pool.submit(os.getpid)  # the executor starts a process per task submitted, up to num_workers
+                               initializer=_init_worker_process, initargs=(init_file,))
     try:
+        for _ in range(num_workers):
+            pool.submit(os.getpid)  # the executor starts a process per task submitted, up to num_workers
         yield pool
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # milliseconds: workers skip the interpreter's teardown
+        init_file.unlink()
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], pool: ProcessPoolExecutor | None,

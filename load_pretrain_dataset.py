@@ -305,7 +305,7 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
         return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0}
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
-    with worker_pool(num_workers, init_encoder, (tokenizer_path,)) as pool:  # first: workers start while we read
+    with worker_pool(num_workers, init_encoder, (tokenizer,), out_dir) as pool:  # first: workers start while we read
         streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
         mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
                       finished=[i for i, p in enumerate(run.progress) if p.exhausted])

@@ -132,6 +132,7 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
     runs["small batches"] = prepare([Source(files=[str(path)])], tmp_path / "small")
     assert runs[1]["manifest"]["splits"]["val"]["num_tokens"] > 0
     assert output_files(tmp_path / "w1") == output_files(tmp_path / "w2") == output_files(tmp_path / "small")
+    assert not list(tmp_path.glob("*/*.tmp"))  # the workers' start-up file is gone too
     assert stable(runs[1]["manifest"]) == stable(runs[2]["manifest"]) == stable(runs["small batches"]["manifest"])
 
 
@@ -141,7 +142,7 @@ def test_workers_started_early_are_stopped_when_opening_the_sources_fails(tmp_pa
     path = write_jsonl(tmp_path / "a.jsonl", [{"body": d} for d in make_docs(20)])
     with pytest.raises(DataPrepError, match="column 'text' not found"):
         prepare([Source(files=[str(path)])], tmp_path / "out", num_workers=2)
-    assert multiprocessing.active_children() == []
+    assert multiprocessing.active_children() == [] and not list((tmp_path / "out").glob("*.tmp"))
 
 
 def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
@@ -151,7 +152,7 @@ def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
              "x" * 30_000 + " tail",  # a run Meta cuts at 25,000 characters
              "a" + " " * 26_000 + "b",  # the same for whitespace
              "many words " * 40_000]  # over tiktoken's 400,000-character limit
-    dpu.init_encoder(None)
+    dpu.init_encoder(tok)
     batch = dpu.encode_documents(texts)
     expected = [tok.encode(t, bos=True, eos=True) for t in texts]
     assert batch.tokens.dtype == np.uint32 and batch.lengths.tolist() == [len(e) for e in expected]
