@@ -520,7 +520,7 @@ def worker_pool(num_workers: int, initializer: Callable, initargs: tuple,
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # milliseconds: workers skip the interpreter's teardown
-        init_file.unlink()
+        init_file.unlink(missing_ok=True)  # must not mask the error that brought us here
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], pool: ProcessPoolExecutor | None,
