@@ -39,3 +39,5 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     for name in ("plain_loop", "writer_1_worker", "writer_2_workers"):
         assert data[name]["tokens_per_s"] > 0
     assert data["same_token_count"] and data["scaling_2_vs_1"] > 0
+    rounds = report["config"]["rounds"]["data_prep"]
+    assert len(data["scaling_per_round"]) == rounds == len(data["writer_1_worker"]["seconds"])
