@@ -106,6 +106,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
 
 
+def describe_embedding(model: Transformer) -> str:
+    """A tied embedding is also the output layer, so "without embeddings" would subtract nothing."""
+    embedding = model.tok_embeddings.weight.numel()
+    if model.args.tie_word_embeddings:
+        return f"of which {embedding:,} in the embedding, tied to the output layer"
+    return f"{model.num_params(exclude_embeddings=True):,} without the input embedding"
+
+
 def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module:
     """DDP keeps a full replica per rank; FSDP2 shards every block and the root in place, so
     parameters, gradients and optimizer state are split over the ranks."""
@@ -431,7 +439,6 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     train_loader, val_loader = build_loaders(cfg, d, plan, tokenizer, vocab_size)
     model = build_model(cfg, vocab_size, d.device)
     flops_per_token, n_params = model.flops_per_token(cfg.max_seq_len), model.num_params()
-    n_params_no_embed = model.num_params(exclude_embeddings=True)
     ckpt = load_weights(args.pretrain_checkpoint, model, tokenizer, args.reset_optimizer) \
         if args.pretrain_checkpoint else None
     train_model = parallelize(model, cfg, d)
@@ -451,7 +458,7 @@ def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
                        wandb_run_id=state.wandb_run_id, initial_step=state.step)
     state.wandb_run_id = logger.wandb_run_id
     peak = peak_flops(cfg, d.device)
-    logger.print(f"model: {n_params:,} parameters ({n_params_no_embed:,} without embeddings), "
+    logger.print(f"model: {n_params:,} parameters ({describe_embedding(model)}), "
                  f"{flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x {d.world_size}"
                  f"{' (fsdp)' if sharded else ''} | {cfg.training_precision}")
     logger.print(plan.describe())
