@@ -70,7 +70,7 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: off)")
-    training_precision: str = _f("bf16", "bf16 | fp16 (with loss scaling) | fp32 — autocast dtype of the forward pass")
+    training_precision: str = _f("bf16", "bf16 | fp16 (with loss scaling; GPUs only) | fp32 — autocast dtype of the forward pass")
     compile: bool = _f(False, "torch.compile the model")
     activation_checkpointing: bool = _f(False, "Recompute each block in backward: less memory, ~1/3 more compute")
 

@@ -211,6 +211,7 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     ({"GENERATION_PROMPTS_FILE": "nope.txt"}, [], r"GENERATION_PROMPTS_FILE='nope.txt': file not found"),
     ({}, ["--pretrain_checkpoint", "nope.pt"], r"checkpoint not found: nope\.pt"),
     ({"TRAINING_STAGE": "dpo"}, [], r"TRAINING_STAGE=dpo is not implemented yet"),
+    ({"TRAINING_PRECISION": "fp16", "DEVICE": "cpu"}, [], r"TRAINING_PRECISION=fp16 is invalid on CPU.*expected bf16 or fp32"),
 ])
 def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, args, message):
     env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(tmp_path / "run"), **overrides}
