@@ -168,10 +168,13 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, start_pos + T, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        # A branch, not bool(...): under torch.compile(dynamic=True) seqlen is symbolic, a branch makes
+        # the compiler specialise on it, and SDPA takes only a plain bool (else: a graph break per layer).
+        is_causal = True if attn_mask is None and seqlen > 1 else False
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
-            is_causal=attn_mask is None and seqlen > 1,
+            is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))

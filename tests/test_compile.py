@@ -33,23 +33,27 @@ def test_compiled_training_loss_matches_transformers_and_gradients_match_eager()
     targets[0, :5] = IGNORE_INDEX  # the loss mask goes through the compiled graph too
     with torch.no_grad():
         hf_logits = to_hf(model)(x).logits
-    reference = F.cross_entropy(hf_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    reference = F.cross_entropy(hf_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
 
-    _, loss = torch.compile(model)(x, targets, return_logits=False)  # the training path: chunked loss
+    # as train.py calls it: chunked loss summed over valid tokens; fullgraph: a graph break fails here
+    # rather than silently running part of the step in eager mode
+    compiled = torch.compile(model, fullgraph=True)
+    _, loss = compiled(x, targets, loss_reduction="sum", return_logits=False)
     loss.backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model(x, targets, return_logits=False)[1].backward()
+    model(x, targets, loss_reduction="sum", return_logits=False)[1].backward()
 
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
-    for name, p in model.named_parameters():
-        assert (compiled_grads[name] - p.grad).abs().max().item() <= 1e-5, name
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for name, p in model.named_parameters():  # summed gradients reach ~20: compare relative to each tensor
+        assert (compiled_grads[name] - p.grad).abs().max().item() <= 1e-5 * p.grad.abs().max().item(), name
 
 
 def test_compiled_greedy_decoding_equals_transformers_generate():
     model = build().eval()
     prompt = ids((10,), seed=3).tolist()
-    compiled = torch.compile(model, dynamic=True)  # as generate.py --compile does
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)  # as generate.py --compile, no graph break
     ours = list(generate_tokens(compiled, prompt, max_new_tokens=12, stop_ids=[]))
     x = torch.tensor([prompt])
     hf = to_hf(model).eval().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, min_new_tokens=12,
