@@ -100,8 +100,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # one fused kernel per step: on CPU too it is 3x faster than the default per-tensor-list
-    # update (42 vs 130 ms for 90M parameters on a 2-core VM)
+    # one fused kernel per step: on CPU too it is 3x faster than the default, a loop over the
+    # parameters (torch has no CPU foreach kernels): 42 vs 130 ms for 90M parameters on a 2-core VM
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
 

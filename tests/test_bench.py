@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,6 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     assert data["same_token_count"] and data["scaling_2_vs_1"] > 0
     rounds = report["config"]["rounds"]["data_prep"]
     assert len(data["scaling_per_round"]) == rounds == len(data["writer_1_worker"]["seconds"])
+    paired = sorted(one / two for one, two in zip(data["writer_1_worker"]["seconds"],
+                                                  data["writer_2_workers"]["seconds"]))
+    assert data["scaling_2_vs_1"] == pytest.approx(paired[len(paired) // 2])
