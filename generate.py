@@ -206,7 +206,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (dynamic shapes: one compilation serves every position); "
-                        "for GPUs: on CPU the eager path's reordered-weight kernels decode faster")
+                        "worth it on GPUs; on CPU the eager path's reordered-weight kernels decode faster")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
