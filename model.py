@@ -169,7 +169,7 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, start_pos + T, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
         # A branch, not bool(...): under torch.compile(dynamic=True) seqlen is symbolic, a branch makes
-        # the compiler specialise on it, and SDPA takes only a plain bool (else: a graph break per layer).
+        # the compiler specialise on it, and SDPA takes only a plain bool (else dynamo breaks the graph here).
         is_causal = True if attn_mask is None and seqlen > 1 else False
         out = F.scaled_dot_product_attention(
             q, k, v,
