@@ -39,8 +39,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-# the private names are Meta's cutting rule, which the fast path in `encode_text` must follow too
-from tokenizer import MAX_NO_WHITESPACES_CHARS, TIKTOKEN_MAX_ENCODE_CHARS, Tokenizer, _LONG_RUN, load_tokenizer
+from tokenizer import Tokenizer, load_tokenizer, needs_cutting
 
 SHARD_DTYPE = np.uint32  # Llama 3's 128,256 ids need more than 16 bits
 MANIFEST_FORMAT = "llama3-token-shards"
@@ -471,16 +470,9 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
     with no Python int per token (about 15% faster). Texts that Meta cuts into pieces first (very
     long ones, or ones with very long runs), and any other tokenizer, take the plain path.
     """
-    if isinstance(tokenizer, Tokenizer) and not _needs_cutting(text):
+    if isinstance(tokenizer, Tokenizer) and not needs_cutting(text):
         return tokenizer.model.encode_to_numpy(text, disallowed_special=())
     return np.array(tokenizer.encode(text, bos=False, eos=False), dtype=SHARD_DTYPE)
-
-
-def _needs_cutting(text: str) -> bool:
-    """Whether `Tokenizer.encode` splits `text` before encoding it (the same test as `Tokenizer.encode_batch`).
-    A run longer than MAX_NO_WHITESPACES_CHARS needs a text at least that long: most texts skip the scan."""
-    return len(text) > TIKTOKEN_MAX_ENCODE_CHARS or (
-        len(text) > MAX_NO_WHITESPACES_CHARS and _LONG_RUN.search(text) is not None)
 
 
 def document_hash(text: str) -> int:

@@ -94,6 +94,14 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
     yield s[start:]
 
 
+def needs_cutting(text: str) -> bool:
+    """Whether `text` must be cut into pieces before tiktoken sees it (Meta's rule, see `_safe_pieces`):
+    otherwise one plain tiktoken call encodes it. A run longer than MAX_NO_WHITESPACES_CHARS needs a
+    text at least that long, so most texts skip the scan."""
+    return len(text) > TIKTOKEN_MAX_ENCODE_CHARS or (
+        len(text) > MAX_NO_WHITESPACES_CHARS and _LONG_RUN.search(text) is not None)
+
+
 def _safe_pieces(s: str) -> list[str]:
     pieces = []
     for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
@@ -164,7 +172,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], *, bos: bool, eos: bool, num_threads: int = 8) -> list[list[int]]:
         """Encode many texts as plain text; short ones go through tiktoken's threaded batch path."""
-        fast = [i for i, t in enumerate(texts) if len(t) <= TIKTOKEN_MAX_ENCODE_CHARS and not _LONG_RUN.search(t)]
+        fast = [i for i, t in enumerate(texts) if not needs_cutting(t)]
         out: list[list[int] | None] = [None] * len(texts)
         for i, ids in zip(fast, self.model.encode_ordinary_batch([texts[i] for i in fast], num_threads=num_threads)):
             out[i] = ids
