@@ -159,7 +159,7 @@ def keep_freed_memory_on_cpu() -> bool:
 
     By default glibc maps every buffer over its mmap threshold (at most 32 MiB) afresh and unmaps it when
     freed, so each CPU training step page-faults its activations and logits chunks in again: measured with
-    bench.py's small preset, the bf16 step runs about 2.3x faster without that (README, Performance).
+    bench.py's small preset, the bf16 step runs about 2.3x faster without that (README, Benchmark).
     The cost is a higher resident set: freed memory stays with the process. Skipped when the user set any
     MALLOC_* variable (theirs win) and off glibc. Returns whether the setting took."""
     if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
