@@ -39,7 +39,7 @@ from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
     DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
-    cached_tokenizer, decode_errors_in, encode_documents, init_encoder, is_validation, load_mix_file, one_line,
+    cached_tokenizer, decode_errors_by_file, encode_documents, init_encoder, is_validation, load_mix_file, one_line,
     open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
 )
 
@@ -306,10 +306,12 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
     with worker_pool(num_workers, init_encoder, (tokenizer,), out_dir) as pool:  # first: workers start while we read
-        streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
+        decode_errors = decode_errors_by_file(sources)
+        run.stats.decode_errors = sum(decode_errors.values())
+        valid_utf8 = {path for path, errors in decode_errors.items() if errors == 0}
+        streams = [open_source(s, skip_rows=p.rows, valid_utf8=valid_utf8) for s, p in zip(sources, run.progress)]
         mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
                       finished=[i for i, p in enumerate(run.progress) if p.exhausted])
-        run.stats.decode_errors = decode_errors_in(sources)
         if run.resumed_shards:
             print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
         encode_all(run, mixer, pool, 2 * num_workers + 2, max_tokens, show_progress)
