@@ -16,7 +16,7 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--quick", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers"):
+    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers", "machine ceiling"):
         assert heading in proc.stdout
 
     report = json.loads(out.read_text())
@@ -38,7 +38,7 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
         assert gen["ours"]["tokens_per_s"] > 0 and gen["hf"]["tokens_per_s"] > 0 and gen["ratio"] > 0
 
     data = report["data_prep"]
-    for name in ("plain_loop", "writer_1_worker", "writer_2_workers"):
+    for name in ("plain_loop", "plain_loop_2_processes", "writer_1_worker", "writer_2_workers"):
         assert data[name]["tokens_per_s"] > 0
     assert data["same_token_count"] and data["scaling_2_vs_1"] > 0
     rounds = report["config"]["rounds"]["data_prep"]
@@ -46,3 +46,6 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     paired = sorted(one / two for one, two in zip(data["writer_1_worker"]["seconds"],
                                                   data["writer_2_workers"]["seconds"]))
     assert data["scaling_2_vs_1"] == pytest.approx(paired[len(paired) // 2])
+    ceiling = sorted(one / two for one, two in zip(data["plain_loop"]["seconds"],
+                                                   data["plain_loop_2_processes"]["seconds"]))
+    assert data["ceiling_2_vs_1"] == pytest.approx(ceiling[len(ceiling) // 2])
