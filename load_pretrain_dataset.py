@@ -284,7 +284,8 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
     """Tokenize `sources` into shards under `out_dir`, resuming an interrupted run with the same settings.
 
     Returns {"manifest", "already_done" (nothing to do), "resumed_shards" (finished before this call),
-    "session_tokens" (encoded by this call), "seconds" (this call)}.
+    "session_tokens" (encoded by this call), "seconds" (this call), "first_batch" (seconds and tokens
+    up to the first encoded batch written: the start-up that every run pays, workers' included)}.
     """
     _check_settings(shard_size, val_fraction, max_tokens, num_workers)
     sources = [s.resolve() for s in sources]
@@ -302,7 +303,8 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
     if saved and saved["complete"]:
         print(f"{out_dir} is already prepared with these settings; nothing to do (--overwrite to redo)")
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-        return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0}
+        return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0,
+                "first_batch": {"seconds": 0.0, "tokens": 0}}
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
     with worker_pool(num_workers, init_encoder, (tokenizer,), out_dir) as pool:  # first: workers start while we read
@@ -314,25 +316,33 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
                       finished=[i for i, p in enumerate(run.progress) if p.exhausted])
         if run.resumed_shards:
             print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
-        encode_all(run, mixer, pool, 2 * num_workers + 2, max_tokens, show_progress)
+        first_batch = encode_all(run, mixer, pool, 2 * num_workers + 2, max_tokens, show_progress, started)
     manifest = run.finish(tokenizer, shard_size)
     return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
-            "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started}
+            "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started,
+            "first_batch": first_batch}
 
 
 def encode_all(run: Preparation, mixer: Mixer, pool: ProcessPoolExecutor | None, max_in_flight: int,
-               max_tokens: int, show_progress: bool) -> None:
-    """Feed the mixed rows through the workers and the results, in order, to the shard writers."""
+               max_tokens: int, show_progress: bool, started: float) -> dict:
+    """Feed the mixed rows through the workers and the results, in order, to the shard writers.
+
+    Returns the seconds since `started` and the tokens when the first batch was written: a throughput
+    that leaves them out is what a long run gets, without the start-up it pays once."""
+    first_batch = {"seconds": time.perf_counter() - started, "tokens": 0}
     results = ordered_map(encode_documents, batch_rows(mixer), pool, max_in_flight)
     with closing(results), tqdm(total=max_tokens or None, initial=run.stats.tokens, unit="tok", unit_scale=True,
                                 desc="tokenizing", disable=not show_progress, mininterval=0.5) as bar:
-        for rows, encoded in results:
+        for batch, (rows, encoded) in enumerate(results):
             tokens_before = run.stats.tokens
             run.consume(rows, encoded, mixer)
             bar.update(run.stats.tokens - tokens_before)
             bar.set_postfix(docs=run.stats.documents, refresh=False)
+            if batch == 0:
+                first_batch = {"seconds": time.perf_counter() - started, "tokens": run.stats.tokens - run.resumed_tokens}
             if run.done:
                 break
+    return first_batch
 
 
 def _check_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:
@@ -354,7 +364,8 @@ def print_summary(report: dict, out_dir: Path, num_workers: int) -> None:
     rate = report["session_tokens"] / max(seconds, 1e-9)
     resumed = f" (resumed after {report['resumed_shards']} shard(s))" if report["resumed_shards"] else ""
     print(f"done in {seconds:.1f} s{resumed}: {report['session_tokens']:,} tokens encoded at {rate:,.0f} tokens/s "
-          f"with {num_workers} worker(s)")
+          f"with {num_workers} worker(s); {report['first_batch']['seconds']:.1f} s of it before the first batch "
+          "(start-up)")
     print(f"  documents {stats['documents']:,} (train {stats['train_documents']:,}, val {stats['val_documents']:,}); "
           f"skipped {stats['empty_documents']:,} empty, {stats['malformed_rows']:,} malformed; "
           f"{stats['decode_errors']:,} decode errors replaced; {stats['huge_documents']:,} huge documents")

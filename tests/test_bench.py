@@ -16,7 +16,7 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--quick", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers", "machine ceiling"):
+    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers", "after start-up", "machine ceiling"):
         assert heading in proc.stdout
 
     report = json.loads(out.read_text())
@@ -49,3 +49,6 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     ceiling = sorted(one / two for one, two in zip(data["plain_loop"]["seconds"],
                                                    data["plain_loop_2_processes"]["seconds"]))
     assert data["ceiling_2_vs_1"] == pytest.approx(ceiling[len(ceiling) // 2])
+    for name in ("writer_1_worker", "writer_2_workers"):  # start-up ends within the run, the rest is measured
+        assert all(0 < first < whole for first, whole in zip(data[name]["first_batch_seconds"], data[name]["seconds"]))
+        assert all(rate > 0 for rate in data[name]["after_first_batch_tokens_per_s"])
