@@ -29,7 +29,8 @@ Method
   trainer's fused chunked output layer + cross-entropy. Both use the trainer's `build_optimizer`.
 - Generation: tokens/s = new tokens / wall time of the whole call, prompt included, batch 1, eager. The
   first call is timed apart: ours reorders its weights for the CPU kernels then, once per set of weights.
-- Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock.
+- Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock. Its
+  "after start-up" ratio counts each writer run from its first encoded batch on.
 - On CPU the allocator matters: glibc maps tensors above its mmap threshold (at most 32 MB) afresh and
   unmaps them when freed, so every step page-faults its big buffers again. Settings such as
   MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes> reach the model processes through the environment
@@ -126,7 +127,7 @@ class Rounds:
     corpus_chars: int  # the data-preparation corpus: CPython's documentation, repeated up to this size
 
 
-# 40M characters are about 9.3M tokens. A full CPU run of the small preset takes about 5 minutes.
+# 40M characters are about 9.3M tokens. A full CPU run of the small preset takes about 4 minutes.
 FULL = Rounds(train_warmup=2, train=5, generate_warmup=1, generate=5, data_prep=5, corpus_chars=40_000_000)
 # QUICK: a corpus of a few worker batches, so the rate after the first one has something to measure.
 QUICK = Rounds(train_warmup=1, train=2, generate_warmup=1, generate=2, data_prep=1, corpus_chars=3_000_000)
