@@ -247,6 +247,15 @@ def _mix_entry(entry: Any, where: str, base: Path) -> Source:
         raise DataPrepError(f"{where}: {e}") from None
 
 
+def keep_datasets_from_importing_torch() -> None:
+    """For a data-preparation command's own process: `datasets` imports torch whenever it is installed
+    (about a second of start-up, to make its streaming datasets torch-compatible), which data
+    preparation never needs. USE_TORCH is read when `datasets` is first imported, and by other
+    libraries too (transformers), hence not for a process that may use them with torch. A USE_TORCH
+    set by the user wins."""
+    os.environ.setdefault("USE_TORCH", "0")
+
+
 def _datasets():
     """`datasets` takes about a second to import; worker processes and argument errors never need it."""
     import datasets

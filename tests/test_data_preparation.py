@@ -382,6 +382,18 @@ def test_cli_prepares_files_and_prints_a_summary(tmp_path, tok):
     assert_matches_reference(tmp_path / "out", manifest, reference_shards(tok, docs, 300, 0.2))
 
 
+def test_cli_does_not_import_torch(tmp_path):
+    """`datasets` imports torch (about a second) whenever it is installed; preparing data never uses it."""
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(5)])
+    code = "import sys, load_pretrain_dataset as l; l.main(sys.argv[1:]); print('torch imported:', 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code, "--files", "a.jsonl", "--out_dir", "out", "--num_workers", "1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "documents 5" in result.stdout and "torch imported: False" in result.stdout
+
+
 # ---- the default corpus --------------------------------------------------------------------------------
 
 
