@@ -437,7 +437,7 @@ def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str,
 # not per token. Worker start-up (spawn, imports, tokenizer) stays on the clock: every run pays it.
 # The modes alternate as in `alternate`: plain, plain in 2, 1, 2, then 2, 1, plain in 2, plain, ...
 DATA_PREP_RUN = r"""
-import json, subprocess, sys, time
+import bisect, itertools, json, subprocess, sys, time
 from pathlib import Path
 from data_preparation_utils import Source, cached_tokenizer, open_source
 from load_pretrain_dataset import prepare_pretrain_dataset
@@ -454,13 +454,10 @@ def plain():
 # the same loop in two processes started beforehand, each over half the text
 helpers = [subprocess.Popen([sys.executable, "-c", helper_code, corpus], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
-assert all(h.stdout.readline().strip() == "ready" for h in helpers)
-chars, half = 0, len(docs)
-for i, doc in enumerate(docs):
-    chars += len(doc)
-    if 2 * chars >= sum(map(len, docs)):
-        half = i + 1
-        break
+if not all(h.stdout.readline().strip() == "ready" for h in helpers):
+    sys.exit("a plain-loop helper process failed to start")
+ends = list(itertools.accumulate(map(len, docs)))
+half = bisect.bisect_left(ends, ends[-1] / 2) + 1  # the first documents holding half the characters
 
 def plain_in_two():
     for helper, (start, stop) in zip(helpers, [(0, half), (half, len(docs))]):
@@ -471,10 +468,10 @@ def plain_in_two():
 def writer(num_workers, out_dir):
     report = prepare_pretrain_dataset([Source(files=[corpus])], out_dir, num_workers=num_workers,
                                       overwrite=True, show_progress=False)
-    first = report["first_batch"]
-    return {"tokens": report["session_tokens"], "first_batch_seconds": first["seconds"],
-            "after_first_batch_tokens_per_s": (report["session_tokens"] - first["tokens"])
-                                              / (report["seconds"] - first["seconds"])}
+    start_up = report["start_up"]
+    tokens_after, seconds_after = report["session_tokens"] - start_up["tokens"], report["seconds"] - start_up["seconds"]
+    return {"tokens": report["session_tokens"], "start_up_seconds": start_up["seconds"],
+            "after_start_up_tokens_per_s": tokens_after / seconds_after if tokens_after else None}
 
 modes = {"plain_loop": plain, "plain_loop_2_processes": plain_in_two,
          "writer_1_worker": lambda: writer(1, work_dir / f"out{time.time_ns()}"),
@@ -534,7 +531,7 @@ def bench_data_prep(rounds: Rounds) -> dict:
         tokens, seconds = name_runs[0]["tokens"], [r["seconds"] for r in name_runs]
         out[name] = {"tokens": tokens, "tokens_per_s": tokens / statistics.median(seconds), "seconds": seconds}
         if name.startswith("writer"):
-            for key in ("first_batch_seconds", "after_first_batch_tokens_per_s"):
+            for key in ("start_up_seconds", "after_start_up_tokens_per_s"):
                 out[name][key] = [r[key] for r in name_runs]
     out["corpus"]["tokens"] = out["plain_loop"]["tokens"]
     out["same_token_count"] = len({out[name]["tokens"] for name in runs}) == 1
@@ -543,11 +540,13 @@ def bench_data_prep(rounds: Rounds) -> dict:
     out["scaling_per_round"] = [one["seconds"] / two["seconds"] for one, two in
                                 zip(runs["writer_1_worker"], runs["writer_2_workers"])]
     out["scaling_2_vs_1"] = statistics.median(out["scaling_per_round"])
-    # The same runs from their first encoded batch on: what a long run gets, whose start-up (spawning
-    # the workers, their imports and tokenizer, opening the corpus) is paid once.
-    after = {name: out[name]["after_first_batch_tokens_per_s"] for name in ("writer_1_worker", "writer_2_workers")}
-    out["steady_scaling_per_round"] = [two / one for one, two in zip(after["writer_1_worker"], after["writer_2_workers"])]
-    out["steady_scaling_2_vs_1"] = statistics.median(out["steady_scaling_per_round"])
+    # The same runs after their start-up (spawning the workers, their imports and tokenizer, opening
+    # the corpus, until each worker has returned a batch): what a long run gets, which pays it once.
+    after = {name: out[name]["after_start_up_tokens_per_s"] for name in ("writer_1_worker", "writer_2_workers")}
+    out["steady_scaling_per_round"] = [two / one for one, two in zip(after["writer_1_worker"], after["writer_2_workers"])
+                                       if one and two]  # a corpus of too few batches leaves nothing after
+    out["steady_scaling_2_vs_1"] = statistics.median(out["steady_scaling_per_round"]) \
+        if out["steady_scaling_per_round"] else None
     # What two processes get out of this machine right now, with no start-up and nothing to share: on a
     # shared VM two busy vCPUs can deliver well under 2x, and the writer cannot scale better than that.
     out["ceiling_per_round"] = [one["seconds"] / two["seconds"] for one, two in
@@ -632,13 +631,16 @@ def format_table(report: dict) -> str:
     for name, label in (("plain_loop", "plain tiktoken loop"), ("plain_loop_2_processes", "plain loop, 2 processes"),
                         ("writer_1_worker", "shard writer, 1 worker"), ("writer_2_workers", "shard writer, 2 workers")):
         lines.append(_row([label, f"{d[name]['tokens_per_s']:,.0f}"], [24, 10]))
-    first_batch = {n: statistics.median(d[n]["first_batch_seconds"]) for n in ("writer_1_worker", "writer_2_workers")}
+    start_up = {n: statistics.median(d[n]["start_up_seconds"]) for n in ("writer_1_worker", "writer_2_workers")}
     for key, label, what in (
             ("scaling", "2 vs 1 workers", "the shard writer, whole runs"),
-            ("steady_scaling", "  after start-up", "the same runs from their first batch on (reached after "
-             f"{first_batch['writer_1_worker']:.2f} s / {first_batch['writer_2_workers']:.2f} s)"),
+            ("steady_scaling", "  after start-up", "the same runs once each worker has returned a batch (after "
+             f"{start_up['writer_1_worker']:.2f} s / {start_up['writer_2_workers']:.2f} s)"),
             ("ceiling", "machine ceiling", "the plain loop in 2 processes vs 1, no start-up")):
         per_round = d[f"{key}_per_round"]
+        if not per_round:
+            lines.append(_row([label, "-"], [24, 10]) + f"    {what}: the corpus left no batch after it")
+            continue
         lines.append(_row([label, f"{d[f'{key}_2_vs_1']:.2f}x"], [24, 10])
                      + f"    {what}: median of the per-round ratios ({min(per_round):.2f}x to {max(per_round):.2f}x)")
     return "\n".join(lines)

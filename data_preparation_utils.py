@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -202,9 +202,9 @@ def count_utf8_errors(path: Path, chunk_bytes: int = 1 << 24) -> int:
     return _decode_errors
 
 
-def decode_errors_by_file(sources: list[Source]) -> dict[Path, int]:
-    """Invalid UTF-8 sequences in each local text or JSON file (parquet stores checked UTF-8)."""
-    return {p: count_utf8_errors(p) for s in sources for p in s.paths if BUILDER_BY_SUFFIX[p.suffix] != "parquet"}
+def decode_errors_in(sources: list[Source]) -> int:
+    text_files = [p for s in sources for p in s.paths if BUILDER_BY_SUFFIX[p.suffix] != "parquet"]
+    return sum(count_utf8_errors(p) for p in text_files)
 
 
 # a mix entry spells out a Source: its keys and their JSON types
@@ -248,11 +248,9 @@ def _mix_entry(entry: Any, where: str, base: Path) -> Source:
 
 
 def keep_datasets_from_importing_torch() -> None:
-    """For a data-preparation command's own process: `datasets` imports torch whenever it is installed
-    (about a second of start-up, to make its streaming datasets torch-compatible), which data
-    preparation never needs. USE_TORCH is read when `datasets` is first imported, and by other
-    libraries too (transformers), hence not for a process that may use them with torch. A USE_TORCH
-    set by the user wins."""
+    """Only for the process of a data-preparation command: `datasets` imports torch whenever it is
+    installed (about a second of start-up), which data preparation never needs. USE_TORCH=0 also
+    tells transformers that torch is missing, so library code must not set it. A value the user set wins."""
     os.environ.setdefault("USE_TORCH", "0")
 
 
@@ -265,19 +263,17 @@ def _datasets():
     return datasets
 
 
-def open_source(source: Source, skip_rows: int = 0, valid_utf8: Collection[Path] = ()) -> Iterator[Any]:
+def open_source(source: Source, skip_rows: int = 0) -> Iterator[Any]:
     """The values of the text column, in a fixed order (str when well-formed), after `skip_rows` rows.
 
-    Opening checks the column exists, so a typo fails before any work starts. JSON files listed in
-    `valid_utf8` (see `decode_errors_by_file`) are parsed as they are, the others decoded first with
-    invalid sequences replaced.
+    Opening checks the column exists, so a typo fails before any work starts.
     """
     if source.dataset:
         streams = [_column_values(_load_dataset(source), source.text_column, source.label)]
     else:
         # consecutive files of one type are one `load_dataset` call; chaining the calls keeps file order
         groups = itertools.groupby(source.paths, key=lambda p: BUILDER_BY_SUFFIX[p.suffix])
-        streams = [_column_values(_load_files(builder, list(paths), source, valid_utf8),
+        streams = [_column_values(_load_files(builder, list(paths), source),
                                   "text" if builder == "text" else source.text_column, source.label)
                    for builder, paths in groups]
     return itertools.islice(_reraise_as_prep_error(itertools.chain.from_iterable(streams), source.label),
@@ -292,18 +288,15 @@ def _load_dataset(source: Source):
         raise DataPrepError(f"cannot load dataset {source.dataset!r}: {one_line(e)}") from None
 
 
-def _load_files(builder: str, paths: list[Path], source: Source, valid_utf8: Collection[Path]):
+def _load_files(builder: str, paths: list[Path], source: Source):
     options: dict[str, Any] = {}
     if builder == "text":
         options = {"sample_by": source.sample_by, "encoding_errors": "replace"}
     elif builder == "json":
-        # Datasets' default 10 MB chunk costs about 0.05 s before the first document: the first chunk
-        # is parsed line by line twice (a scan for mixed types) before the real read.
-        options = {"chunksize": JSON_CHUNK_BYTES}
-        if not all(p in valid_utf8 for p in paths):
-            # the json builder only re-decodes (with our error handling) when the encoding is not spelled
-            # "utf-8"; that costs the main process a decode and an encode of every byte, so clean files skip it
-            options |= {"encoding": "utf8", "encoding_errors": "replace"}
+        # the json builder only re-decodes (with our error handling) when the encoding is not spelled "utf-8";
+        # datasets' default 10 MB chunk costs about 0.07 s before the first row: the first chunk is parsed
+        # line by line twice (a scan for mixed types) before the real read
+        options = {"encoding": "utf8", "encoding_errors": "replace", "chunksize": JSON_CHUNK_BYTES}
     try:
         return _datasets().load_dataset(builder, data_files=[str(p) for p in paths], split="train",
                                         streaming=True, **options)

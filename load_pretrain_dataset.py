@@ -39,7 +39,7 @@ from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
     DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
-    cached_tokenizer, decode_errors_by_file, encode_documents, init_encoder, is_validation,
+    cached_tokenizer, decode_errors_in, encode_documents, init_encoder, is_validation,
     keep_datasets_from_importing_torch, load_mix_file, one_line,
     open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
 )
@@ -285,8 +285,8 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
     """Tokenize `sources` into shards under `out_dir`, resuming an interrupted run with the same settings.
 
     Returns {"manifest", "already_done" (nothing to do), "resumed_shards" (finished before this call),
-    "session_tokens" (encoded by this call), "seconds" (this call), "first_batch" (seconds and tokens
-    up to the first encoded batch written: the start-up that every run pays, workers' included)}.
+    "session_tokens" (encoded by this call), "seconds" (this call), "start_up" (seconds and tokens
+    until every worker had returned its first batch: what every run pays before it runs at full speed)}.
     """
     _check_settings(shard_size, val_fraction, max_tokens, num_workers)
     sources = [s.resolve() for s in sources]
@@ -305,45 +305,47 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
         print(f"{out_dir} is already prepared with these settings; nothing to do (--overwrite to redo)")
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
         return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_tokens": 0, "seconds": 0.0,
-                "first_batch": {"seconds": 0.0, "tokens": 0}}
+                "start_up": {"seconds": 0.0, "tokens": 0}}
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
     with worker_pool(num_workers, init_encoder, (tokenizer,), out_dir) as pool:  # first: workers start while we read
-        decode_errors = decode_errors_by_file(sources)
-        run.stats.decode_errors = sum(decode_errors.values())
-        valid_utf8 = {path for path, errors in decode_errors.items() if errors == 0}
-        streams = [open_source(s, skip_rows=p.rows, valid_utf8=valid_utf8) for s, p in zip(sources, run.progress)]
+        streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
         mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
                       finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+        run.stats.decode_errors = decode_errors_in(sources)
         if run.resumed_shards:
             print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
-        first_batch = encode_all(run, mixer, pool, 2 * num_workers + 2, max_tokens, show_progress, started)
+        start_up = encode_all(run, mixer, pool, num_workers, max_tokens, show_progress, started)
     manifest = run.finish(tokenizer, shard_size)
     return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
             "session_tokens": run.stats.tokens - run.resumed_tokens, "seconds": time.perf_counter() - started,
-            "first_batch": first_batch}
+            "start_up": start_up}
 
 
-def encode_all(run: Preparation, mixer: Mixer, pool: ProcessPoolExecutor | None, max_in_flight: int,
+def encode_all(run: Preparation, mixer: Mixer, pool: ProcessPoolExecutor | None, num_workers: int,
                max_tokens: int, show_progress: bool, started: float) -> dict:
     """Feed the mixed rows through the workers and the results, in order, to the shard writers.
 
-    Returns the seconds since `started` and the tokens when the first batch was written: a throughput
-    that leaves them out is what a long run gets, without the start-up it pays once."""
-    first_batch = {"seconds": time.perf_counter() - started, "tokens": 0}
-    results = ordered_map(encode_documents, batch_rows(mixer), pool, max_in_flight)
+    Returns the start-up: seconds since `started` and tokens written once every worker has returned a
+    batch (the workers start at once, so until then each was busy starting or on its first batch).
+    A throughput that leaves it out is what a long run gets."""
+    def elapsed() -> dict:
+        return {"seconds": time.perf_counter() - started, "tokens": run.stats.tokens - run.resumed_tokens}
+
+    start_up = None
+    results = ordered_map(encode_documents, batch_rows(mixer), pool, 2 * num_workers + 2)
     with closing(results), tqdm(total=max_tokens or None, initial=run.stats.tokens, unit="tok", unit_scale=True,
                                 desc="tokenizing", disable=not show_progress, mininterval=0.5) as bar:
-        for batch, (rows, encoded) in enumerate(results):
+        for batches, (rows, encoded) in enumerate(results, start=1):
             tokens_before = run.stats.tokens
             run.consume(rows, encoded, mixer)
             bar.update(run.stats.tokens - tokens_before)
             bar.set_postfix(docs=run.stats.documents, refresh=False)
-            if batch == 0:
-                first_batch = {"seconds": time.perf_counter() - started, "tokens": run.stats.tokens - run.resumed_tokens}
+            if batches == max(num_workers, 1):
+                start_up = elapsed()
             if run.done:
                 break
-    return first_batch
+    return start_up or elapsed()  # fewer batches than workers: the whole run was start-up
 
 
 def _check_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:
@@ -365,8 +367,8 @@ def print_summary(report: dict, out_dir: Path, num_workers: int) -> None:
     rate = report["session_tokens"] / max(seconds, 1e-9)
     resumed = f" (resumed after {report['resumed_shards']} shard(s))" if report["resumed_shards"] else ""
     print(f"done in {seconds:.1f} s{resumed}: {report['session_tokens']:,} tokens encoded at {rate:,.0f} tokens/s "
-          f"with {num_workers} worker(s); {report['first_batch']['seconds']:.1f} s of it before the first batch "
-          "(start-up)")
+          f"with {num_workers} worker(s); {report['start_up']['seconds']:.1f} s of it start-up (until every worker "
+          "had returned a batch)")
     print(f"  documents {stats['documents']:,} (train {stats['train_documents']:,}, val {stats['val_documents']:,}); "
           f"skipped {stats['empty_documents']:,} empty, {stats['malformed_rows']:,} malformed; "
           f"{stats['decode_errors']:,} decode errors replaced; {stats['huge_documents']:,} huge documents")
@@ -418,7 +420,7 @@ def sources_from_args(args: argparse.Namespace, out_dir: Path) -> list[Source]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    keep_datasets_from_importing_torch()  # about 1 s of the 2 s before the first batch
+    keep_datasets_from_importing_torch()  # about 1 s of the 2 s of start-up
     args = parse_args(argv)
     try:
         config = load_config(args.env_file)

@@ -50,5 +50,8 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
                                                    data["plain_loop_2_processes"]["seconds"]))
     assert data["ceiling_2_vs_1"] == pytest.approx(ceiling[len(ceiling) // 2])
     for name in ("writer_1_worker", "writer_2_workers"):  # start-up ends within the run, the rest is measured
-        assert all(0 < first < whole for first, whole in zip(data[name]["first_batch_seconds"], data[name]["seconds"]))
-        assert all(rate > 0 for rate in data[name]["after_first_batch_tokens_per_s"])
+        assert all(0 < start_up < whole for start_up, whole in zip(data[name]["start_up_seconds"], data[name]["seconds"]))
+        assert all(rate > 0 for rate in data[name]["after_start_up_tokens_per_s"])
+    steady = sorted(two / one for one, two in zip(data["writer_1_worker"]["after_start_up_tokens_per_s"],
+                                                  data["writer_2_workers"]["after_start_up_tokens_per_s"]))
+    assert data["steady_scaling_2_vs_1"] == pytest.approx(steady[len(steady) // 2])

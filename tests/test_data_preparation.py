@@ -136,14 +136,16 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
     assert stable(runs[1]["manifest"]) == stable(runs[2]["manifest"]) == stable(runs["small batches"]["manifest"])
 
 
-def test_report_gives_the_start_up_up_to_the_first_batch(tmp_path, tok, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_report_gives_the_start_up_until_every_worker_returned_a_batch(tmp_path, tok, monkeypatch, workers):
     docs = make_docs(30)
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
     monkeypatch.setattr(dpu, "BATCH_DOCUMENTS", 7)
-    report = prepare([Source(files=[str(path)])], tmp_path / "out", num_workers=1)
-    first = report["first_batch"]
-    assert first["tokens"] == sum(len(tok.encode(d, bos=True, eos=True)) for d in docs[:7])
-    assert 0 < first["seconds"] < report["seconds"]
+    report = prepare([Source(files=[str(path)])], tmp_path / "out", num_workers=workers)
+    start_up = report["start_up"]
+    first_batches = docs[: 7 * max(workers, 1)]
+    assert start_up["tokens"] == sum(len(tok.encode(d, bos=True, eos=True)) for d in first_batches)
+    assert 0 < start_up["seconds"] < report["seconds"]
 
 
 def test_workers_started_early_are_stopped_when_opening_the_sources_fails(tmp_path):
