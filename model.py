@@ -336,8 +336,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int, mm_dtype: torch.dtype):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, targets, chunk_rows: int, mm_dtype: torch.dtype, need_grad: bool):
         h_mm, w_mm = h.to(mm_dtype), weight.to(mm_dtype)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=mm_dtype, device=weight.device) if need_grad else None
@@ -368,7 +367,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, None, None, None
+        return grad_h * grad_total, grad_w * grad_total, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -382,7 +381,10 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     device_type = h.device.type
     mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     chunk_rows = chunk_rows or max(16, (1 << 26) // weight.shape[0])
-    total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, mm_dtype)
+    # Decided here: forward runs with grad mode off, and its needs_input_grad follows requires_grad even
+    # under no_grad (validation, evaluation), which would then pay two more output-layer matmuls.
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, mm_dtype, need_grad)
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from hf_convert import to_hf
-from model import PRESETS, ModelArgs, Transformer, document_attention_mask
+from model import PRESETS, ModelArgs, Transformer, chunked_cross_entropy, document_attention_mask
 from reference_weights import o1_random_
 
 VOCAB = 300
@@ -162,6 +163,17 @@ def test_chunked_loss_without_logits_matches_hf_and_full_path_gradients(name):
     model(x, targets)[1].backward()
     for n, p in model.named_parameters():
         assert max_diff(chunked_grads[n], p.grad) <= 1e-5, n
+
+
+def test_chunked_loss_under_no_grad_costs_only_the_logits_matmul():
+    """Validation runs under no_grad with weights that require grad: only the forward product is due."""
+    n, dim, vocab = 64, 32, 1000
+    h, weight = torch.randn(n, dim, requires_grad=True), torch.randn(vocab, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        loss = chunked_cross_entropy(h, weight, targets, chunk_rows=16)
+    assert flops.get_total_flops() == 2 * n * dim * vocab
+    assert loss.item() == pytest.approx(F.cross_entropy(h @ weight.T, targets).item(), rel=1e-5)
 
 
 def test_sum_loss_of_fully_masked_batch_is_zero():
