@@ -129,6 +129,7 @@ def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):
     """Gradients are reduced across ranks only on the last micro-step of an optimizer step."""
+    model = getattr(model, "_orig_mod", model)  # under COMPILE the wrapper is neither DDP nor FSDP
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         return nullcontext()

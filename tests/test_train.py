@@ -257,3 +257,22 @@ def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, token_data):
     assert first_id and len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
     assert read_checkpoint(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])["wandb_run_id"] == first_id
     assert sorted(step_metric(run_dir)) == list(range(1, 7))
+
+
+def test_micro_steps_skip_the_gradient_all_reduce_under_compile_too(tmp_path):
+    """COMPILE wraps the DDP model; the last micro-step alone must reduce gradients across ranks."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import train as train_module
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(4, 4))
+        for model in (ddp, torch.compile(ddp)):
+            with train_module.gradient_sync(model, enabled=False):
+                assert not ddp.require_backward_grad_sync
+            with train_module.gradient_sync(model, enabled=True):
+                assert ddp.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()
