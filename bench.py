@@ -30,7 +30,7 @@ Method
 - Generation: tokens/s = new tokens / wall time of the whole call, prompt included, batch 1, eager. The
   first call is timed apart: ours reorders its weights for the CPU kernels then, once per set of weights.
 - Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock. Its
-  "after start-up" ratio counts each writer run from its first encoded batch on.
+  "after start-up" ratio counts each writer run from the moment every worker has returned a batch.
 - On CPU the allocator matters: glibc maps tensors above its mmap threshold (at most 32 MB) afresh and
   unmaps them when freed, so every step page-faults its big buffers again. Settings such as
   MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes> reach the model processes through the environment
@@ -129,7 +129,7 @@ class Rounds:
 
 # 40M characters are about 9.3M tokens. A full CPU run of the small preset takes about 4 minutes.
 FULL = Rounds(train_warmup=2, train=5, generate_warmup=1, generate=5, data_prep=5, corpus_chars=40_000_000)
-# QUICK: a corpus of a few worker batches, so the rate after the first one has something to measure.
+# QUICK: a corpus of a few worker batches, so the rate after start-up has something to measure.
 QUICK = Rounds(train_warmup=1, train=2, generate_warmup=1, generate=2, data_prep=1, corpus_chars=3_000_000)
 
 
@@ -517,6 +517,14 @@ def write_corpus(path: Path, target_chars: int) -> dict:
     return {"documents": len(docs), "chars": chars}
 
 
+def _paired_ratios(out: dict, key: str, numerators: list, denominators: list) -> None:
+    """out[key_per_round] = each round's ratio, out[key_2_vs_1] = their median (None when a round has no
+    figure, e.g. a corpus too small to leave any batch after start-up)."""
+    per_round = [a / b for a, b in zip(numerators, denominators) if a and b]
+    out[f"{key}_per_round"] = per_round
+    out[f"{key}_2_vs_1"] = statistics.median(per_round) if per_round else None
+
+
 def bench_data_prep(rounds: Rounds) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
@@ -535,23 +543,16 @@ def bench_data_prep(rounds: Rounds) -> dict:
                 out[name][key] = [r[key] for r in name_runs]
     out["corpus"]["tokens"] = out["plain_loop"]["tokens"]
     out["same_token_count"] = len({out[name]["tokens"] for name in runs}) == 1
-    # Paired by round (the 1- and 2-worker runs of a round are adjacent in time, so they share the
-    # shared machine's mood): steadier than a ratio of medians taken from different rounds.
-    out["scaling_per_round"] = [one["seconds"] / two["seconds"] for one, two in
-                                zip(runs["writer_1_worker"], runs["writer_2_workers"])]
-    out["scaling_2_vs_1"] = statistics.median(out["scaling_per_round"])
+    # Paired by round (the runs of a round are adjacent in time, so they share the shared machine's
+    # mood): steadier than a ratio of medians taken from different rounds.
+    _paired_ratios(out, "scaling", out["writer_1_worker"]["seconds"], out["writer_2_workers"]["seconds"])
     # The same runs after their start-up (spawning the workers, their imports and tokenizer, opening
     # the corpus, until each worker has returned a batch): what a long run gets, which pays it once.
-    after = {name: out[name]["after_start_up_tokens_per_s"] for name in ("writer_1_worker", "writer_2_workers")}
-    out["steady_scaling_per_round"] = [two / one for one, two in zip(after["writer_1_worker"], after["writer_2_workers"])
-                                       if one and two]  # a corpus of too few batches leaves nothing after
-    out["steady_scaling_2_vs_1"] = statistics.median(out["steady_scaling_per_round"]) \
-        if out["steady_scaling_per_round"] else None
+    _paired_ratios(out, "steady_scaling", out["writer_2_workers"]["after_start_up_tokens_per_s"],
+                   out["writer_1_worker"]["after_start_up_tokens_per_s"])
     # What two processes get out of this machine right now, with no start-up and nothing to share: on a
     # shared VM two busy vCPUs can deliver well under 2x, and the writer cannot scale better than that.
-    out["ceiling_per_round"] = [one["seconds"] / two["seconds"] for one, two in
-                                zip(runs["plain_loop"], runs["plain_loop_2_processes"])]
-    out["ceiling_2_vs_1"] = statistics.median(out["ceiling_per_round"])
+    _paired_ratios(out, "ceiling", out["plain_loop"]["seconds"], out["plain_loop_2_processes"]["seconds"])
     return out
 
 
