@@ -18,8 +18,12 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-STAGES = ("pretrain", "sft", "dpo", "distill")
-PRECISIONS = ("bf16", "fp16", "fp32")
+STAGES = ("pretrain", "sft", "dpo")
+STAGE_ALIASES = {"instruct": "sft"}  # the original project's name for instruction tuning
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DISTILLATION_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DPO_LOSSES = ("sigmoid", "ipo")
+WEIGHT_DTYPES = ("auto", "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -33,12 +37,15 @@ def _f(default, doc: str):
 @dataclass
 class Config:
     # ---- run -------------------------------------------------------------------------
-    training_stage: str = _f("pretrain", "What to train: pretrain | sft | dpo | distill")
-    run_dir: str = _f("runs/pretrain", "Where checkpoints, metrics.jsonl and samples of this run are written")
+    training_stage: str = _f("pretrain", "What to train: pretrain | sft (alias: instruct) | dpo. Distillation is "
+                                         "not a stage: see IS_MODEL_DISTILLATION")
+    run_dir: str = _f("", "Where checkpoints, metrics.jsonl and samples of this run are written (empty: runs/<stage>)")
     seed: int = _f(1337, "Seed for weights init, data order and sampling")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
     tokenizer_path: str = _f("", "Llama 3 tokenizer.model or a Hugging Face tokenizer directory (empty: the one shipped in llama-models)")
     pretrain_data_dir: str = _f("data/pretrain", "Token shards + manifest.json written by load_pretrain_dataset.py")
+    instruct_data_dir: str = _f("data/instruct", "Conversation shards written by load_instruct_dataset.py (sft)")
+    dpo_data_dir: str = _f("data/dpo", "Preference-pair shards written by load_dpo_dataset.py (dpo)")
 
     # ---- model shape (Meta's params.json names) -----------------------------------------
     dim: int = _f(256, "Model width")
@@ -70,9 +77,46 @@ class Config:
     beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: off)")
-    training_precision: str = _f("bf16", "bf16 | fp16 (with loss scaling; GPUs only) | fp32 — autocast dtype of the forward pass")
+    training_precision: str = _f("auto", "auto | bf16 | fp16 (with loss scaling; GPUs only) | fp32: autocast dtype of "
+                                         "the forward pass. auto: bf16 on GPUs that support it (else fp16), bf16 on "
+                                         "CPUs that run it natively and fast (AMX / AVX-512 BF16), else fp32")
     compile: bool = _f(False, "torch.compile the model")
     activation_checkpointing: bool = _f(False, "Recompute each block in backward: less memory, ~1/3 more compute")
+
+    # ---- instruction tuning (sft) --------------------------------------------------------------
+    system_prompt: str = _f("", "System turn added to conversations that have none (empty: none); data prep")
+    instruct_overflow: str = _f("truncate", "Conversations longer than MAX_SEQ_LEN: drop | truncate (whole trailing "
+                                            "turns are cut so a row still ends after an assistant turn); data prep")
+    packing: bool = _f(True, "Pack conversations into full rows (each sees only itself); false: one per row, padded")
+    instruct_eval_examples: int = _f(100, "Held-out prompts answered greedily for exact-match accuracy at each "
+                                          "validation (0: off)")
+
+    # ---- LoRA (any stage) --------------------------------------------------------------------
+    lora_enabled: bool = _f(False, "Train low-rank adapters instead of the full weights")
+    lora_rank: int = _f(16, "Adapter rank r")
+    lora_alpha: float = _f(32.0, "Adapter scale numerator: the update is (alpha / rank) * B A x")
+    lora_dropout: float = _f(0.05, "Dropout on the adapter's input only")
+    lora_target_modules: str = _f("wq,wk,wv,wo,w1,w2,w3", "Linear layers that get adapters, by name: "
+                                                         "wq,wk,wv,wo,w1,w2,w3,output (or a JSON list)")
+
+    # ---- DPO ------------------------------------------------------------------------------------
+    dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model")
+    dpo_loss: str = _f("sigmoid", "sigmoid (DPO) | ipo")
+    dpo_label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is flipped")
+    dpo_precompute_reference: bool = _f(False, "Compute the reference log-probs once before training (stored beside "
+                                               "the data) instead of holding a reference model")
+    dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: bf16 "
+                                          "when training in bf16, else fp32)")
+
+    # ---- distillation (beside pretrain or sft) ---------------------------------------------
+    is_model_distillation: bool = _f(False, "Learn from a teacher's token distributions as well as the labels")
+    teacher_model_checkpoint: str = _f("", "Teacher: a checkpoint of this project, a Meta-format or a Hugging Face "
+                                           "model directory")
+    distillation_temperature: float = _f(2.0, "Softmax temperature T for both teacher and student")
+    distillation_alpha: float = _f(0.5, "Loss = (1 - alpha) CE + alpha T^2 KL")
+    distillation_loss: str = _f("forward_kl", "forward_kl (KL(teacher || student)) | reverse_kl | jsd")
+    distillation_jsd_beta: float = _f(0.5, "Generalised JSD's beta (0: forward KL, 1: reverse KL); jsd only")
+    teacher_dtype: str = _f("auto", "auto | bf16 | fp32: the teacher's weights (auto: bf16 when training in bf16)")
 
     # ---- evaluation, checkpoints, logging -----------------------------------------------
     validate_every_x_steps: int = _f(25, "Validation loss every N steps (0: never; also at the end)")
@@ -99,41 +143,55 @@ class Config:
 
     # ---- derived, not read from .env --------------------------------------------------------
     env_file: str = field(default="", metadata={"derived": True})
+    sources: dict = field(default_factory=dict, metadata={"derived": True})  # KEY -> where its value came from
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name.upper() for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+
+    @property
+    def run_path(self) -> Path:
+        """RUN_DIR, or runs/<stage> when it is empty, so each stage writes its own run by default."""
+        return Path(self.run_dir or f"runs/{self.training_stage}")
+
+    @property
+    def data_dir(self) -> str:
+        return {"pretrain": self.pretrain_data_dir, "sft": self.instruct_data_dir, "dpo": self.dpo_data_dir}[
+            self.training_stage]
 
     def validate(self) -> "Config":
         """Check every constraint in one place; raises ConfigError naming the key."""
 
         def bad(key: str, expected: str):
             value = getattr(self, key.lower())
-            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}" + self._where())
+            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}" + self.where(key))
 
+        if self.training_stage == "distill":
+            bad("TRAINING_STAGE", "pretrain | sft | dpo: distillation is not a stage, set IS_MODEL_DISTILLATION=true "
+                                  "with TRAINING_STAGE=pretrain or sft")
         if self.training_stage not in STAGES:
-            bad("TRAINING_STAGE", " | ".join(STAGES))
-        if self.training_precision not in PRECISIONS:
-            bad("TRAINING_PRECISION", " | ".join(PRECISIONS))
-        if self.wandb_mode not in ("online", "offline", "disabled"):
-            bad("WANDB_MODE", "online | offline | disabled")
-        if self.parallelism not in ("ddp", "fsdp"):
-            bad("PARALLELISM", "ddp | fsdp")
-        if self.ddp_backend not in ("auto", "nccl", "gloo"):
-            bad("DDP_BACKEND", "auto | nccl | gloo")
+            bad("TRAINING_STAGE", " | ".join(STAGES) + " (instruct = sft)")
+        for key, allowed in (("TRAINING_PRECISION", PRECISIONS), ("WANDB_MODE", ("online", "offline", "disabled")),
+                             ("PARALLELISM", ("ddp", "fsdp")), ("DDP_BACKEND", ("auto", "nccl", "gloo")),
+                             ("INSTRUCT_OVERFLOW", ("drop", "truncate")), ("DPO_LOSS", DPO_LOSSES),
+                             ("DISTILLATION_LOSS", DISTILLATION_LOSSES), ("TEACHER_DTYPE", WEIGHT_DTYPES),
+                             ("DPO_REFERENCE_DTYPE", WEIGHT_DTYPES)):
+            if getattr(self, key.lower()) not in allowed:
+                bad(key, " | ".join(allowed))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             bad("DEVICE", "auto | cpu | cuda | cuda:N | mps")
         for key in ("DIM", "N_LAYERS", "N_HEADS", "N_KV_HEADS", "MULTIPLE_OF", "MAX_SEQ_LEN", "TOTAL_BATCH_SIZE",
                     "MAX_BATCH_SIZE", "MAX_STEPS", "ROPE_ORIGINAL_MAX_SEQ_LEN", "VALIDATION_STEPS",
-                    "GENERATION_MAX_NEW_TOKENS", "LOG_EVERY_X_STEPS", "KEEP_LAST_CHECKPOINTS"):
+                    "GENERATION_MAX_NEW_TOKENS", "LOG_EVERY_X_STEPS", "KEEP_LAST_CHECKPOINTS", "LORA_RANK"):
             if getattr(self, key.lower()) < 1:
                 bad(key, "a positive integer")
         for key in ("VOCAB_SIZE", "WARMUP_STEPS", "VALIDATE_EVERY_X_STEPS", "EARLY_STOPPING_PATIENCE",
                     "GENERATE_EVERY_X_STEPS", "SAVE_EVERY_X_STEPS", "HELLASWAG_EVERY_X_STEPS",
-                    "HELLASWAG_NUMBER_OF_EXAMPLES"):
+                    "HELLASWAG_NUMBER_OF_EXAMPLES", "INSTRUCT_EVAL_EXAMPLES"):
             if getattr(self, key.lower()) < 0:
                 bad(key, "an integer >= 0")
-        for key in ("MAX_LR", "NORM_EPS", "ROPE_THETA", "ADAM_EPS", "ROPE_SCALE_FACTOR"):
+        for key in ("MAX_LR", "NORM_EPS", "ROPE_THETA", "ADAM_EPS", "ROPE_SCALE_FACTOR", "LORA_ALPHA", "DPO_BETA",
+                    "DISTILLATION_TEMPERATURE"):
             if not getattr(self, key.lower()) > 0:
                 bad(key, "a number > 0")
         for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK"):
@@ -141,9 +199,14 @@ class Config:
                 bad(key, "a number >= 0")
         if self.min_lr > self.max_lr:
             bad("MIN_LR", f"<= MAX_LR ({self.max_lr})")
-        for key in ("BETA1", "BETA2"):
+        for key in ("BETA1", "BETA2", "LORA_DROPOUT"):
             if not 0 <= getattr(self, key.lower()) < 1:
                 bad(key, "a number in [0, 1)")
+        for key in ("DISTILLATION_ALPHA", "DISTILLATION_JSD_BETA"):
+            if not 0 <= getattr(self, key.lower()) <= 1:
+                bad(key, "a number in [0, 1]")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            bad("DPO_LABEL_SMOOTHING", "a number in [0, 0.5)")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             bad("FFN_DIM_MULTIPLIER", "a number > 0, or empty")
         if self.dim % self.n_heads:
@@ -160,13 +223,20 @@ class Config:
             bad("HELLASWAG_PATH", "an existing .jsonl file in HellaSwag's schema")
         if self.tokenizer_path and not Path(self.tokenizer_path).exists():
             bad("TOKENIZER_PATH", "an existing tokenizer.model file or tokenizer directory")
+        if self.is_model_distillation:
+            if self.training_stage not in ("pretrain", "sft"):
+                bad("TRAINING_STAGE", "pretrain or sft when IS_MODEL_DISTILLATION=true")
+            if not self.teacher_model_checkpoint:
+                bad("TEACHER_MODEL_CHECKPOINT", "a teacher checkpoint when IS_MODEL_DISTILLATION=true")
         return self
 
-    def _where(self) -> str:
-        return f" (from {self.env_file})" if self.env_file else ""
+    def where(self, key: str) -> str:
+        """Where a key's value came from, for error messages: the file, the environment, or the default."""
+        source = self.sources.get(key)
+        return f" (from {source})" if source else ""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "sources"}
 
 
 def _parse(key: str, raw: str, annotation) -> object:
@@ -215,17 +285,26 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
         print(f"warning: {path}: unknown key {unknown} is ignored (typo?)", file=sys.stderr)
 
     values: dict[str, object] = {"env_file": path or ""}
+    sources: dict[str, str] = {}
     for f in dataclasses.fields(Config):
         key = f.name.upper()
         if f.metadata.get("derived"):
             continue
-        raw = (overrides or {}).get(key, os.environ.get(key, file_values.get(key)))
-        if raw is not None:
-            try:
-                values[f.name] = _parse(key, raw, _TYPES[f.name])
-            except ConfigError as e:
-                raise ConfigError(f"{e}{f' (from {path})' if path and key in file_values else ''}") from None
-    return Config(**values).validate()
+        for source, table in (("an override", overrides or {}), ("the environment", os.environ),
+                              (path, file_values)):
+            if key in table:
+                raw, sources[key] = table[key], source
+                break
+        else:
+            continue
+        try:
+            values[f.name] = _parse(key, raw, _TYPES[f.name])
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from {sources[key]})") from None
+    stage = values.get("training_stage")
+    if isinstance(stage, str):
+        values["training_stage"] = STAGE_ALIASES.get(stage.strip().lower(), stage.strip().lower())
+    return Config(**values, sources=sources).validate()
 
 
 def exit_on_config_error(error: ConfigError) -> typing.NoReturn:

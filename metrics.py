@@ -30,7 +30,7 @@ class RunLogger:
                  initial_step: int = 0):
         self.enabled = enabled
         self.cfg = cfg
-        self.path = Path(cfg.run_dir) / "metrics.jsonl"
+        self.path = cfg.run_path / "metrics.jsonl"
         self.wandb = None
         self.wandb_run_id = wandb_run_id
         self.bar = None
@@ -62,9 +62,9 @@ class RunLogger:
 
         # Resuming passes the saved run id, so W&B continues the same run with the same step axis.
         self.wandb = wandb.init(
-            project=self.cfg.wandb_project, name=self.cfg.wandb_run_name or Path(self.cfg.run_dir).name,
+            project=self.cfg.wandb_project, name=self.cfg.wandb_run_name or self.cfg.run_path.name,
             id=self.wandb_run_id, resume="allow", mode=self.cfg.wandb_mode, config=self.cfg.to_dict(),
-            dir=self.cfg.run_dir,
+            dir=str(self.cfg.run_path),
         )
         self.wandb_run_id = self.wandb.id
 

@@ -234,7 +234,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / "checkpoints"
+    return cfg.run_path / "checkpoints"
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -43,7 +43,10 @@ def test_env_example_documents_every_key_and_loads_to_the_defaults(monkeypatch):
 
 @pytest.mark.parametrize("line,key,expected", [
     ("N_LAYERS=abc", "N_LAYERS", "an integer"),
-    ("TRAINING_STAGE=foo", "TRAINING_STAGE", "pretrain | sft | dpo | distill"),
+    ("TRAINING_STAGE=foo", "TRAINING_STAGE", "pretrain | sft | dpo"),
+    ("TRAINING_STAGE=distill", "TRAINING_STAGE", "set IS_MODEL_DISTILLATION=true"),
+    ("LORA_DROPOUT=1", "LORA_DROPOUT", "in [0, 1)"),
+    ("DPO_LOSS=hinge", "DPO_LOSS", "sigmoid | ipo"),
     ("DIM=250", "DIM", "a multiple of N_HEADS"),
     ("N_KV_HEADS=3", "N_KV_HEADS", "a divisor of N_HEADS"),
     ("TOKENIZER_PATH=/no/such/tokenizer.model", "TOKENIZER_PATH", "an existing tokenizer.model"),
@@ -92,3 +95,20 @@ def test_unknown_key_is_reported_as_a_likely_typo(tmp_path, capsys):
 def test_config_error_names_key_in_python_api_too():
     with pytest.raises(ConfigError, match=r"^DIM=100 is invalid: expected a multiple of N_HEADS \(8\)"):
         load_config(overrides={"DIM": "100"})
+
+
+def test_a_bad_value_from_the_environment_is_not_blamed_on_the_env_file(tmp_path, monkeypatch):
+    env = tmp_path / "run.env"
+    env.write_text("MAX_LR=0.001\n")
+    monkeypatch.setenv("MAX_LR", "abc")
+    with pytest.raises(ConfigError, match=r"^MAX_LR='abc' is invalid: expected a number \(from the environment\)$"):
+        load_config(str(env))
+    monkeypatch.setenv("MAX_LR", "-1")
+    with pytest.raises(ConfigError, match=r"^MAX_LR=-1.0 is invalid: expected a number > 0 \(from the environment\)$"):
+        load_config(str(env))
+
+
+def test_instruct_is_the_original_projects_name_for_sft_and_each_stage_gets_its_own_run_dir():
+    cfg = load_config(overrides={"TRAINING_STAGE": "instruct"})
+    assert cfg.training_stage == "sft" and cfg.run_path == Path("runs/sft")
+    assert load_config(overrides={"RUN_DIR": "elsewhere"}).run_path == Path("elsewhere")
