@@ -96,8 +96,8 @@ class Config:
     lora_rank: int = _f(16, "Adapter rank r")
     lora_alpha: float = _f(32.0, "Adapter scale numerator: the update is (alpha / rank) * B A x")
     lora_dropout: float = _f(0.05, "Dropout on the adapter's input only")
-    lora_target_modules: str = _f("wq,wk,wv,wo,w1,w2,w3", "Linear layers that get adapters, by name: "
-                                                         "wq,wk,wv,wo,w1,w2,w3,output (or a JSON list)")
+    lora_target_modules: str = _f("wq,wk,wv,wo,w1,w2,w3", "Linear layers that get adapters, by name, from "
+                                                         "wq,wk,wv,wo,w1,w2,w3 (a JSON list works too)")
 
     # ---- DPO ------------------------------------------------------------------------------------
     dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model")
