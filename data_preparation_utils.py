@@ -495,6 +495,26 @@ def is_validation(doc_hash: int, val_fraction: float) -> bool:
     return doc_hash < val_fraction * 2.0**64
 
 
+@dataclass
+class HashSplit:
+    """Train or val by a hash of the content, so identical content always lands in the same split.
+
+    About `val_fraction` of hashes are validation. So that even a small dataset has a validation
+    split, the hash of the first item is validation too: every copy of that item, wherever it comes,
+    not only the first one. `anchor` is saved with the progress so a resumed run keeps the rule.
+    """
+
+    val_fraction: float
+    anchor: int | None = None  # the first item's hash
+
+    def split_of(self, content_hash: int) -> str:
+        if self.val_fraction == 0:
+            return "train"
+        if self.anchor is None:
+            self.anchor = content_hash
+        return "val" if content_hash == self.anchor or is_validation(content_hash, self.val_fraction) else "train"
+
+
 @contextmanager
 def worker_pool(num_workers: int, initializer: Callable, initargs: tuple,
                 scratch_dir: Path) -> Iterator[ProcessPoolExecutor | None]:

@@ -8,7 +8,8 @@
 
 Each document becomes `[bos] + tokens + [eos]`; the stream of documents is cut into shards of
 --shard_size tokens (`train_000000.npy`, ...). About --val_fraction of the documents, chosen by a
-hash of their text, go to `val_000000.npy`, .... Written to --out_dir (default PRETRAIN_DATA_DIR).
+hash of their text, go to `val_000000.npy`, ... (and every copy of the first document, so that there
+always is a validation split; identical documents always share a split). Written to --out_dir (default PRETRAIN_DATA_DIR).
 An interrupted run resumes from its last finished shard when started again with the same arguments.
 """
 
@@ -38,8 +39,8 @@ from tqdm import tqdm
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
-    DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
-    cached_tokenizer, decode_errors_in, encode_documents, init_encoder, is_validation,
+    DataPrepError, EncodedBatch, HashSplit, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
+    cached_tokenizer, decode_errors_in, encode_documents, init_encoder,
     keep_datasets_from_importing_torch, load_mix_file, one_line,
     open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
 )
@@ -171,8 +172,9 @@ class Preparation:
     def __init__(self, out_dir: Path, sources: list[Source], fingerprint: dict, shard_size: int,
                  val_fraction: float, max_tokens: int, saved: dict | None):
         self.out_dir, self.sources, self.fingerprint = out_dir, sources, fingerprint
-        self.val_fraction, self.max_tokens = val_fraction, max_tokens
+        self.max_tokens = max_tokens
         saved = saved or {}
+        self.splitter = HashSplit(val_fraction, saved.get("val_anchor"))
         self.progress = [SourceProgress(**p) for p in saved.get("sources", [{} for _ in sources])]
         self.picks: int = saved.get("picks", 0)  # mixer picks consumed: a resumed run replays them
         self.stats = PrepStats(**saved.get("stats", {}))
@@ -210,7 +212,7 @@ class Preparation:
         if row.status == MALFORMED:
             self.stats.malformed_rows += 1
             return
-        split = self._split_of(doc_hash)
+        split = self.splitter.split_of(doc_hash)
         finished_shards = self.writers[split].add(tokens)
         self._count(row, split, len(tokens))
         budget = self.sources[row.source].max_tokens
@@ -220,13 +222,6 @@ class Preparation:
         self.done = bool(self.max_tokens) and self.stats.tokens >= self.max_tokens
         if finished_shards:
             self.checkpoint()
-
-    def _split_of(self, doc_hash: int) -> str:
-        if self.val_fraction == 0:
-            return "train"
-        if self.stats.documents == 0:
-            return "val"  # so there always is a validation split
-        return "val" if is_validation(doc_hash, self.val_fraction) else "train"
 
     def _count(self, row: Row, split: str, num_tokens: int) -> None:
         progress = self.progress[row.source]
@@ -247,7 +242,7 @@ class Preparation:
     def _progress_file(self, splits: dict, complete: bool) -> dict:
         return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
                 "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
-                "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
+                "val_anchor": self.splitter.anchor, "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
 
     def checkpoint(self) -> None:
         """Everything up to the current document becomes durable; a crash after this resumes from here."""

@@ -35,17 +35,21 @@ def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
     return [f"{prefix} {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for i in range(n)]
 
 
-def expected_split(index: int, doc: str, val_fraction: float) -> str:
-    """The documented rule: the first document, then those whose BLAKE2b-64 falls below the fraction, are val."""
-    h = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little")
-    return "val" if index == 0 or h < val_fraction * 2**64 else "train"
+def blake2b_64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def expected_split(doc: str, first: str, val_fraction: float) -> str:
+    """The documented rule: every copy of the first document, and those whose BLAKE2b-64 falls below the
+    fraction, are val."""
+    return "val" if doc == first or blake2b_64(doc) < val_fraction * 2**64 else "train"
 
 
 def reference_shards(tok, docs: list[str], shard_size: int, val_fraction: float) -> dict[str, list[np.ndarray]]:
     """The expected output, computed the plain way: frame each document, assign it to a split, cut."""
     streams: dict[str, list[int]] = {"train": [], "val": []}
-    for i, doc in enumerate(docs):
-        split = expected_split(i, doc, val_fraction)
+    for doc in docs:
+        split = expected_split(doc, docs[0], val_fraction)
         streams[split] += [tok.bos_id] + tok.encode(doc, bos=False, eos=False) + [tok.eos_id]
     return {s: [np.array(t[i : i + shard_size], dtype=np.uint32) for i in range(0, len(t), shard_size)]
             for s, t in streams.items()}
@@ -173,6 +177,46 @@ def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
     assert len(dpu.encode_documents([]).tokens) == 0  # a task of only empty or malformed rows
 
 
+def test_copies_of_the_first_document_never_straddle_train_and_val(tmp_path, tok):
+    """The first document goes to val (so there is a validation split); its copies later on must too,
+    even though their hash alone would send them to train."""
+    docs = make_docs(30)
+    first = next(d for d in docs if blake2b_64(d) >= 0.2 * 2**64)  # a document the hash sends to train
+    docs.remove(first)
+    docs = [first] + docs[:10] + [first] + docs[10:] + [first]
+    report = prepare([Source(files=[str(write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs]))])],
+                     tmp_path / "out")
+    texts = {}
+    for split in ("train", "val"):
+        tokens = np.concatenate([np.load(tmp_path / "out" / s["file"]) for s in report["manifest"]["splits"][split]["shards"]])
+        texts[split] = [t.removeprefix("<|begin_of_text|>") for t in tok.decode(tokens.tolist()).split("<|end_of_text|>")[:-1]]
+    assert texts["val"].count(first) == 3 and first not in texts["train"]
+    assert not set(texts["train"]) & set(texts["val"])
+
+
+def test_a_resumed_run_keeps_copies_of_the_first_document_in_val(tmp_path, tok, monkeypatch):
+    docs = make_docs(120)
+    first = next(d for d in docs if blake2b_64(d) >= 0.2 * 2**64)
+    docs.remove(first)
+    docs = [first] + docs + [first]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    real_save, calls = np.save, []
+
+    def crash_on_third_shard(file, array, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_save(file, array, **kw)
+
+    monkeypatch.setattr(np, "save", crash_on_third_shard)
+    with pytest.raises(OSError):
+        prepare([Source(files=[str(path)])], tmp_path / "out")
+    monkeypatch.setattr(np, "save", real_save)
+    report = prepare([Source(files=[str(path)])], tmp_path / "out")
+    assert report["resumed_shards"] >= 1
+    assert_matches_reference(tmp_path / "out", report["manifest"], reference_shards(tok, docs, 300, 0.2))
+
+
 # ---- messy input ------------------------------------------------------------------------------------
 
 
@@ -251,7 +295,7 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
     assert report["resumed_shards"] >= 1 and 0 < report["session_tokens"] < clean["manifest"]["stats"]["tokens"]
     assert not list(out.glob("*.pending"))
     if not mixed:  # documents wholly inside the first train shard were not encoded again
-        train_docs = [d for i, d in enumerate(docs) if expected_split(i, d, 0.2) == "train"]
+        train_docs = [d for d in docs if expected_split(d, docs[0], 0.2) == "train"]
         ends = np.cumsum([len(tok.encode(d, bos=True, eos=True)) for d in train_docs])
         in_first_shard = [d for d, end in zip(train_docs, ends) if end <= 300]
         assert encoded and in_first_shard and not set(in_first_shard) & set(encoded)
