@@ -350,7 +350,8 @@ def next_batches(loader: PretrainDataLoader, n: int, device: torch.device) -> li
     pin = device.type == "cuda"
     out = []
     for _ in range(n):
-        x, y = loader.next_batch()
+        batch = loader.next_batch()
+        x, y = batch["tokens"], batch["targets"]
         if pin:
             x, y = x.pin_memory(), y.pin_memory()
         out.append((x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)))

@@ -42,6 +42,11 @@ def counting_data(tmp_path: Path, num_tokens: int = 201, shard_len: int = 50) ->
     return write_shards(tmp_path / "data", {"train": np.split(stream, range(shard_len, num_tokens, shard_len))})
 
 
+def xy(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = loader.next_batch()
+    return batch["tokens"], batch["targets"]
+
+
 def sample_ids(x: torch.Tensor, seq_len: int) -> list[int]:
     return (x[:, 0] // seq_len).tolist()
 
@@ -56,7 +61,7 @@ def test_every_window_is_the_concatenated_stream_slice_across_shard_boundaries(t
     loader = PretrainDataLoader(str(data), "train", batch_size=1, seq_len=T, shuffle=False)
     assert loader.num_samples == (len(stream) - 1) // T == 12
     for i in range(loader.num_samples):
-        x, y = loader.next_batch()
+        x, y = xy(loader)
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (1, T)
         assert x[0].tolist() == stream[i * T : i * T + T].tolist()
         assert y[0].tolist() == stream[i * T + 1 : i * T + T + 1].tolist()
@@ -66,11 +71,11 @@ def test_shuffled_order_is_the_documented_permutation_and_unshuffled_is_sequenti
     data, T, B = counting_data(tmp_path), 4, 5
     shuffled = PretrainDataLoader(str(data), "train", batch_size=B, seq_len=T, seed=7)
     expected = np.random.default_rng([7, 0]).permutation(50)
-    assert sample_ids(shuffled.next_batch()[0], T) == expected[:B].tolist()
-    assert sample_ids(shuffled.next_batch()[0], T) == expected[B : 2 * B].tolist()
+    assert sample_ids(xy(shuffled)[0], T) == expected[:B].tolist()
+    assert sample_ids(xy(shuffled)[0], T) == expected[B : 2 * B].tolist()
     sequential = PretrainDataLoader(str(data), "train", batch_size=B, seq_len=T, shuffle=False)
-    assert sample_ids(sequential.next_batch()[0], T) == [0, 1, 2, 3, 4]
-    assert sample_ids(sequential.next_batch()[0], T) == [5, 6, 7, 8, 9]
+    assert sample_ids(xy(sequential)[0], T) == [0, 1, 2, 3, 4]
+    assert sample_ids(xy(sequential)[0], T) == [5, 6, 7, 8, 9]
 
 
 def test_same_seed_repeats_the_order_and_another_seed_changes_it(tmp_path):
@@ -78,7 +83,7 @@ def test_same_seed_repeats_the_order_and_another_seed_changes_it(tmp_path):
 
     def first_batches(seed: int) -> list[list[int]]:
         loader = PretrainDataLoader(str(data), "train", batch_size=4, seq_len=4, seed=seed)
-        return [loader.next_batch()[0].tolist() for _ in range(3)]
+        return [xy(loader)[0].tolist() for _ in range(3)]
 
     assert first_batches(1) == first_batches(1)
     assert first_batches(1) != first_batches(2)
@@ -90,8 +95,8 @@ def test_two_ranks_together_equal_one_rank_taking_two_batches(tmp_path):
     single = PretrainDataLoader(str(data), "train", B, T, seed=3)
     seen = [set(), set()]
     for _ in range(8):  # one epoch: 50 // (3*2) = 8 steps
-        (x0, y0), (x1, y1) = ranks[0].next_batch(), ranks[1].next_batch()
-        (xa, ya), (xb, yb) = single.next_batch(), single.next_batch()
+        (x0, y0), (x1, y1) = xy(ranks[0]), xy(ranks[1])
+        (xa, ya), (xb, yb) = xy(single), xy(single)
         assert torch.equal(torch.cat([x0, x1]), torch.cat([xa, xb]))
         assert torch.equal(torch.cat([y0, y1]), torch.cat([ya, yb]))
         seen[0].update(sample_ids(x0, T))
@@ -104,10 +109,10 @@ def test_an_epoch_sees_every_sample_once_then_reshuffles(tmp_path):
     data, T, B = counting_data(tmp_path), 4, 4  # 50 samples: 12 batches, 2 samples dropped
     loader = PretrainDataLoader(str(data), "train", B, T, seed=0)
     assert loader.tokens_per_epoch == 12 * B * T
-    epoch0 = [i for _ in range(12) for i in sample_ids(loader.next_batch()[0], T)]
+    epoch0 = [i for _ in range(12) for i in sample_ids(xy(loader)[0], T)]
     assert len(epoch0) == len(set(epoch0)) == 48 and set(epoch0) <= set(range(50))
     assert loader.epoch == 0
-    epoch1 = [i for _ in range(12) for i in sample_ids(loader.next_batch()[0], T)]
+    epoch1 = [i for _ in range(12) for i in sample_ids(xy(loader)[0], T)]
     assert loader.epoch == 1
     assert len(set(epoch1)) == 48 and epoch1 != epoch0
     assert epoch1 == np.random.default_rng([0, 1]).permutation(50)[:48].tolist()
@@ -115,23 +120,23 @@ def test_an_epoch_sees_every_sample_once_then_reshuffles(tmp_path):
 
 def test_reset_restarts_from_the_first_batch(tmp_path):
     loader = PretrainDataLoader(str(counting_data(tmp_path)), "train", 4, 4, seed=5)
-    first = loader.next_batch()[0]
+    first = xy(loader)[0]
     for _ in range(20):  # past an epoch boundary
-        loader.next_batch()
+        xy(loader)
     loader.reset()
-    assert loader.epoch == 0 and torch.equal(loader.next_batch()[0], first)
+    assert loader.epoch == 0 and torch.equal(xy(loader)[0], first)
 
 
 def test_resumed_loader_continues_with_exactly_the_next_batches(tmp_path):
     data = counting_data(tmp_path)
     original = PretrainDataLoader(str(data), "train", 4, 4, seed=9)
     for _ in range(10):
-        original.next_batch()
+        xy(original)
     state = json.loads(json.dumps(original.state_dict()))  # must survive a JSON/checkpoint round trip
     resumed = PretrainDataLoader(str(data), "train", 4, 4, seed=9)
     resumed.load_state_dict(state)
     for _ in range(6):  # crosses into epoch 1
-        assert torch.equal(resumed.next_batch()[0], original.next_batch()[0])
+        assert torch.equal(xy(resumed)[0], xy(original)[0])
     assert resumed.epoch == original.epoch == 1
 
 
@@ -140,12 +145,12 @@ def test_state_saved_by_two_ranks_resumes_on_one_rank(tmp_path):
     ranks = [PretrainDataLoader(str(data), "train", B, T, rank=r, world_size=2, seed=4) for r in range(2)]
     for _ in range(3):
         for loader in ranks:
-            loader.next_batch()
+            xy(loader)
     single = PretrainDataLoader(str(data), "train", B, T, seed=4)
     single.load_state_dict(ranks[0].state_dict())
     for _ in range(4):
-        expected = torch.cat([ranks[0].next_batch()[0], ranks[1].next_batch()[0]])
-        assert torch.equal(torch.cat([single.next_batch()[0], single.next_batch()[0]]), expected)
+        expected = torch.cat([xy(ranks[0])[0], xy(ranks[1])[0]])
+        assert torch.equal(torch.cat([xy(single)[0], xy(single)[0]]), expected)
 
 
 @pytest.mark.parametrize("change", [{"seq_len": 5}, {"seed": 1}, {"shuffle": False}, {"data": "longer"}])
@@ -205,20 +210,34 @@ def test_damaged_shard_is_named(tmp_path, damage):
         PretrainDataLoader(str(data), "train", 1, 4)
 
 
-def test_token_id_beyond_vocab_is_found_by_scanning_the_shard(tmp_path):
+def test_token_id_beyond_vocab_is_refused_from_the_manifest_at_start(tmp_path):
     tokens = np.arange(100)
     tokens[77] = 600
     data = write_shards(tmp_path / "data", {"train": [np.arange(100), tokens]})
-    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600 >= vocab_size 500"):
+    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600 >= vocab_size 500 \(per manifest"):
         PretrainDataLoader(str(data), "train", 1, 4, vocab_size=500)
-    # The manifest's max is not trusted on its own: a shard whose data disagrees with it is reported.
+
+
+def test_start_up_trusts_the_manifests_max_id_instead_of_scanning_every_shard(tmp_path, monkeypatch):
+    import dataloaders
+
+    data = counting_data(tmp_path)
+    monkeypatch.setattr(dataloaders, "max_token_id", lambda *a, **k: pytest.fail("scanned a shard at start-up"))
+    PretrainDataLoader(str(data), "train", 1, 4, vocab_size=VOCAB)
+
+
+def test_a_manifest_that_understates_the_max_id_is_caught_when_the_batch_is_read(tmp_path):
+    tokens = np.arange(100)
+    tokens[77] = 600
+    data = write_shards(tmp_path / "data", {"train": [np.arange(100), tokens]})
     manifest = json.loads((data / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"][1]["max_token_id"] = 99
+    manifest["splits"]["train"]["shards"][1]["max_token_id"] = 99  # lies
     (data / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600"):
-        PretrainDataLoader(str(data), "train", 1, 4, vocab_size=500)
-    with pytest.raises(DataError, match=r"train_000001\.npy has max token id 600 but manifest\.json says 99"):
-        PretrainDataLoader(str(data), "train", 1, 4, vocab_size=601)
+    loader = PretrainDataLoader(str(data), "train", 1, 4, vocab_size=500, shuffle=False)
+    for _ in range(100 // 4 + 77 // 4):  # every window before the one holding stream position 177
+        xy(loader)
+    with pytest.raises(DataError, match=r"train_000001\.npy has token id 600 >= vocab_size 500"):
+        xy(loader)
 
 
 def test_chunked_scan_finds_the_max_wherever_it_sits():
@@ -245,7 +264,39 @@ def test_two_ranks_equal_one_rank_with_two_calls_across_epoch_boundaries(tmp_pat
            for r in range(2)]
     one = PretrainDataLoader(str(data), "train", 7, 4, seed=3, samples_per_step=14)
     for _ in range(10):  # 3 steps per epoch: into the fourth epoch
-        ranks = torch.cat([loader.next_batch()[0] for loader in two])
-        single = torch.cat([one.next_batch()[0], one.next_batch()[0]])
+        ranks = torch.cat([xy(loader)[0] for loader in two])
+        single = torch.cat([xy(one)[0], xy(one)[0]])
         assert torch.equal(ranks, single)
     assert one.epoch == two[0].epoch == 3
+
+
+@pytest.mark.parametrize("before,after", [(4, 16), (16, 4), (6, 10)])
+def test_a_changed_batch_geometry_continues_from_the_same_global_sample_position(tmp_path, before, after):
+    """Resuming with another samples-per-step sees the samples the uninterrupted order holds next, whole
+    steps of them, and epochs wrap between steps as they should (the old loader wrapped mid-step)."""
+    data = counting_data(tmp_path, num_tokens=401)  # 100 samples of T=4
+    old = PretrainDataLoader(str(data), "train", 2, 4, seed=5, samples_per_step=before)
+    for _ in range(7 * before // 2):  # 7 steps
+        xy(old)
+    new = PretrainDataLoader(str(data), "train", 2, 4, seed=5, samples_per_step=after)
+    new.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    position, epoch, seen = 0, 0, []
+    for _ in range(7):  # where the old geometry stood, by the documented rule computed by hand
+        position, epoch = (0, epoch + 1) if position + before > 100 else (position, epoch)
+        position += before
+    for _ in range(40):  # 40 steps of the new geometry: several epochs
+        step = torch.cat([xy(new)[0] for _ in range(after // 2)])
+        if position + after > 100:
+            position, epoch = 0, epoch + 1
+        expected = np.random.default_rng([5, epoch]).permutation(100)[position:position + after]
+        assert sample_ids(step, 4) == expected.tolist() and new.epoch == epoch
+        position += after
+        seen.append(len(step))
+    assert set(seen) == {after}  # never a short step
+
+
+def test_state_with_a_position_past_the_epoch_is_refused(tmp_path):
+    loader = PretrainDataLoader(str(counting_data(tmp_path)), "train", 2, 4)
+    state = loader.state_dict() | {"position": 51}
+    with pytest.raises(DataError, match="position=51 but epoch 0 .* has only 50"):
+        loader.load_state_dict(state)
