@@ -217,16 +217,33 @@ class Tokenizer:
         return ids
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's stand-in characters (GPT-2's `bytes_to_unicode`), inverted: char -> byte.
+
+    A `tokenizer.json` stores each token as text in which every byte is one printable character:
+    bytes that are printable Latin-1 stand for themselves, the other 68 are shifted to U+0100..U+0143.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` from a local directory, behind the same small API.
 
-    Needs the `tokenizers` package (installed with `transformers`). Chat rendering uses the
-    Llama 3 format, so it is only meaningful for Llama-3-compatible vocabularies.
+    Needs the `tokenizers` package (installed with `transformers`). Only byte-level BPE (Llama 3's
+    kind) is accepted, since streaming needs each token's bytes. Text is always encoded as plain
+    text, as the tiktoken path does: special tokens enter by id only (BOS/EOS framing, chat format).
+    Chat rendering uses the Llama 3 format, so it is only meaningful for Llama-3-compatible vocabularies.
     """
 
     def __init__(self, directory: str | Path):
         try:
             from tokenizers import Tokenizer as _HF
+            from tokenizers import decoders
         except ImportError as e:
             raise ImportError("a Hugging Face tokenizer directory needs `pip install tokenizers`") from e
         directory = Path(directory)
@@ -235,6 +252,13 @@ class HFTokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {directory}")
         self.path = file
         self.model = _HF.from_file(str(file))
+        if not isinstance(self.model.decoder, decoders.ByteLevel):
+            raise ValueError(f"{file}: decoder is {type(self.model.decoder).__name__}, expected ByteLevel "
+                             "(a byte-level BPE tokenizer such as Llama 3's)")
+        # Without this, `<|end_of_text|>` written inside a document would become id 128001.
+        self.model.encode_special_tokens = True
+        # Added tokens are stored as their text, not in the byte-level alphabet.
+        self._added_bytes = {i: t.content.encode("utf-8") for i, t in self.model.get_added_tokens_decoder().items()}
         vocab = self.model.get_vocab(with_added_tokens=True)
         self.special_tokens = {t: i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
         self.n_words = max(vocab.values()) + 1
@@ -252,7 +276,25 @@ class HFTokenizer:
     def identity(self) -> dict:
         return {"kind": "huggingface", "name": self.path.parent.name, "sha256": self._sha256, "n_words": self.n_words}
 
-    def encode(self, s: str, *, bos: bool, eos: bool, **_) -> list[int]:
+    def encode(
+        self,
+        s: str,
+        *,
+        bos: bool,
+        eos: bool,
+        allowed_special: set[str] | str = frozenset(),
+        disallowed_special: set[str] | str = (),
+    ) -> list[int]:
+        """Encode text as plain text (special-token text included), like `Tokenizer.encode`'s default.
+        `disallowed_special` raises on such text, as tiktoken does; `allowed_special` is refused."""
+        if not isinstance(s, str):
+            raise TypeError(f"HFTokenizer.encode expects str, got {type(s).__name__}")
+        if allowed_special:
+            raise ValueError("HFTokenizer encodes text as plain text only; add special tokens by id")
+        banned = self.special_tokens if disallowed_special == "all" else disallowed_special
+        found = [t for t in banned if t in s]
+        if found:
+            raise ValueError(f"text contains disallowed special token text {found[0]}")
         ids = self.model.encode(s, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -263,7 +305,14 @@ class HFTokenizer:
         return self.model.decode(list(ids), skip_special_tokens=False)
 
     def decode_token_bytes(self, token_id: int) -> bytes:
-        return self.decode([token_id]).encode("utf-8")
+        """Raw bytes of one token (a piece of a UTF-8 character, possibly): decoding a lone token
+        to text would turn such pieces into replacement characters."""
+        if token_id in self._added_bytes:
+            return self._added_bytes[token_id]
+        piece = self.model.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in {self.path} ({self.n_words} ids)")
+        return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
 
     encode_header = Tokenizer.encode_header
     encode_message = Tokenizer.encode_message
