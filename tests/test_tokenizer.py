@@ -12,7 +12,7 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from tokenizer import Tokenizer
+from tokenizer import MAX_NO_WHITESPACES_CHARS, TIKTOKEN_MAX_ENCODE_CHARS, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +128,20 @@ def test_special_token_ids_match_meta(ours, meta):
     assert ours.n_words == 128256
 
 
-def _timed_encode(tok, text: str) -> tuple[list[int], float]:
-    t0 = time.perf_counter()
-    ids = tok.encode(text, bos=False, eos=False)
-    return ids, time.perf_counter() - t0
+class _PieceRecorder:
+    """Stands in for the tiktoken Encoding and records every text handed to it."""
+
+    def __init__(self, model):
+        self.model, self.pieces = model, []
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        self.pieces.append(text)
+        return self.model.encode(text, **kwargs)
+
+
+def _longest_run(text: str) -> int:
+    """Longest run of whitespace or of non-whitespace characters."""
+    return max((len(m.group()) for m in re.finditer(r"\s+|\S+", text)), default=0)
 
 
 @pytest.mark.parametrize(
@@ -144,20 +154,40 @@ def _timed_encode(tok, text: str) -> tuple[list[int], float]:
     ],
     ids=["no_whitespace", "spaces", "mixed_whitespace", "no_whitespace_punct"],
 )
-def test_million_char_input_matches_meta_within_seconds(ours, meta, text):
-    ids, seconds = _timed_encode(ours, text)
-    assert seconds < 3.0, f"encoding 1M chars took {seconds:.1f}s"
+def test_million_char_input_matches_meta_and_reaches_tiktoken_in_bounded_pieces(ours, meta, text, monkeypatch):
+    # tiktoken's cost grows with the square of a run's length (and it panics on huge inputs), so
+    # bounded pieces are what keeps encoding linear; counted here rather than timed, so the test
+    # holds on any machine, however slow or busy.
+    recorder = _PieceRecorder(ours.model)
+    monkeypatch.setattr(ours, "model", recorder)
+    ids = ours.encode(text, bos=False, eos=False)
+    assert "".join(recorder.pieces) == text
+    assert max(map(len, recorder.pieces)) <= TIKTOKEN_MAX_ENCODE_CHARS
+    assert max(map(_longest_run, recorder.pieces)) <= MAX_NO_WHITESPACES_CHARS
     assert ids == meta.encode(text, bos=False, eos=False)
+
+
+def _cpu_seconds(encode, text: str) -> tuple[list[int], float]:
+    """Fewest CPU seconds of three runs: CPU time ignores other processes on a shared machine, and
+    the minimum ignores one-off stalls."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        ids = encode(text, bos=False, eos=False)
+        best = min(best, time.process_time() - t0)
+    return ids, best
 
 
 def test_runs_just_under_split_limit_encode_in_linear_time(ours, meta):
     # Runs of 24,999 non-whitespace chars are never cut, yet finding that out must not cost
-    # O(len * run length): Meta's scan is linear, so ours should be within a small factor of it.
+    # O(len * run length): Meta's scan is linear, so ours must stay within a small factor of it
+    # measured on the same machine at the same time (a scan without the regex's lookbehinds takes
+    # over 100x Meta's time here; ours takes about as long as Meta's).
     text = ("y" * 24_999 + " ") * 8  # 200k chars
-    expected, meta_seconds = _timed_encode(meta, text)
-    ids, seconds = _timed_encode(ours, text)
+    expected, meta_seconds = _cpu_seconds(meta.encode, text)
+    ids, seconds = _cpu_seconds(ours.encode, text)
     assert ids == expected
-    assert seconds < 10 * meta_seconds + 0.5, f"ours {seconds:.2f}s vs Meta's {meta_seconds:.2f}s"
+    assert seconds < 10 * meta_seconds, f"ours {seconds:.3f} CPU s vs Meta's {meta_seconds:.3f}"
 
 
 def test_encode_batch_equals_per_text_encode(ours, meta):
