@@ -126,7 +126,8 @@ class StepLoader:
     """Endless batches of one split for one rank; see the module docstring for the order.
 
     Subclasses say how many samples an epoch has (`_plan_epoch`, which may pack anew per epoch) and
-    turn sample ids into a batch dict of CPU tensors (`_batch`).
+    turn sample ids into a batch dict of CPU tensors (`batch_of`): "tokens" and "targets" (B, T),
+    "input_tokens" (the real, unpadded input positions, for throughput) and what the stage needs besides.
     """
 
     state_keys: tuple[str, ...] = ("split", "seed", "shuffle", "tokenizer_sha256", "fingerprint")
@@ -168,7 +169,7 @@ class StepLoader:
     def _num_items(self) -> int:
         raise NotImplementedError
 
-    def _batch(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch_of(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -194,7 +195,7 @@ class StepLoader:
         samples = self._order[first : first + self.batch_size]
         self._position += self.batch_size * self.world_size
         self._calls_in_step = (self._calls_in_step + 1) % self.calls_per_step
-        return self._batch(samples)
+        return self.batch_of(samples)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of one optimizer step."""
@@ -311,13 +312,14 @@ class PretrainDataLoader(StepLoader):
             filled += len(piece)
             shard += 1
 
-    def _batch(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch_of(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         T = self.seq_len
         windows = np.empty((len(samples), T + 1), dtype=np.uint32)  # (B, T+1)
         for row, sample in enumerate(samples):  # one slice copy per row: a window is contiguous in the stream
             self._read(int(sample) * T, windows[row])
         windows = torch.from_numpy(windows.astype(np.int64))
-        return {"tokens": windows[:, :-1].contiguous(), "targets": windows[:, 1:].contiguous()}  # (B, T) each
+        return {"tokens": windows[:, :-1].contiguous(), "targets": windows[:, 1:].contiguous(),  # (B, T) each
+                "input_tokens": torch.tensor(len(samples) * T)}
 
 
 # ---- sequences: conversations and preference pairs -------------------------------------------------------
@@ -427,7 +429,7 @@ class ChatDataLoader(StepLoader):
         rows = f" in {self.num_samples:,} packed rows" if self.packing else ""
         return f"{len(self._fits):,} {self.split} conversations{rows}{skipped}"
 
-    def _batch(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch_of(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         rows = [[self.data.read(int(j)) for j in self._members[self._row_start[r] : self._row_start[r + 1]]]
                 for r in samples]
         width = self.seq_len if self.packing else pad_width(max(len(x) for row in rows for x, _ in row), self.seq_len)
@@ -443,7 +445,8 @@ class ChatDataLoader(StepLoader):
                 tokens[b, span], targets[b, span] = x, y
                 positions[b, span], document[b, span] = np.arange(len(x)), d
                 at += len(x)
-        batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets)}
+        batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
+                 "input_tokens": torch.tensor(int((document >= 0).sum()))}
         if self.packing:  # unpacked rows are one conversation, right-padded: the causal mask suffices
             batch |= {"positions": torch.from_numpy(positions), "document_ids": torch.from_numpy(document)}
         return batch
@@ -452,37 +455,39 @@ class ChatDataLoader(StepLoader):
 class PairDataLoader(StepLoader):
     """DPO: a sample is a preference pair (sequences 2i = chosen, 2i+1 = rejected, same prompt). A batch of B
     pairs is 2B rows, the chosen ones first, right-padded to the longest; only response tokens are targets.
-    `pair_index` (B,) gives each pair's index in the split (precomputed reference log-probs are kept by it)."""
+    `pair_index` (B,) numbers each pair (its index in the split + index_offset): precomputed reference
+    log-probs are kept by it."""
 
     state_keys = StepLoader.state_keys + ("seq_len",)
     unit = "pair"
 
     def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, tokenizer_identity: dict | None = None,
-                 vocab_size: int | None = None, samples_per_step: int | None = None):
+                 vocab_size: int | None = None, samples_per_step: int | None = None, index_offset: int = 0):
+        """`index_offset` is added to `pair_index` (validation pairs numbered after the training pairs)."""
         super().__init__(data_dir, split, batch_size, rank, world_size, seed, shuffle, samples_per_step)
-        self.seq_len = seq_len
+        self.seq_len, self.index_offset = seq_len, index_offset
         self.data = SequenceShards(self.data_dir, split, "preference", tokenizer_identity, vocab_size)
         self.tokenizer_sha256, self.fingerprint = self.data.tokenizer_sha256, self.data.fingerprint
         if len(self.data) % 2:
             raise DataError(f"{self.data_dir / 'manifest.json'}: split {split!r} holds {len(self.data)} sequences, "
                             f"not whole pairs (corrupt?)")
         longest = np.maximum(self.data.lengths[0::2], self.data.lengths[1::2])
-        self._fits = np.flatnonzero(longest - 1 <= seq_len)
-        self.num_pairs, self.too_long = len(self.data) // 2, len(self.data) // 2 - len(self._fits)
+        self.fitting_pairs = np.flatnonzero(longest - 1 <= seq_len)
+        self.num_pairs, self.too_long = len(self.data) // 2, len(self.data) // 2 - len(self.fitting_pairs)
         self._start()
 
     def _num_items(self) -> int:
-        return len(self._fits)
+        return len(self.fitting_pairs)
 
     def _plan_epoch(self, epoch: int, order: np.ndarray) -> np.ndarray:
-        return self._fits[order]
+        return self.fitting_pairs[order]
 
     def describe(self) -> str:
         skipped = f", {self.too_long:,} longer than MAX_SEQ_LEN skipped" if self.too_long else ""
-        return f"{len(self._fits):,} {self.split} pairs{skipped}"
+        return f"{len(self.fitting_pairs):,} {self.split} pairs{skipped}"
 
-    def _batch(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch_of(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         sequences = [self.data.read(2 * int(p) + side) for side in (0, 1) for p in samples]  # chosen, then rejected
         width = pad_width(max(len(x) for x, _ in sequences), self.seq_len)
         tokens = np.zeros((len(sequences), width), np.int64)
@@ -490,4 +495,5 @@ class PairDataLoader(StepLoader):
         for row, (x, y) in enumerate(sequences):
             tokens[row, : len(x)], targets[row, : len(y)] = x, y
         return {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
-                "pair_index": torch.from_numpy(np.asarray(samples, dtype=np.int64))}
+                "pair_index": torch.from_numpy(np.asarray(samples, dtype=np.int64) + self.index_offset),
+                "input_tokens": torch.tensor(sum(len(x) for x, _ in sequences))}

@@ -44,6 +44,9 @@ def setup_distributed(device_name: str, backend: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and device_name.startswith("cuda:"):
+        raise ValueError(f"DEVICE={device_name} would put every torchrun rank on one GPU: expected DEVICE=cuda "
+                         f"(or auto) under torchrun, where each rank takes the GPU of its LOCAL_RANK")
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -16,12 +16,16 @@ from tqdm import tqdm
 from config import Config
 
 
+# A stage's own figures, shown after the loss when present (all of them go to metrics.jsonl).
+STAGE_FIGURES = {"ce": "ce {:.4f}", "kd": "kd {:.4f}", "accuracy": "pref acc {:.2f}", "reward_margin": "margin {:.3f}"}
+
+
 def format_step_line(step: int, max_steps: int, m: dict) -> str:
-    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-             f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
-    if m.get("mfu") is not None:
-        parts.append(f"mfu {100 * m['mfu']:.1f}%")
-    parts.append(f"{1000 * m['step_time_s']:.0f} ms (data {100 * m['data_share']:.0f}%)")
+    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
+    parts += [form.format(m[key]) for key, form in STAGE_FIGURES.items() if key in m]
+    parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s",
+              "mfu ?" if m.get("mfu") is None else f"mfu {100 * m['mfu']:.1f}%",
+              f"{1000 * m['step_time_s']:.0f} ms (data {100 * m['data_share']:.0f}%)"]
     return " | ".join(parts)
 
 
@@ -34,14 +38,19 @@ class RunLogger:
         self.wandb = None
         self.wandb_run_id = wandb_run_id
         self.bar = None
+        self.initial_step = initial_step
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_records_after(resume_step)
         if cfg.wandb_enabled and cfg.wandb_mode != "disabled":
             self._start_wandb()
-        self.bar = tqdm(total=cfg.max_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+
+    def start_progress(self) -> None:
+        """The bar starts when the first step does, so its clock shows training time, not start-up."""
+        if self.enabled:
+            self.bar = tqdm(total=self.cfg.max_steps, initial=self.initial_step, desc="train", unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
 
     def _drop_records_after(self, step: int) -> None:
         """A run resumed from step N continues the curve from N: later records (from the part of

@@ -1,10 +1,13 @@
 """Train a Llama 3 model. Settings come from `.env` (see .env.example and config.py).
 
     python train.py                                   # one process (CPU or one GPU)
-    torchrun --nproc_per_node 8 train.py              # DDP on one node
-    python train.py --pretrain_checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume
+    torchrun --nproc_per_node 8 train.py              # DDP (or PARALLELISM=fsdp) on one node
+    python train.py --pretrain_checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume exactly
 
-TRAINING_STAGE=pretrain is implemented here; the other stages plug into the same loop.
+TRAINING_STAGE picks the stage: pretrain, sft (instruct) or dpo (stages.py holds what differs between
+them); IS_MODEL_DISTILLATION adds a teacher to pretrain or sft; LORA_ENABLED trains adapters in any stage.
+A `--<stage>_checkpoint` of the running stage resumes it exactly; any other checkpoint, a Meta-format or a
+Hugging Face directory only gives the starting weights (step 0, fresh optimizer, the data from its start).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -29,16 +33,21 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+import lora
+from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from config import Config, ConfigError, exit_on_config_error, load_config
-from dataloaders import DataError, PretrainDataLoader
-from distributed import DistInfo, all_reduce_sum, setup_distributed, teardown_distributed
+from dataloaders import DataError, StepLoader
+from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
 from generate import complete
+from hardware import PrecisionChoice, autocast_context, choose_precision, peak_flops, plausible_mfu
 from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_examples
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
-from model import IGNORE_INDEX, ModelArgs, Transformer
+from model import ModelArgs, Transformer
+from stages import Distillation, Setting, Stage, build_stage, check_teacher
 from tokenizer import load_tokenizer
+
+RESUME_FLAGS = {"pretrain": "pretrain_checkpoint", "sft": "instruct_checkpoint", "dpo": "dpo_checkpoint"}
 
 
 class SetupError(ValueError):
@@ -48,14 +57,18 @@ class SetupError(ValueError):
 # ---- batch arithmetic, learning rate -----------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchPlan:
-    micro_batch: int  # sequences per forward on one rank
+    micro_batch: int  # sequences (pairs for DPO) per forward on one rank
     seq_len: int
     world_size: int
     grad_accum: int  # micro-batches per optimizer step on each rank
 
     @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch * self.seq_len * self.world_size * self.grad_accum
+        return self.samples_per_step * self.seq_len
 
     @classmethod
     def derive(cls, cfg: Config, world_size: int) -> "BatchPlan":
@@ -66,13 +79,15 @@ class BatchPlan:
                 f"size = {cfg.max_batch_size} x {cfg.max_seq_len} x {world_size} = {per_micro_step}")
         return cls(cfg.max_batch_size, cfg.max_seq_len, world_size, cfg.total_batch_size // per_micro_step)
 
-    def describe(self) -> str:
-        return (f"batch: {self.tokens_per_step:,} tokens/step = {self.micro_batch} seqs x {self.seq_len} tokens"
-                f" x {self.world_size} ranks x {self.grad_accum} accumulation steps")
+    def describe(self, unit: str) -> str:
+        rows = "pairs" if unit == "pairs" else "seqs"
+        return (f"batch: {self.tokens_per_step:,} token positions/step = {self.micro_batch} {rows} x {self.seq_len} "
+                f"tokens x {self.world_size} ranks x {self.grad_accum} accumulation steps")
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to MAX_LR over WARMUP_STEPS, then cosine decay to MIN_LR at MAX_STEPS."""
+    """Learning rate of the optimizer step that follows `step` completed steps: linear warmup reaching
+    MAX_LR on the WARMUP_STEPS-th step, then cosine decay to MIN_LR at MAX_STEPS."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
@@ -80,23 +95,23 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 # ---- building blocks --------------------------------------------------------------------------------------
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
-    args = ModelArgs(
+def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    return ModelArgs(
         dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=vocab_size,
         multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, use_scaled_rope=cfg.use_scaled_rope, rope_scale_factor=cfg.rope_scale_factor,
         rope_low_freq_factor=cfg.rope_low_freq_factor, rope_high_freq_factor=cfg.rope_high_freq_factor,
         rope_original_max_seq_len=cfg.rope_original_max_seq_len, max_seq_len=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
+        tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = Transformer(args).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    return model
+    return Transformer(model_args(cfg, vocab_size)).to(device)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (and embeddings) only, never on norm gains."""
+    """AdamW over the trainable parameters; weight decay on matrices (and embeddings) only, never on norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -106,12 +121,23 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
 
 
-def describe_embedding(model: Transformer) -> str:
-    """A tied embedding is also the output layer, so "without embeddings" would subtract nothing."""
+def describe_parameters(model: Transformer) -> str:
+    total = model.num_params()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable < total:
+        return f"{total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%: LoRA adapters)"
     embedding = model.tok_embeddings.weight.numel()
-    if model.args.tie_word_embeddings:
-        return f"of which {embedding:,} in the embedding, tied to the output layer"
-    return f"{model.num_params(exclude_embeddings=True):,} without the input embedding"
+    if model.args.tie_word_embeddings:  # a tied embedding is also the output layer: "without" would subtract none
+        return f"{total:,} parameters (of which {embedding:,} in the embedding, tied to the output layer)"
+    return f"{total:,} parameters ({model.num_params(exclude_embeddings=True):,} without the input embedding)"
+
+
+def training_flops_per_token(model: Transformer, seq_len: int) -> float:
+    """6N + attention (model.flops_per_token), less the weight-gradient matmuls (2 per parameter and token)
+    that frozen matrices skip: a LoRA step computes about 4N, not 6N."""
+    frozen = sum(p.numel() for n, p in model.named_parameters()
+                 if not p.requires_grad and p.dim() >= 2 and not n.startswith("tok_embeddings"))
+    return model.flops_per_token(seq_len) - 2 * frozen
 
 
 def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module:
@@ -138,29 +164,12 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     return nullcontext()
 
 
-def build_loaders(cfg: Config, d: DistInfo, plan: "BatchPlan", tokenizer, vocab_size: int
-                  ) -> tuple[PretrainDataLoader, PretrainDataLoader]:
-    common = dict(batch_size=cfg.max_batch_size, seq_len=cfg.max_seq_len, rank=d.rank, world_size=d.world_size,
-                  seed=cfg.seed, tokenizer_identity=tokenizer.identity(), vocab_size=vocab_size)
-    train = PretrainDataLoader(cfg.pretrain_data_dir, "train", shuffle=True,
-                               samples_per_step=plan.tokens_per_step // plan.seq_len, **common)
-    val = PretrainDataLoader(cfg.pretrain_data_dir, "val", shuffle=False, **common)
-    return train, val
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.training_precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.training_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def keep_freed_memory_on_cpu() -> bool:
     """Ask glibc to serve big buffers from its heap and keep them when freed (up to 2 GiB).
 
     By default glibc maps every buffer over its mmap threshold (at most 32 MiB) afresh and unmaps it when
     freed, so each CPU training step page-faults its activations and logits chunks in again: measured with
-    bench.py's small preset, the bf16 step runs about 2.3x faster without that (README, Benchmark).
+    bench.py's small preset, the bf16 step runs about 2.3x faster without that (BENCHMARKS.md).
     The cost is a higher resident set: freed memory stays with the process. Skipped when the user set any
     MALLOC_* variable (theirs win) and off glibc. Returns whether the setting took."""
     if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
@@ -170,38 +179,136 @@ def keep_freed_memory_on_cpu() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-KNOWN_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, FLOP/s (vendor datasheets)
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
-}
+# ---- where the weights come from ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """What a run starts from: nothing, weights only (another stage's checkpoint, a Meta-format or Hugging Face
+    directory), or a checkpoint of this stage, resumed exactly."""
+    path: Optional[str] = None
+    resume: bool = False
+    flag: str = ""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cfg: Config) -> "Start":
+        given = [(flag, getattr(args, flag)) for flag in RESUME_FLAGS.values() if getattr(args, flag)]
+        if len(given) > 1:
+            raise SetupError(f"give one starting point, not {' and '.join('--' + f for f, _ in given)}")
+        if not given:
+            return cls()
+        flag, path = given[0]
+        if not Path(path).exists():
+            raise CheckpointError(f"--{flag} {path}: not found (expected a checkpoint file of this project, a "
+                                  f"Meta-format directory or a Hugging Face model directory)")
+        ckpt_stage = read_checkpoint(path).get("stage", "pretrain") if Path(path).is_file() else None
+        flag_stage = next(stage for stage, f in RESUME_FLAGS.items() if f == flag)
+        if ckpt_stage is not None and ckpt_stage != flag_stage:
+            raise SetupError(f"--{flag} {path}: this is a {ckpt_stage} checkpoint; pass it as "
+                             f"--{RESUME_FLAGS[ckpt_stage]}")
+        return cls(path, resume=flag_stage == cfg.training_stage and ckpt_stage is not None, flag=flag)
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    """Achievable dense matmul FLOP/s on this device and dtype (the MFU denominator where no
-    datasheet figure applies, e.g. CPUs)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+def differing_shape(saved: ModelArgs, wanted: ModelArgs) -> str:
+    """'DIM=128 (the .env) vs 64 (the checkpoint), ...' for the keys that differ, nothing else."""
+    ours, theirs = asdict(wanted), asdict(saved)
+    return ", ".join(f"{k.upper()}={ours[k]} (the .env) vs {theirs[k]} (the checkpoint)" for k in ours
+                     if ours[k] != theirs[k])
 
 
-def peak_flops(cfg: Config, device: torch.device) -> float:
-    if cfg.mfu_flops_peak:
-        return cfg.mfu_flops_peak
-    if device.type == "cuda" and cfg.training_precision != "fp32":
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_FLOPS.items():
-            if key in name:
-                return value
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training_precision]
-    return measured_matmul_peak(device, dtype)
+def check_tokenizer_of(ckpt: dict, path: str, tokenizer) -> None:
+    recorded = ckpt.get("tokenizer", {}).get("sha256")
+    if recorded != tokenizer.identity()["sha256"]:
+        raise CheckpointError(f"{path}: trained with another tokenizer (sha256 {recorded}) than TOKENIZER_PATH "
+                              f"gives ({tokenizer.identity()['sha256']})")
+
+
+@dataclass
+class Initial:
+    """The model to train and what it came from."""
+    model: Transformer
+    ckpt: Optional[dict]  # the resumed checkpoint (training state), or None
+    init: Optional[dict]  # {"path", "sha256"} of the starting weights (a LoRA base, a DPO reference), None: scratch
+    note: str
+
+
+def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
+                  settings: Optional[lora.LoRASettings]) -> Initial:
+    """Build the model for a fresh, weights-only or resumed start, with LoRA adapters when enabled."""
+    if start.resume:
+        return resumed_model(cfg, start, tokenizer, vocab_size, device, settings)
+    if start.path is None:
+        model, init, note = build_model(cfg, vocab_size, device), None, ""
+    else:
+        if Path(start.path).is_file():
+            check_tokenizer_of(read_checkpoint(start.path), start.path, tokenizer)
+        model = load_model(start.path, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len).train()
+        if model.args.vocab_size < tokenizer.n_words:
+            raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
+                                  f"tokenizer's {tokenizer.n_words}")
+        # A content hash where the run will need these weights again (LoRA's base, DPO's reference).
+        init = (lora.base_reference(start.path) if settings or cfg.training_stage == "dpo"
+                else {"path": str(Path(start.path).resolve())})
+        note = (f"starting from the weights of {start.path} (step 0, fresh optimizer, the data from its start"
+                f"{', best validation reset' if Path(start.path).is_file() else ''}); the model shape is theirs")
+        if differing_shape(model.args, model_args(cfg, vocab_size)):
+            note += f" ({differing_shape(model.args, model_args(cfg, vocab_size))} in .env: ignored)"
+    if settings:
+        torch.manual_seed(cfg.seed)  # adapters start identical on every rank
+        lora.apply_lora(model, settings)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return Initial(model, None, init, note)
+
+
+def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
+                  settings: Optional[lora.LoRASettings]) -> Initial:
+    ckpt = read_checkpoint(start.path)
+    check_tokenizer_of(ckpt, start.path, tokenizer)
+    saved_args, wanted = ModelArgs.from_dict(ckpt["model_args"]), model_args(cfg, vocab_size)
+    if saved_args != wanted:
+        raise CheckpointError(f"{start.path}: model shape differs: {differing_shape(saved_args, wanted)}")
+    if ("lora" in ckpt) != bool(settings):
+        raise CheckpointError(f"{start.path}: {'a LoRA' if 'lora' in ckpt else 'not a LoRA'} run; set LORA_ENABLED="
+                              f"{'true' if 'lora' in ckpt else 'false'} to resume it")
+    if settings:
+        lora.check_settings_match(ckpt["lora"], settings)
+        if ckpt.get("base") is not None:
+            base = lora.verify_base(ckpt["base"])
+            model = load_model(base, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len).train()
+        else:
+            model = build_model(cfg, vocab_size, device)
+        lora.apply_lora(model, settings)
+        lora.load_adapter_weights(model, ckpt)
+    else:
+        model = build_model(cfg, vocab_size, device)
+        model.load_state_dict(ckpt["model"])
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return Initial(model, ckpt, ckpt.get("init"), "")
+
+
+def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, device: torch.device
+                       ) -> Callable[[], Transformer]:
+    """A fresh copy of the weights the run started from (DPO's reference without LoRA)."""
+    def load() -> Transformer:
+        if init is None:
+            return build_model(cfg, vocab_size, device)
+        path = lora.verify_base(init) if init.get("sha256") else init["path"]
+        return load_model(path, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len)
+    return load
+
+
+def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionChoice, d: DistInfo) -> Transformer:
+    """Frozen, eval mode, on the student's device; bf16 when asked (or when training in bf16). Under FSDP its
+    blocks are sharded over the ranks (the root stays whole: the loss reads its output weight directly)."""
+    auto = torch.bfloat16 if precision.precision == "bf16" else torch.float32
+    dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
+    teacher = load_model(cfg.teacher_model_checkpoint, device=d.device, dtype=dtype, max_seq_len=cfg.max_seq_len)
+    check_teacher(teacher, vocab_size, tokenizer, cfg.teacher_model_checkpoint)
+    if Path(cfg.teacher_model_checkpoint).is_file():
+        check_tokenizer_of(read_checkpoint(cfg.teacher_model_checkpoint), cfg.teacher_model_checkpoint, tokenizer)
+    teacher.requires_grad_(False).eval()
+    if d.world_size > 1 and cfg.parallelism == "fsdp":
+        for layer in teacher.layers:
+            fully_shard(layer)
+    return teacher
 
 
 # ---- run state, checkpoints, signals -----------------------------------------------------------------------
@@ -233,59 +340,106 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    return cfg.run_path / "checkpoints"
+def step_of(path: Path) -> int:
+    return int(path.stem.split("_", 1)[1])
+
+
+class CheckpointKeeper:
+    """Step checkpoints of one run directory, kept by write order: the last KEEP_LAST_CHECKPOINTS written stay,
+    the one just written always among them. Files already there when the run starts were written before any
+    of this run's (train.py refuses to start where it would overwrite one), so they come first by step."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory, self.keep = directory, keep
+        self.written = sorted(directory.glob("step_*.pt"), key=step_of) if directory.is_dir() else []
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"step_{step:06d}.pt"
+
+    def saved(self, path: Path) -> None:
+        self.written = [p for p in self.written if p != path] + [path]
+        for stale in self.written[: -self.keep]:
+            stale.unlink(missing_ok=True)
+        self.written = self.written[-self.keep:]
+
+
+def check_run_dir(cfg: Config, start: Start, first_step: int, overwrite: bool) -> list[str]:
+    """Never overwrite another run's files without being told to: a fresh run needs an empty RUN_DIR, a resumed
+    one must not write over checkpoints after its starting step. Returns the lines to print; with --overwrite
+    the files in the way are removed (saying so)."""
+    ckpt_dir = cfg.run_path / "checkpoints"
+    existing = sorted(ckpt_dir.glob("step_*.pt"), key=step_of) if ckpt_dir.is_dir() else []
+    metrics = cfg.run_path / "metrics.jsonl"
+    if start.resume and Path(start.path).resolve().parent == ckpt_dir.resolve():  # this run, continued
+        in_the_way = [p for p in existing if step_of(p) > first_step]
+        what = f"checkpoints after step {first_step} ({in_the_way[-1].name} ...)" if in_the_way else ""
+    else:
+        in_the_way = existing + ([metrics] if metrics.is_file() and metrics.stat().st_size else [])
+        what = f"a run ({', '.join(p.name for p in in_the_way[-2:])})" if in_the_way else ""
+    if not in_the_way:
+        return []
+    if not overwrite:
+        hint = (f"resume it with --{RESUME_FLAGS[cfg.training_stage]} {existing[-1]}, " if existing and not start.resume
+                else "")
+        raise SetupError(f"RUN_DIR {cfg.run_path} already holds {what}, which this run would overwrite: {hint}"
+                         f"set another RUN_DIR, or pass --overwrite to replace them")
+    for path in in_the_way:
+        path.unlink()
+    return [f"--overwrite: removed {len(in_the_way)} file(s) of an earlier run from {cfg.run_path}"]
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_training_checkpoint(cfg: Config, state: TrainState, model, optimizer, scaler, train_loader,
-                             tokenizer, plan: BatchPlan, d: DistInfo) -> Optional[Path]:
-    """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives
-    them); rank 0 writes one file that loads under DDP, FSDP or a single process alike."""
-    model_state = get_model_state_dict(model, options=FULL_STATE)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-    if not d.is_main:
+@dataclass
+class Run:
+    """Everything a checkpoint is made of, besides the training state."""
+    cfg: Config
+    model: Transformer  # the bare model (FSDP shards it in place)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: StepLoader
+    tokenizer: object
+    plan: BatchPlan
+    d: DistInfo
+    settings: Optional[lora.LoRASettings]
+    init: Optional[dict]
+    keeper: CheckpointKeeper
+
+
+def save_training_checkpoint(run: Run, state: TrainState) -> Optional[Path]:
+    """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives them); rank 0
+    writes one file that loads under DDP, FSDP or a single process alike. A LoRA run's checkpoint holds the
+    adapters and a reference to its base weights (every weight when there is no base file)."""
+    if run.settings:
+        weights = lora.adapter_checkpoint_fields(run.model, run.settings, run.init)
+    else:
+        weights = {"model_state": get_model_state_dict(run.model, options=FULL_STATE)}
+    optim_state = get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE)
+    if not run.d.is_main:
         return None
-    path = checkpoint_dir(cfg) / f"step_{state.step:06d}.pt"
+    path = run.keeper.path_for(state.step)
     save_checkpoint(
-        path, model, model_state=model_state,
-        optimizer=optim_state, scaler=scaler.state_dict(), step=state.step,
-        best_val_loss=state.best_val_loss, validations_without_improvement=state.validations_without_improvement,
-        wandb_run_id=state.wandb_run_id, dataloader=train_loader.state_dict(), rng=rng_state(),
-        config=cfg.to_dict(), tokenizer=tokenizer.identity(), tokenizer_path=str(tokenizer.path),
-        world_size=plan.world_size, tokens_per_step=plan.tokens_per_step,
-    )
-    old = sorted(checkpoint_dir(cfg).glob("step_*.pt"))[: -cfg.keep_last_checkpoints]
-    for stale in old:
-        stale.unlink(missing_ok=True)
+        path, run.model, **weights, optimizer=optim_state, scaler=run.scaler.state_dict(), step=state.step,
+        stage=run.cfg.training_stage, init=run.init, best_val_loss=state.best_val_loss,
+        validations_without_improvement=state.validations_without_improvement, wandb_run_id=state.wandb_run_id,
+        dataloader=run.train_loader.state_dict(), rng=rng_state(), config=run.cfg.to_dict(),
+        tokenizer=run.tokenizer.identity(), tokenizer_path=str(run.tokenizer.path),
+        world_size=run.plan.world_size, tokens_per_step=run.plan.tokens_per_step)
+    run.keeper.saved(path)
     return path
 
 
-def load_weights(path: str, model: Transformer, tokenizer, reset_optimizer: bool) -> dict:
-    """Read a checkpoint and load its weights into the bare model, before any wrapping or sharding."""
-    ckpt = read_checkpoint(path)
-    if ckpt.get("tokenizer", {}).get("sha256") != tokenizer.identity()["sha256"]:
-        raise CheckpointError(f"{path}: trained with another tokenizer than TOKENIZER_PATH gives")
-    saved_args = ModelArgs.from_dict(ckpt["model_args"])
-    if saved_args != model.args:
-        raise CheckpointError(f"{path}: model shape {saved_args} differs from the .env's {model.args}")
-    if not reset_optimizer and "optimizer" not in ckpt:
-        raise CheckpointError(f"{path}: holds no optimizer state; pass --reset-optimizer to start a fresh one")
-    model.load_state_dict(ckpt["model"])
-    return ckpt
-
-
-def restore_training_state(ckpt: dict, model, optimizer, scaler, train_loader, reset_optimizer: bool
-                           ) -> TrainState:
+def restore_training_state(ckpt: dict, run: Run, reset_optimizer: bool) -> TrainState:
     """Optimizer (sharded again under FSDP), loss scaler, data position and RNG from a checkpoint."""
     if not reset_optimizer:
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+        if "optimizer" not in ckpt:
+            raise CheckpointError("the checkpoint holds no optimizer state; pass --reset-optimizer to start a fresh one")
+        set_optimizer_state_dict(run.model, run.optimizer, ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
-        scaler.load_state_dict(ckpt["scaler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
     if "dataloader" in ckpt:
-        train_loader.load_state_dict(ckpt["dataloader"])
+        run.train_loader.load_state_dict(ckpt["dataloader"])
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return TrainState(step=int(ckpt.get("step", 0)), best_val_loss=float(ckpt.get("best_val_loss", float("inf"))),
@@ -294,11 +448,11 @@ def restore_training_state(ckpt: dict, model, optimizer, scaler, train_loader, r
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop agrees on it across ranks at the end of a step,
-    saves a checkpoint and exits, so preemption loses at most one step."""
+    """SIGINT/SIGTERM set a flag, acknowledged at once; the ranks agree on it at the end of the step in
+    progress, which is then saved, so preemption loses nothing and never runs a step more."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, say: Callable[[str], None]):
+        self.requested, self.say = False, say
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -306,74 +460,83 @@ class StopRequest:
         if self.requested:  # second Ctrl-C: the user really means it
             raise KeyboardInterrupt
         self.requested = True
+        self.say(f"{signal.Signals(signum).name}: stopping after this step, saving a checkpoint... "
+                 f"(again to quit at once)")
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
-def train_step(model, optimizer, scaler, batches, cfg: Config, d: DistInfo, lr: float, stop_flag: bool
-               ) -> tuple[dict, bool]:
+def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg: Config, d: DistInfo, lr: float,
+               stop: StopRequest) -> tuple[dict, bool]:
     """One optimizer step over this rank's micro-batches.
 
-    The loss is normalised by the number of target tokens over all micro-batches and ranks
-    (not averaged per micro-batch), so masked data and uneven micro-batches weigh correctly.
+    The loss is the stage's summed loss divided by the number of units it trains (target tokens, pairs) over
+    all micro-batches and ranks, not averaged per micro-batch, so masked data and uneven micro-batches weigh
+    correctly; the stage's extra figures are averaged the same way. A step whose batches train nothing
+    updates nothing.
     """
-    # One host sync per step for both figures: the global target count and the stop vote.
-    n_valid_local = torch.stack([(y != IGNORE_INDEX).sum() for _, y in batches]).sum().float()
-    counts = all_reduce_sum(torch.stack([n_valid_local, torch.tensor(float(stop_flag), device=d.device)]))
-    n_valid, stop_votes = counts.tolist()
-    stop_all = stop_votes > 0
+    # One host sync for the global count (and the input tokens, for throughput) before the backward passes...
+    local = torch.stack([torch.stack([stage.count(b).float(), b["input_tokens"].float()]) for b in batches]).sum(0)
+    n_units, n_inputs = all_reduce_sum(local).tolist()
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    loss_sum = torch.zeros((), device=d.device)
-    for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
-        with gradient_sync(model, enabled=last):
-            with autocast_context(cfg, d.device):
-                _, loss = model(x, y, loss_reduction="sum", return_logits=False)
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        with gradient_sync(model, enabled=i == len(batches) - 1):
+            with autocast_context(cfg.training_precision, d.device):
+                loss, extras = stage.loss(model, batch)
             # DDP averages gradients over ranks, hence the world_size factor.
-            scaler.scale(loss * (d.world_size / max(n_valid, 1.0))).backward()
-        loss_sum += loss.detach().float()
+            scaler.scale(loss * (d.world_size / max(n_units, 1.0))).backward()
+        for name, value in {"loss": loss, **extras}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
 
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
-    if torch.isfinite(grad_norm) or scaler.is_enabled():
+    if n_units > 0 and (torch.isfinite(grad_norm) or scaler.is_enabled()):
         scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    mean_loss = all_reduce_sum(loss_sum).item() / max(n_valid, 1.0)
-    return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": int(n_valid)}, stop_all
+    # ...and one after them, for the figures and the stop vote, taken now so a signal stops this step.
+    names = list(sums)
+    totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(stop.requested),
+                                                                                  device=d.device)]))
+    values = totals.tolist()
+    metrics = {k: v / max(n_units, 1.0) for k, v in zip(names, values)}
+    metrics.update(lr=lr, grad_norm=grad_norm.item(), units=int(n_units), input_tokens=int(n_inputs))
+    return metrics, values[-1] > 0
 
 
-def next_batches(loader: PretrainDataLoader, n: int, device: torch.device) -> list:
+def to_device(batch: dict, device: torch.device) -> dict:
     pin = device.type == "cuda"
-    out = []
-    for _ in range(n):
-        batch = loader.next_batch()
-        x, y = batch["tokens"], batch["targets"]
-        if pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        out.append((x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)))
-    return out
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, loader: PretrainDataLoader, steps: int, cfg: Config, d: DistInfo) -> float:
-    """Mean token loss over the same `steps` validation batches every time, summed over ranks."""
+def validate(model, stage: Stage, loader: StepLoader, cfg: Config, d: DistInfo) -> dict:
+    """The stage's loss and figures over the same VALIDATION_STEPS micro-batches every time, summed over ranks."""
     loader.reset()
+    was_training = model.training
     model.eval()
-    totals = torch.zeros(2, device=d.device)
-    for x, y in next_batches(loader, steps, d.device):
-        with autocast_context(cfg, d.device):
-            _, loss = model(x, y, loss_reduction="sum", return_logits=False)
-        totals += torch.stack([loss.float(), (y != IGNORE_INDEX).sum().float()])
-    model.train()
-    totals = all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=d.device)
+    for _ in range(cfg.validation_steps):
+        batch = to_device(loader.next_batch(), d.device)
+        with autocast_context(cfg.training_precision, d.device):
+            loss, extras = stage.loss(model, batch)
+        for name, value in {"loss": loss, **extras}.items():
+            sums[name] = sums.get(name, 0) + value.float()
+        count += stage.count(batch).float()
+    model.train(was_training)
+    names = list(sums)
+    totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [count])).tolist()
+    return {f"val_{k}": v / max(totals[-1], 1.0) for k, v in zip(names, totals)}
 
 
-def read_prompts(cfg: Config) -> list[str]:
+def read_prompts(cfg: Config, tokenizer, chat: bool) -> list[str]:
+    """Sample-generation prompts (user messages for chat stages), checked against the context now: a prompt
+    too long would otherwise fail at the last step, before its checkpoint."""
     path = Path(cfg.generation_prompts_file)
     if not path.is_file():
         raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r}: file not found "
@@ -381,19 +544,25 @@ def read_prompts(cfg: Config) -> list[str]:
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r} holds no prompt")
+    for number, prompt in enumerate(prompts, 1):
+        ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat
+               else tokenizer.encode(prompt, bos=True, eos=False))
+        if len(ids) >= cfg.max_seq_len:
+            raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r}: prompt {number} has "
+                             f"{len(ids)} tokens, but MAX_SEQ_LEN={cfg.max_seq_len} leaves no room to generate")
     return prompts
 
 
-def sample_generations(model: Transformer, tokenizer, prompts: list[str], cfg: Config, step: int,
+def sample_generations(model: Transformer, tokenizer, prompts: list[str], chat: bool, cfg: Config, step: int,
                        logger: RunLogger) -> None:
     model.eval()
     samples = []
-    for prompt in prompts:
-        with autocast_context(cfg, model.tok_embeddings.weight.device):
-            text = complete(model, tokenizer, prompt, cfg.generation_max_new_tokens, temperature=0.8, top_k=50,
-                            seed=cfg.seed + step)
+    for number, prompt in enumerate(prompts):
+        with autocast_context(cfg.training_precision, model.tok_embeddings.weight.device):
+            text = complete(model, tokenizer, prompt, cfg.generation_max_new_tokens, chat=chat, temperature=0.8,
+                            top_k=50, seed=cfg.seed + 1000 * step + number)  # each prompt its own draw
         samples.append({"prompt": prompt, "completion": text})
-        logger.print(f"  sample | {prompt}{text!r}")
+        logger.print(f"  sample {number + 1} | {prompt!r} -> {text!r}")
     model.train()
     logger.log(step, {"samples": samples})
 
@@ -402,13 +571,19 @@ def sample_generations(model: Transformer, tokenizer, prompts: list[str], cfg: C
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env_file", default=None, help="settings file (default: ./.env if present)")
-    p.add_argument("--pretrain_checkpoint", default=None, help="resume from this checkpoint file")
+    p.add_argument("--pretrain_checkpoint", default=None,
+                   help="resume pretraining from this checkpoint (other stages: start from its weights)")
+    p.add_argument("--instruct_checkpoint", "--sft_checkpoint", dest="instruct_checkpoint", default=None,
+                   help="resume SFT from this checkpoint (DPO: start from its weights)")
+    p.add_argument("--dpo_checkpoint", default=None, help="resume DPO from this checkpoint")
     p.add_argument("--reset-optimizer", "--reset_optimizer", dest="reset_optimizer", action="store_true",
                    help="when resuming, keep the weights but start a fresh optimizer")
     p.add_argument("--start-step", "--start_step", dest="start_step", type=int, default=None,
                    help="step to continue from (learning-rate schedule position); default: the checkpoint's")
     p.add_argument("--stop-step", "--stop_step", dest="stop_step", type=int, default=None,
                    help="save and stop after this step without changing the schedule (time-boxed jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's checkpoints and metrics in RUN_DIR instead of refusing")
     return p.parse_args(argv)
 
 
@@ -418,112 +593,157 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.env_file)
     except ConfigError as e:
         exit_on_config_error(e)
-    if cfg.training_stage != "pretrain":
-        print(f"error: TRAINING_STAGE={cfg.training_stage} is not implemented yet; only 'pretrain' is",
-              file=sys.stderr)
+    try:
+        d = setup_distributed(cfg.device, cfg.ddp_backend)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    d = setup_distributed(cfg.device, cfg.ddp_backend)
     if d.device.type == "cpu":
         keep_freed_memory_on_cpu()
     try:
-        return pretrain(cfg, args, d)
-    except (SetupError, DataError, CheckpointError, HellaSwagDataError, FileNotFoundError) as e:
+        return train(cfg, args, d)
+    except (SetupError, DataError, CheckpointError, HellaSwagDataError, lora.LoRAError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         teardown_distributed()
 
 
-def check_precision_fits_device(cfg: Config, device: torch.device) -> None:
+def check_precision_fits_device(precision: PrecisionChoice, device: torch.device) -> None:
     """fp16 with loss scaling is for GPUs without bf16. CPUs have no fast float16 matmul: on this
     project's 2-core AMD VM it runs at 2.3 GFLOP/s against 140 in float32, so a run would crawl."""
-    if device.type == "cpu" and cfg.training_precision == "fp16":
+    if device.type == "cpu" and precision.precision == "fp16":
         raise SetupError("TRAINING_PRECISION=fp16 is invalid on CPU, which has no fast float16 matmul "
-                         "(tens of times slower than float32): expected bf16 or fp32")
+                         "(tens of times slower than float32): expected auto, bf16 or fp32")
 
 
-def pretrain(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
-    check_precision_fits_device(cfg, d.device)
+def agreed(check: Callable[[], list[str]], d: DistInfo) -> list[str]:
+    """Run a file-system check on rank 0 only and let every rank fail (or go on) alike."""
+    outcome = None
+    if d.is_main:
+        try:
+            outcome = ("ok", check())
+        except SetupError as e:
+            outcome = ("error", str(e))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise SetupError(value)
+    return value
+
+
+def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
+    precision = choose_precision(cfg.training_precision, d.device)
+    check_precision_fits_device(precision, d.device)
+    cfg.training_precision = precision.precision  # resolved once; checkpoints record what ran
     tokenizer = load_tokenizer(cfg.tokenizer_path or None)
     vocab_size = cfg.vocab_size or tokenizer.n_words
     if vocab_size < tokenizer.n_words:
         raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
     plan = BatchPlan.derive(cfg, d.world_size)
-    prompts = read_prompts(cfg)
+    settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
+    start = Start.from_args(args, cfg)
     hellaswag = load_examples(cfg.hellaswag_path or None, cfg.hellaswag_number_of_examples or None) \
         if cfg.hellaswag_every_x_steps else None
-    train_loader, val_loader = build_loaders(cfg, d, plan, tokenizer, vocab_size)
-    model = build_model(cfg, vocab_size, d.device)
-    flops_per_token, n_params = model.flops_per_token(cfg.max_seq_len), model.num_params()
-    ckpt = load_weights(args.pretrain_checkpoint, model, tokenizer, args.reset_optimizer) \
-        if args.pretrain_checkpoint else None
+
+    initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings)
+    model = initial.model
+    first_step = args.start_step if args.start_step is not None else int((initial.ckpt or {}).get("step", 0))
+    removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
+    setting = Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size)
+    stage = build_stage(setting, **({"initial_weights": initial_weights_fn(cfg, initial.init, vocab_size, d.device),
+                                     "lora_reference": bool(settings),
+                                     "init_identity": str((initial.init or {}).get("sha256") or initial.init)}
+                                    if cfg.training_stage == "dpo" else {}))
+    if cfg.is_model_distillation:
+        stage = Distillation(stage, load_teacher(cfg, tokenizer, vocab_size, precision, d))
+    prompts = read_prompts(cfg, tokenizer, stage.chat)
+    train_loader, val_loader = stage.loaders()
+    stage.setup(model)
+    flops_per_token = training_flops_per_token(model, cfg.max_seq_len)
+
     train_model = parallelize(model, cfg, d)
     sharded = isinstance(model, FSDPModule)
     optimizer = build_optimizer(model, cfg, d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.training_precision == "fp16")
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision.precision == "fp16")
+    run = Run(cfg, model, optimizer, scaler, train_loader, tokenizer, plan, d, settings, initial.init,
+              CheckpointKeeper(cfg.run_path / "checkpoints", cfg.keep_last_checkpoints))
     state = TrainState()
-    if ckpt is not None:
-        state = restore_training_state(ckpt, model, optimizer, scaler, train_loader, args.reset_optimizer)
-        del ckpt
-    resumed_from = state.step
-    if args.start_step is not None:
-        state.step = args.start_step
+    if initial.ckpt is not None:
+        state = restore_training_state(initial.ckpt, run, args.reset_optimizer)
+    resumed_from, saved_tokens_per_step = state.step, (initial.ckpt or {}).get("tokens_per_step")
+    initial.ckpt = None
+    state.step = first_step
     stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
 
-    logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if args.pretrain_checkpoint else 0,
+    logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if start.resume else 0,
                        wandb_run_id=state.wandb_run_id, initial_step=state.step)
     state.wandb_run_id = logger.wandb_run_id
-    peak = peak_flops(cfg, d.device)
-    logger.print(f"model: {n_params:,} parameters ({describe_embedding(model)}), "
-                 f"{flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x {d.world_size}"
-                 f"{' (fsdp)' if sharded else ''} | {cfg.training_precision}")
-    logger.print(plan.describe())
-    logger.print(f"data: {train_loader.num_tokens:,} train tokens ({train_loader.num_tokens / plan.tokens_per_step:.1f}"
-                 f" steps/epoch), {val_loader.num_tokens:,} validation tokens")
-    if args.pretrain_checkpoint:
-        logger.print(f"resumed from {args.pretrain_checkpoint} at step {resumed_from}"
+    peak, peak_source = peak_flops(d.device, precision.precision, cfg.mfu_flops_peak)
+    for line in removed:
+        logger.print(line)
+    if precision.warning:
+        logger.print(precision.warning)
+    logger.print(f"model: {describe_parameters(model)}, {flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x "
+                 f"{d.world_size}{' (fsdp)' if sharded else ''} | {precision.describe()}")
+    logger.print(f"stage: {stage.name}{' + distillation from ' + cfg.teacher_model_checkpoint if cfg.is_model_distillation else ''}"
+                 f"{' + LoRA ' + str(settings.to_dict()) if settings else ''} | {plan.describe(stage.unit)}")
+    logger.print(f"data: {train_loader.describe()}, {val_loader.describe()} | metrics: {logger.path} | "
+                 f"checkpoints: {run.keeper.directory}")
+    if initial.note:
+        logger.print(initial.note)
+    if start.resume:
+        logger.print(f"resumed from {start.path} at step {resumed_from}"
                      + (f", continuing as step {state.step}" if state.step != resumed_from else "")
                      + (", fresh optimizer" if args.reset_optimizer else ""))
+        if saved_tokens_per_step and saved_tokens_per_step != plan.tokens_per_step:
+            logger.print(f"batch geometry changed: {saved_tokens_per_step:,} -> {plan.tokens_per_step:,} token "
+                         f"positions per step; the data continues from the same sample position")
 
     if cfg.compile:
         train_model = torch.compile(train_model)
     eval_model = torch.compile(model) if cfg.compile else model
 
-    stop = StopRequest()
+    stop = StopRequest(logger.print)
     reason = "finished"
+    logger.start_progress()
     while state.step < stop_step:
         t0 = time.perf_counter()
-        batches = next_batches(train_loader, plan.grad_accum, d.device)
+        batches = [to_device(b, d.device) for b in train_loader.next_step()]
         t_data = time.perf_counter() - t0
-        metrics, stop_all = train_step(train_model, optimizer, scaler, batches, cfg, d, lr_at(state.step, cfg),
-                                       stop.requested)
+        metrics, stop_all = train_step(train_model, stage, optimizer, scaler, batches, cfg, d, lr_at(state.step, cfg),
+                                       stop)
         state.step += 1
         step_time = time.perf_counter() - t0
-        tokens_per_s = metrics["tokens"] / step_time
+        tokens_per_s = metrics["input_tokens"] / step_time
         metrics.update(tokens_per_s=tokens_per_s, step_time_s=step_time, data_share=t_data / step_time,
-                       mfu=flops_per_token * tokens_per_s / (peak * d.world_size), epoch=train_loader.epoch)
+                       mfu=plausible_mfu(flops_per_token * tokens_per_s, peak * d.world_size),
+                       epoch=train_loader.epoch)
         logger.advance()
         logger.log(state.step, metrics, format_step_line(state.step, cfg.max_steps, metrics)
                    if state.step % cfg.log_every_x_steps == 0 else None)
         if not math.isfinite(metrics["loss"]):
             logger.print(f"warning: non-finite loss at step {state.step}")
 
-        last = state.step >= stop_step
-        if cfg.validate_every_x_steps and state.step % cfg.validate_every_x_steps == 0 or last:
-            if evaluate_and_check_patience(eval_model, val_loader, cfg, d, state, logger):
+        # Validation, HellaSwag and samples happen on their schedule and at the end of the whole run, never at
+        # the end of a --stop-step box or a signal: a run split into boxes logs what the whole run logs.
+        end = state.step >= cfg.max_steps
+        if cfg.validate_every_x_steps and state.step % cfg.validate_every_x_steps == 0 or end:
+            if evaluate_and_check_patience(eval_model, model, stage, val_loader, cfg, d, state, logger, sharded):
                 reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
-                last = True
-        if hellaswag and (state.step % cfg.hellaswag_every_x_steps == 0 or last):
-            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger, sharded)
-        # Sharded weights are gathered collectively, so under FSDP every rank generates (the same text).
-        if (d.is_main or sharded) and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0 or last):
-            sample_generations(model, tokenizer, prompts, cfg, state.step, logger)
+                end = True
         if stop_all:
-            reason, last = "stopped by signal", True
+            reason = "stopped by signal"
+        last = end or stop_all or state.step >= stop_step
         if (cfg.save_every_x_steps and state.step % cfg.save_every_x_steps == 0) or last:
-            path = save_training_checkpoint(cfg, state, model, optimizer, scaler, train_loader, tokenizer, plan, d)
+            path = save_training_checkpoint(run, state)  # before anything else that could still fail
             if path:
                 logger.print(f"checkpoint: {path}")
+        if hellaswag and (state.step % cfg.hellaswag_every_x_steps == 0 or end):
+            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger, sharded)
+        # Sharded weights are gathered collectively, so under FSDP every rank generates (the same text).
+        if (d.is_main or sharded) and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0
+                                       or end):
+            sample_generations(model, tokenizer, prompts, stage.chat, cfg, state.step, logger)
         if last:
             break
     logger.print(f"{reason} at step {state.step}")
@@ -543,17 +763,20 @@ def run_hellaswag(model: Transformer, tokenizer, hellaswag: tuple[list, int], cf
     logger.log(step, as_metrics(result, skipped), format_result(result, skipped))
 
 
-def evaluate_and_check_patience(model, val_loader, cfg: Config, d: DistInfo, state: TrainState,
-                                logger: RunLogger) -> bool:
-    """Log validation loss; True when early stopping's patience has run out."""
-    val = validation_loss(model, val_loader, cfg.validation_steps, cfg, d)
-    improved = val < state.best_val_loss
-    if improved:
+def evaluate_and_check_patience(eval_model, model: Transformer, stage: Stage, val_loader: StepLoader, cfg: Config,
+                                d: DistInfo, state: TrainState, logger: RunLogger, sharded: bool) -> bool:
+    """Log the validation figures; True when early stopping's patience has run out."""
+    figures = validate(eval_model, stage, val_loader, cfg, d)
+    with autocast_context(cfg.training_precision, d.device):
+        figures |= {f"val_{k}": v for k, v in stage.evaluate(model, state.step, sharded).items()}
+    val = figures["val_loss"]
+    if val < state.best_val_loss:
         state.best_val_loss, state.validations_without_improvement = val, 0
     else:
         state.validations_without_improvement += 1
-    logger.log(state.step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))},
-               f"validation | step {state.step} | val_loss {val:.4f} | best {state.best_val_loss:.4f}")
+    extra = "".join(f" | {k[4:]} {v:.4f}" for k, v in figures.items() if k != "val_loss" and isinstance(v, float))
+    logger.log(state.step, figures | {"val_perplexity": math.exp(min(val, 50))},
+               f"validation | step {state.step} | val_loss {val:.4f} | best {state.best_val_loss:.4f}{extra}")
     return bool(cfg.early_stopping_patience) and state.validations_without_improvement >= cfg.early_stopping_patience
 
 

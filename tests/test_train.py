@@ -209,9 +209,10 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     ({"TOTAL_BATCH_SIZE": "100"}, [], r"TOTAL_BATCH_SIZE=100 is not a multiple of .* = 64"),
     ({"PRETRAIN_DATA_DIR": "missing"}, [], r"missing.*load_pretrain_dataset\.py"),
     ({"GENERATION_PROMPTS_FILE": "nope.txt"}, [], r"GENERATION_PROMPTS_FILE='nope.txt': file not found"),
-    ({}, ["--pretrain_checkpoint", "nope.pt"], r"checkpoint not found: nope\.pt"),
-    ({"TRAINING_STAGE": "dpo"}, [], r"TRAINING_STAGE=dpo is not implemented yet"),
-    ({"TRAINING_PRECISION": "fp16", "DEVICE": "cpu"}, [], r"TRAINING_PRECISION=fp16 is invalid on CPU.*expected bf16 or fp32"),
+    ({}, ["--pretrain_checkpoint", "nope.pt"], r"--pretrain_checkpoint nope\.pt: not found \(expected a checkpoint"),
+    ({"TRAINING_STAGE": "dpo", "DPO_DATA_DIR": "none"}, [], r"data directory none does not exist.*load_dpo_dataset"),
+    ({"TRAINING_STAGE": "sft", "INSTRUCT_DATA_DIR": "none"}, [], r"none does not exist.*load_instruct_dataset"),
+    ({"TRAINING_PRECISION": "fp16", "DEVICE": "cpu"}, [], r"TRAINING_PRECISION=fp16 is invalid on CPU.*expected auto, bf16 or fp32"),
 ])
 def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, args, message):
     env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(tmp_path / "run"), **overrides}

@@ -1,0 +1,330 @@
+"""What differs between training stages: their data, their loss, their metrics and their extra models.
+
+The loop in train.py knows none of it. It asks a stage for
+
+    loaders()               train and validation loaders (dataloaders.py), resumable, rank-aware
+    count(batch)            how many units a micro-batch trains (target tokens; pairs for DPO)
+    loss(model, batch)      (summed loss, {name: summed figure}): the loop divides both by the global count
+                            over micro-batches and ranks, so every stage weighs its data correctly
+    evaluate(model, step)   figures beyond the validation loss (exact match of SFT answers, ...)
+    prompts / chat          what sample generations start from
+
+Distillation is not a stage: `Distillation` wraps a stage's loss with a teacher's. LoRA is not one
+either: it changes which parameters train (lora.py) and what a checkpoint holds (train.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from config import Config
+from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataLoader, StepLoader
+from distributed import DistInfo, all_reduce_sum
+from generate import generate_tokens
+from hardware import autocast_context
+from losses import IGNORE_INDEX, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
+from model import Transformer, document_attention_mask
+
+EXACT_MATCH_FILE = "eval.jsonl"  # written by load_instruct_dataset.py beside the shards
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every stage is built from."""
+    cfg: Config
+    d: DistInfo
+    samples_per_step: int  # global samples per optimizer step
+    tokenizer: object
+    vocab_size: int
+
+
+class Stage:
+    name = "pretrain"
+    unit = "tokens"  # what the loss is averaged over
+    chat = False  # sample generations in the chat format
+
+    def __init__(self, s: Setting):
+        self.s, self.cfg, self.d = s, s.cfg, s.d
+
+    def loaders(self) -> tuple[StepLoader, StepLoader]:
+        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
+                      world_size=self.d.world_size, seed=self.cfg.seed,
+                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
+        return (PretrainDataLoader(self.cfg.pretrain_data_dir, "train", shuffle=True,
+                                   samples_per_step=self.s.samples_per_step, **common),
+                PretrainDataLoader(self.cfg.pretrain_data_dir, "val", shuffle=False, **common))
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX).sum()
+
+    def inputs(self, batch: dict) -> dict:
+        """Keyword arguments of the model's forward besides the tokens (packed rows: positions and mask)."""
+        return {}
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        _, loss = model(batch["tokens"], batch["targets"], loss_reduction="sum", return_logits=False,
+                        **self.inputs(batch))
+        return loss, {}
+
+    def setup(self, model: Transformer) -> None:
+        """Extra models or precomputed figures, once the policy model exists (before it is wrapped)."""
+
+    def evaluate(self, model: Transformer, step: int, sharded: bool) -> dict:
+        return {}
+
+
+class SFTStage(Stage):
+    """Instruction tuning: the loss covers assistant turns and their closing <|eot_id|> only (the mask comes
+    with the data); packed conversations never attend to each other and restart their positions."""
+    name, chat = "sft", True
+
+    def loaders(self) -> tuple[StepLoader, StepLoader]:
+        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
+                      world_size=self.d.world_size, seed=self.cfg.seed, packing=self.cfg.packing,
+                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
+        return (ChatDataLoader(self.cfg.instruct_data_dir, "train", shuffle=True,
+                               samples_per_step=self.s.samples_per_step, **common),
+                ChatDataLoader(self.cfg.instruct_data_dir, "val", shuffle=False, **common))
+
+    def inputs(self, batch: dict) -> dict:
+        if "document_ids" not in batch:
+            return {}
+        return {"positions": batch["positions"], "attn_mask": document_attention_mask(batch["document_ids"])}
+
+    def setup(self, model: Transformer) -> None:
+        self.examples, self.too_long = read_exact_match_examples(
+            Path(self.cfg.instruct_data_dir), self.cfg.instruct_eval_examples, self.s.tokenizer, model.args.max_seq_len)
+
+    def evaluate(self, model: Transformer, step: int, sharded: bool) -> dict:
+        if not self.examples:
+            return {}
+        return exact_match(model, self.s.tokenizer, self.examples, self.d, sharded)
+
+
+def read_exact_match_examples(data_dir: Path, limit: int, tokenizer, max_seq_len: int) -> tuple[list, int]:
+    """The first `limit` held-out prompts with their one exact answer; those that cannot be answered within
+    the context are left out (counted), so nothing fails late."""
+    path = data_dir / EXACT_MATCH_FILE
+    if not limit or not path.is_file():
+        return [], 0
+    examples, too_long = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(examples) >= limit:
+                break
+            item = json.loads(line)
+            prompt = tokenizer.encode_chat(item["messages"])
+            answer = tokenizer.encode(item["answer"].strip(), bos=False, eos=False)
+            if len(prompt) + len(answer) + 1 > max_seq_len:
+                too_long += 1
+                continue
+            examples.append((prompt, item["answer"].strip(), len(answer) + 1))
+    return examples, too_long
+
+
+@torch.no_grad()
+def exact_match(model: Transformer, tokenizer, examples: list, d: DistInfo, sharded: bool) -> dict:
+    """Greedy answers to held-out prompts, compared as whole strings: right only if the model stops after the
+    answer (one token more than the answer's suffices to see whether <|eot_id|> follows). Each rank answers
+    its share; under FSDP every forward is collective, so every rank answers all of them in lockstep."""
+    share = examples if sharded else examples[d.rank::d.world_size]
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for prompt, answer, budget in share:
+        ids = list(generate_tokens(model, prompt, budget, tokenizer.stop_tokens))
+        correct += tokenizer.decode(ids).strip() == answer
+    model.train(was_training)
+    counts = torch.tensor([len(share), correct], dtype=torch.float64, device=model.tok_embeddings.weight.device)
+    n, right = (counts if sharded else all_reduce_sum(counts)).tolist()
+    return {"exact_match": right / n, "exact_match_n": int(n)}
+
+
+# ---- DPO ----------------------------------------------------------------------------------------------------
+def sequence_logps(targets: torch.Tensor):
+    """A head for Transformer.forward: summed log-probabilities of each row's target tokens, (rows,)."""
+    def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return chunked_token_logprobs(h.flatten(0, 1), weight, targets.flatten()).view(targets.shape).sum(-1)
+    return head
+
+
+class DPOStage(Stage):
+    """Direct preference optimisation. A batch of B pairs is 2B rows (chosen first) run in one forward;
+    the reference is the frozen starting policy: the same model with its LoRA adapters off, a frozen
+    copy, or log-probabilities computed once before training (DPO_PRECOMPUTE_REFERENCE)."""
+    name, unit, chat = "dpo", "pairs", True
+
+    def __init__(self, s: Setting, initial_weights, lora_reference: bool, init_identity: str):
+        """initial_weights(): a fresh copy of the weights the run started from (a resumed run's reference is
+        its starting point, not the resumed weights); init_identity names them, for the precomputed file."""
+        super().__init__(s)
+        self.initial_weights, self.lora_reference, self.init_identity = initial_weights, lora_reference, init_identity
+        self.reference: Optional[Transformer] = None
+        self.table: Optional[torch.Tensor] = None  # (train + val pairs, 2) precomputed reference log-probs
+
+    def loaders(self) -> tuple[StepLoader, StepLoader]:
+        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
+                      world_size=self.d.world_size, seed=self.cfg.seed,
+                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
+        self.train_loader = PairDataLoader(self.cfg.dpo_data_dir, "train", shuffle=True,
+                                           samples_per_step=self.s.samples_per_step, **common)
+        # validation pairs are numbered after the training pairs: one table of reference log-probs holds both
+        self.val_loader = PairDataLoader(self.cfg.dpo_data_dir, "val", shuffle=False,
+                                         index_offset=self.train_loader.num_pairs, **common)
+        return self.train_loader, self.val_loader
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["pair_index"].numel(), device=batch["tokens"].device)
+
+    def setup(self, model: Transformer) -> None:
+        self.policy = model
+        if self.cfg.dpo_precompute_reference:
+            self.table = self.precomputed()
+        elif not self.lora_reference:
+            dtype = reference_dtype(self.cfg.dpo_reference_dtype, self.cfg)
+            self.reference = self.initial_weights().to(dtype).eval().requires_grad_(False)
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """(2B,) summed response log-probs under the reference: chosen rows first, then rejected."""
+        if self.table is not None:
+            pairs = batch["pair_index"].cpu()
+            return torch.cat([self.table[pairs, 0], self.table[pairs, 1]]).to(batch["tokens"].device)
+        with torch.no_grad():
+            if self.reference is not None:
+                return self.reference(batch["tokens"], head=sequence_logps(batch["targets"])).float()
+            from lora import adapters_disabled
+            with adapters_disabled(self.policy):
+                return self.policy(batch["tokens"], head=sequence_logps(batch["targets"])).float()
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        reference = self.reference_logps(batch)
+        policy = model(batch["tokens"], head=sequence_logps(batch["targets"]))  # (2B,)
+        B = policy.shape[0] // 2
+        lengths = (batch["targets"] != IGNORE_INDEX).sum(-1)
+        losses, chosen, rejected = dpo_loss(
+            policy[:B], policy[B:], reference[:B], reference[B:], beta=self.cfg.dpo_beta, loss_type=self.cfg.dpo_loss,
+            label_smoothing=self.cfg.dpo_label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+        logps = policy.detach().float()
+        return losses.sum(), {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+                              "reward_margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum(),
+                              "logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum()}
+
+    @torch.no_grad()
+    def precomputed(self) -> torch.Tensor:
+        """(pairs, 2) reference log-probs of every train and val pair, computed once by all ranks (each its
+        share) and kept beside the data, keyed by the starting weights, the data and the settings that change
+        the figures; a resumed run finds the file and reuses it."""
+        loaders = (self.train_loader, self.val_loader)
+        key = hashlib.sha256(json.dumps([self.init_identity, [x.fingerprint for x in loaders], self.cfg.max_seq_len,
+                                         self.cfg.training_precision]).encode()).hexdigest()[:16]
+        path = Path(self.cfg.dpo_data_dir) / "reference_logps" / f"{key}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path))
+        model = self.policy if self.lora_reference else self.initial_weights().eval()
+        device = model.tok_embeddings.weight.device
+        table = torch.zeros(sum(x.num_pairs for x in loaders), 2, dtype=torch.float64, device=device)
+        was_training = self.policy.training
+        self.policy.eval()
+        with autocast_context(self.cfg.training_precision, device), \
+                (adapters_off(self.policy) if self.lora_reference else contextlib.nullcontext()):
+            for loader in loaders:
+                step = loader.batch_size * self.d.world_size
+                for start in range(self.d.rank * loader.batch_size, len(loader.fitting_pairs), step):
+                    batch = loader.batch_of(loader.fitting_pairs[start : start + loader.batch_size])
+                    logps = model(batch["tokens"].to(device), head=sequence_logps(batch["targets"].to(device)))
+                    B = len(batch["pair_index"])
+                    table[batch["pair_index"].to(device)] = torch.stack([logps[:B], logps[B:]], dim=1).double()
+        self.policy.train(was_training)
+        table = all_reduce_sum(table).float().cpu()  # disjoint shares: the sum is the whole table
+        if self.d.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, table.numpy())
+            os.replace(tmp, path)
+        return table
+
+
+def adapters_off(model: Transformer):
+    from lora import adapters_disabled
+    return adapters_disabled(model)
+
+
+def reference_dtype(name: str, cfg: Config) -> torch.dtype:
+    """auto: the training precision's dtype (a bf16 copy halves the reference's memory)."""
+    if name == "auto":
+        return torch.bfloat16 if cfg.training_precision == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# ---- distillation -------------------------------------------------------------------------------------------
+class Distillation(Stage):
+    """Wraps a stage (pretrain or sft): loss = (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) (or the
+    reverse KL, or a generalised JSD) over the positions the stage trains, computed chunk by chunk so neither
+    model's (rows x vocab) logits exist in full. The teacher runs frozen, in eval mode, without gradients."""
+
+    def __init__(self, stage: Stage, teacher: Transformer):
+        super().__init__(stage.s)
+        self.stage, self.teacher = stage, teacher
+        self.name, self.unit, self.chat = stage.name, stage.unit, stage.chat
+        self.teacher_val_loss: Optional[float] = None
+
+    def loaders(self):
+        return self.stage.loaders()
+
+    def count(self, batch):
+        return self.stage.count(batch)
+
+    def inputs(self, batch):
+        return self.stage.inputs(batch)
+
+    def setup(self, model):
+        self.stage.setup(model)
+
+    def evaluate(self, model, step, sharded):
+        return self.stage.evaluate(model, step, sharded)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs = self.inputs(batch)
+        with torch.no_grad():
+            teacher_h = self.teacher.hidden_states(batch["tokens"], **inputs)  # (B, T, dim_teacher)
+        vocab = self.s.vocab_size
+        teacher_weight = self.teacher.output.weight[:vocab]  # a teacher padded past the tokenizer's ids
+        cfg, targets = self.cfg, batch["targets"]
+
+        def head(h: torch.Tensor, weight: torch.Tensor):
+            return chunked_distillation_loss(
+                h.flatten(0, 1), weight, teacher_h.flatten(0, 1), teacher_weight, targets.flatten(),
+                temperature=cfg.distillation_temperature, alpha=cfg.distillation_alpha, kind=cfg.distillation_loss,
+                jsd_beta=cfg.distillation_jsd_beta)
+
+        total, ce, kd = model(batch["tokens"], head=head, **inputs)
+        return total, {"ce": ce, "kd": kd}
+
+
+def build_stage(s: Setting, **dpo) -> Stage:
+    if s.cfg.training_stage == "sft":
+        return SFTStage(s)
+    if s.cfg.training_stage == "dpo":
+        return DPOStage(s, **dpo)
+    return Stage(s)
+
+
+def check_teacher(teacher: Transformer, student_vocab: int, tokenizer, where: str) -> None:
+    """Teacher and student must share the tokenizer: same ids for the same text. A teacher whose embedding is
+    only padded beyond the tokenizer's ids is fine (its extra rows are cut off)."""
+    if teacher.args.vocab_size < student_vocab:
+        raise DataError(f"TEACHER_MODEL_CHECKPOINT={where}: its vocabulary has {teacher.args.vocab_size} tokens, "
+                        f"fewer than the student's {student_vocab}; teacher and student must share the tokenizer")
+    if tokenizer.n_words > teacher.args.vocab_size:
+        raise DataError(f"TEACHER_MODEL_CHECKPOINT={where}: {teacher.args.vocab_size} tokens, but the tokenizer "
+                        f"has {tokenizer.n_words}")
