@@ -30,14 +30,16 @@ import signal
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from tokenizer import Tokenizer, load_tokenizer, needs_cutting
 
@@ -103,6 +105,17 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     atomic_write(path, write)
 
 
+def write_jsonl_if_changed(path: Path, rows: Iterable[dict]) -> bool:
+    """Write generated rows unless `path` already holds exactly them; returns whether it wrote. An
+    unchanged file keeps its modification time, so a run over it still resumes or is already done."""
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
+    return True
+
+
 # ---- sources --------------------------------------------------------------------------------
 
 
@@ -139,6 +152,11 @@ class Source:
         if self.files:
             self.paths = resolve_files(self.files)
         return self
+
+    @classmethod
+    def mix_types(cls) -> dict:
+        """The keys a mix file's entry may give for this kind of source, and their JSON types."""
+        return MIX_TYPES
 
     def describe(self) -> dict:
         """The manifest's description of this source (without counts)."""
@@ -213,9 +231,10 @@ MIX_TYPES = {"files": (str, list), "dataset": str, "config": (str, type(None)), 
 assert set(MIX_TYPES) == {f.name for f in dataclasses.fields(Source)} - {"paths"}
 
 
-def load_mix_file(path: str) -> list[Source]:
+def load_mix_file(path: str, source_class: type[Source] = Source) -> list[Source]:
     """A JSON list of sources, e.g. `[{"files": "books/", "weight": 2}, {"dataset": "HuggingFaceFW/fineweb-edu",
-    "config": "sample-10BT", "max_tokens": 1000000}]`. Relative file paths are relative to the mix file."""
+    "config": "sample-10BT", "max_tokens": 1000000}]`. Relative file paths are relative to the mix file.
+    Each entry becomes a `source_class` (a subclass may accept other keys: see `Source.mix_types`)."""
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -224,17 +243,19 @@ def load_mix_file(path: str) -> list[Source]:
         raise DataPrepError(f"mix file {path}: not readable JSON ({one_line(e)})") from None
     if not isinstance(entries, list) or not entries:
         raise DataPrepError(f"mix file {path}: expected a non-empty JSON list of sources")
-    return [_mix_entry(entry, f"mix file {path}, source {i}", Path(path).parent) for i, entry in enumerate(entries)]
+    return [_mix_entry(entry, f"mix file {path}, source {i}", Path(path).parent, source_class)
+            for i, entry in enumerate(entries)]
 
 
-def _mix_entry(entry: Any, where: str, base: Path) -> Source:
+def _mix_entry(entry: Any, where: str, base: Path, source_class: type[Source]) -> Source:
     if not isinstance(entry, dict):
         raise DataPrepError(f"{where}: expected an object like {{\"files\": ..., \"weight\": ...}}")
-    unknown = sorted(set(entry) - set(MIX_TYPES))
+    types = source_class.mix_types()
+    unknown = sorted(set(entry) - set(types))
     if unknown:
-        raise DataPrepError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(MIX_TYPES)})")
+        raise DataPrepError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(types)})")
     for key, value in entry.items():
-        if not isinstance(value, MIX_TYPES[key]) or (isinstance(value, bool) and key in ("weight", "max_tokens")):
+        if not isinstance(value, types[key]) or (isinstance(value, bool) and key in ("weight", "max_tokens")):
             raise DataPrepError(f"{where}: {key} has the wrong type ({type(value).__name__})")
     files = entry.get("files", [])
     files = [files] if isinstance(files, str) else files
@@ -242,7 +263,7 @@ def _mix_entry(entry: Any, where: str, base: Path) -> Source:
         raise DataPrepError(f"{where}: files must be a path or a list of paths")
     entry = {**entry, "files": [str(base / f) for f in files]}
     try:
-        return Source(**entry).resolve()
+        return source_class(**entry).resolve()
     except DataPrepError as e:
         raise DataPrepError(f"{where}: {e}") from None
 
@@ -278,6 +299,26 @@ def open_source(source: Source, skip_rows: int = 0) -> Iterator[Any]:
                    for builder, paths in groups]
     return itertools.islice(_reraise_as_prep_error(itertools.chain.from_iterable(streams), source.label),
                             skip_rows, None)
+
+
+def open_rows(source: Source, skip_rows: int = 0) -> Iterator[dict]:
+    """Whole rows as dicts (column -> value; a column a row lacks is None), in a fixed order, after
+    `skip_rows` rows: for data whose rows have structure (conversations, preference pairs), where
+    `open_source` reads one text column."""
+    if source.dataset:
+        streams = [_row_dicts(_load_dataset(source))]
+    else:
+        groups = itertools.groupby(source.paths, key=lambda p: BUILDER_BY_SUFFIX[p.suffix])
+        streams = [_row_dicts(_load_files(builder, list(paths), source)) for builder, paths in groups]
+    return itertools.islice(_reraise_as_prep_error(itertools.chain.from_iterable(streams), source.label),
+                            skip_rows, None)
+
+
+def _row_dicts(dataset) -> Iterator[dict]:
+    for batch in dataset.iter(batch_size=256):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield dict(zip(columns, values))
 
 
 def _load_dataset(source: Source):
@@ -682,9 +723,135 @@ def shard_is_intact(path: Path, num_tokens: int) -> bool:
     return array.dtype == SHARD_DTYPE and array.ndim == 1 and len(array) == num_tokens
 
 
+# ---- sequence shards (chat and preference data) ----------------------------------------------------
+
+SEQUENCE_FORMAT = "llama3-sequence-shards"
+MASK_DTYPE = np.uint8  # 1 where a token is a training target
+OFFSETS_DTYPE = np.int64
+
+
+def sequence_shard_files(split: str, index: int) -> dict[str, str]:
+    stem = f"{split}_{index:06d}"
+    return {"tokens": f"{stem}.tokens.npy", "mask": f"{stem}.mask.npy", "offsets": f"{stem}.offsets.npy"}
+
+
+class SequenceShardWriter:
+    """Cuts one split's sequences into shards of whole groups (a group: one conversation, or the two
+    sequences of a preference pair, which a shard never splits) of at most `shard_size` tokens; a
+    group larger than that gets a shard of its own. A shard is three files: the sequences' tokens
+    concatenated (uint32), their loss mask (uint8, same length) and the offsets where each sequence
+    starts (int64, one more than the sequences: sequence j is tokens[offsets[j]:offsets[j+1]]).
+
+    At each checkpoint the sequences not yet in a finished shard are saved to `{split}_NNNNNN.pending`
+    (an .npz of tokens, mask and lengths, NNNNNN being the shard they will become), rewritten whole
+    and atomically. Until that shard is written the pending sequences only grow, so a resumed run
+    takes the first `pending_sequences` of them, as progress.json recorded, and drops any later ones.
+    """
+
+    def __init__(self, directory: Path, split: str, shard_size: int, group_size: int, shards: Iterable[dict] = (),
+                 pending_sequences: int = 0):
+        self.directory, self.split, self.shard_size, self.group_size = directory, split, shard_size, group_size
+        self.shards: list[dict] = list(shards)
+        self._tokens: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+        self._lengths: list[int] = []
+        self._buffered_tokens = 0
+        if pending_sequences:
+            self._restore_pending(pending_sequences)
+
+    def _pending_path(self) -> Path:
+        return self.directory / f"{self.split}_{len(self.shards):06d}.pending"
+
+    def _restore_pending(self, count: int) -> None:
+        path = self._pending_path()
+        try:
+            with np.load(path, allow_pickle=False) as pending:
+                lengths, tokens, mask = pending["lengths"], pending["tokens"], pending["mask"]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataPrepError(f"{path} is not readable ({one_line(e)}); pass --overwrite to start afresh") from None
+        if len(lengths) < count:
+            raise DataPrepError(f"{path} holds fewer than the {count} sequences progress.json expects")
+        total = int(lengths[:count].sum())
+        self._tokens, self._masks = [tokens[:total].astype(SHARD_DTYPE)], [mask[:total].astype(MASK_DTYPE)]
+        self._lengths, self._buffered_tokens = [int(n) for n in lengths[:count]], total
+
+    def add(self, sequences: list[tuple[np.ndarray, np.ndarray]]) -> int:
+        """Append one group of (tokens, mask) sequences; returns how many shards this finished (0 or 1)."""
+        size = sum(len(tokens) for tokens, _ in sequences)
+        finished = 0
+        if self._lengths and self._buffered_tokens + size > self.shard_size:
+            self._write_shard()
+            finished = 1
+        for tokens, mask in sequences:
+            # copies: views would keep each worker's whole batch alive until this shard is written
+            self._tokens.append(np.array(tokens, SHARD_DTYPE))
+            self._masks.append(np.array(mask, MASK_DTYPE))
+            self._lengths.append(len(tokens))
+        self._buffered_tokens += size
+        return finished
+
+    def _write_shard(self) -> None:
+        files = sequence_shard_files(self.split, len(self.shards))
+        tokens = np.concatenate(self._tokens).astype(SHARD_DTYPE, copy=False)
+        mask = np.concatenate(self._masks).astype(MASK_DTYPE, copy=False)
+        offsets = np.concatenate([[0], np.cumsum(self._lengths)]).astype(OFFSETS_DTYPE)
+        for key, array in (("tokens", tokens), ("mask", mask), ("offsets", offsets)):
+            save_npy_atomic(self.directory / files[key], array)
+        entry = {**files, "num_sequences": len(self._lengths), "num_tokens": int(len(tokens)),
+                 "num_trained_tokens": int(mask.sum()), "max_token_id": int(tokens.max())}
+        if self.group_size > 1:
+            entry["num_pairs"] = len(self._lengths) // self.group_size
+        self.shards.append(entry)
+        self._tokens, self._masks, self._lengths, self._buffered_tokens = [], [], [], 0
+
+    def checkpoint(self) -> dict:
+        """Make the unfinished tail durable; returns this split's part of progress.json."""
+        if self._lengths:
+            lengths = np.array(self._lengths, dtype=OFFSETS_DTYPE)
+            tokens, mask = np.concatenate(self._tokens), np.concatenate(self._masks)
+            atomic_write(self._pending_path(),
+                         lambda f: np.savez(f, tokens=tokens, mask=mask, lengths=lengths))
+        return {"shards": list(self.shards), "pending_sequences": len(self._lengths)}
+
+    def remove_stale_pending(self) -> None:
+        """Pending files of shards now finished; call once progress.json no longer refers to them."""
+        current = self._pending_path()
+        for path in self.directory.glob(f"{self.split}_*.pending"):
+            if path != current:
+                path.unlink()
+
+    def finish(self) -> dict:
+        """Write the last, smaller shard; returns this split's manifest entry."""
+        if self._lengths:
+            self._write_shard()
+        entry = {key: sum(s[key] for s in self.shards)
+                 for key in ("num_sequences", "num_tokens", "num_trained_tokens")}
+        if self.group_size > 1:
+            entry["num_pairs"] = entry["num_sequences"] // self.group_size
+        return {**entry, "shards": list(self.shards)}
+
+    def remove_pending(self) -> None:
+        for path in self.directory.glob(f"{self.split}_*.pending"):
+            path.unlink()
+
+
+def sequence_shard_is_intact(directory: Path, shard: dict) -> bool:
+    """Its three files load as 1-D arrays of the recorded dtypes and lengths, the offsets spanning the tokens."""
+    try:
+        tokens, mask, offsets = (np.load(directory / shard[key], mmap_mode="r", allow_pickle=False)
+                                 for key in ("tokens", "mask", "offsets"))
+    except (OSError, ValueError, KeyError):
+        return False
+    n, t = shard["num_sequences"], shard["num_tokens"]
+    return (tokens.dtype == SHARD_DTYPE and mask.dtype == MASK_DTYPE and offsets.dtype == OFFSETS_DTYPE
+            and tokens.shape == (t,) and mask.shape == (t,) and offsets.shape == (n + 1,)
+            and offsets[0] == 0 and offsets[-1] == t)
+
+
 # ---- resuming ------------------------------------------------------------------------------------
 
-OUTPUT_PATTERNS = ("train_*.npy", "val_*.npy", "*.pending", "*" + TMP_SUFFIX, MANIFEST_FILE, PROGRESS_FILE)
+EVAL_FILE = "eval.jsonl"  # chat data: the held-out conversations as prompt and answer
+OUTPUT_PATTERNS = ("train_*.npy", "val_*.npy", "*.pending", "*" + TMP_SUFFIX, MANIFEST_FILE, PROGRESS_FILE, EVAL_FILE)
 
 
 def remove_outputs(directory: Path) -> None:
@@ -736,11 +903,15 @@ def _outputs_intact(directory: Path, progress: dict) -> bool:
         return False
     for split, state in progress["splits"].items():
         for shard in state["shards"]:
-            if not shard_is_intact(directory / shard["file"], shard["num_tokens"]):
+            intact = (shard_is_intact(directory / shard["file"], shard["num_tokens"]) if "file" in shard
+                      else sequence_shard_is_intact(directory, shard))  # token shards, or sequence shards
+            if not intact:
                 return False
         pending = directory / f"{split}_{len(state['shards']):06d}.pending"
-        needed_bytes = 4 * state["pending_tokens"]
+        needed_bytes = 4 * state.get("pending_tokens", 0)
         if needed_bytes and (not pending.is_file() or pending.stat().st_size < needed_bytes):
+            return False
+        if state.get("pending_sequences") and not pending.is_file():
             return False
     return True
 
@@ -777,3 +948,299 @@ def build_manifest(tokenizer, shard_size: int, splits: dict, sources: list[dict]
         "stats": stats,
         "created": created,
     }
+
+
+def check_prep_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:
+    if shard_size < 1:
+        raise DataPrepError(f"--shard_size must be >= 1, got {shard_size}")
+    if not 0 <= val_fraction < 1:
+        raise DataPrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if max_tokens < 0:
+        raise DataPrepError(f"--max_tokens must be >= 0 (0: no limit), got {max_tokens}")
+    if num_workers < 0:
+        raise DataPrepError(f"--num_workers must be >= 0 (0: tokenize in this process), got {num_workers}")
+
+
+def load_prep_tokenizer(path: str | None):
+    try:
+        return cached_tokenizer(path)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise DataPrepError(f"cannot load the tokenizer: {one_line(e)}") from None
+
+
+# ---- preparing sequence shards: rows -> (tokens, mask) sequences -> shards ----------------------------
+#
+# The chat (SFT) and preference (DPO) scripts differ only in how a row becomes sequences, which a
+# `SequenceJob` supplies; reading, mixing, workers, splitting, writing and resuming are shared here.
+
+BATCH_ROWS = 256  # rows per worker task: chat rows are often kilobytes each
+SKIPPED_EXAMPLES = 5  # skipped rows shown, with why, in the summary and the manifest
+
+
+@dataclass
+class RowResult:
+    """What one row became in a worker: its sequences, or why it was skipped."""
+
+    sequences: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (tokens, mask) each
+    content_hash: int = 0  # decides the split: equal prompts, so equal rows, share one
+    skip: str = ""  # why the row was skipped (a stats key); "" when written
+    note: str = ""  # the detail of a skip, shown for the first few
+    changes: dict[str, int] = field(default_factory=dict)  # what was changed to make it fit, e.g. {"truncated": 1}
+
+
+@dataclass
+class SequenceBatch:
+    """One worker task's results, ready to pickle: per-row fields, and the written rows' sequences
+    concatenated (a handful of arrays pickle far faster than many small ones)."""
+
+    skips: list[str]
+    notes: list[str]
+    changes: list[dict[str, int]]
+    tokens: np.ndarray  # uint32
+    mask: np.ndarray  # uint8, same length
+    lengths: np.ndarray  # int64, tokens per sequence; the written rows' sequences in order
+    hashes: np.ndarray  # uint64, one per written row
+
+    @classmethod
+    def of(cls, results: list[RowResult]) -> "SequenceBatch":
+        sequences = [seq for r in results for seq in r.sequences]
+        return cls(skips=[r.skip for r in results], notes=[r.note for r in results],
+                   changes=[r.changes for r in results],
+                   tokens=np.concatenate([t for t, _ in sequences]) if sequences else np.empty(0, SHARD_DTYPE),
+                   mask=np.concatenate([m for _, m in sequences]) if sequences else np.empty(0, MASK_DTYPE),
+                   lengths=np.array([len(t) for t, _ in sequences], dtype=np.int64),
+                   hashes=np.array([r.content_hash for r in results if not r.skip], dtype=np.uint64))
+
+
+@dataclass
+class SequenceJob:
+    """What a sequence-data script supplies to `prepare_sequence_shards`."""
+
+    kind: str  # the manifest's kind: "chat" | "preference"
+    group_size: int  # sequences per written row: 1 (a conversation) or 2 (chosen, then rejected)
+    render: Callable[[list[tuple[int, Any]]], SequenceBatch]  # in a worker: (source index, row) pairs -> batch
+    init: Callable[..., None]  # the worker's initializer: init(tokenizer, *init_args)
+    init_args: tuple
+    settings: dict  # whatever else decides the output: fingerprinted, and written to the manifest
+    max_seq_len: int
+    exact_answers: bool = False  # every held-out conversation's final answer is one exact string
+    finish: Callable[[Path, Any, dict], None] | None = None  # (out_dir, tokenizer, splits): e.g. eval.jsonl
+
+
+@dataclass
+class SourceCounts:
+    rows: int = 0  # rows read, skipped ones included: where a resumed run restarts
+    kept: int = 0
+    tokens: int = 0
+    exhausted: bool = False  # its max_tokens is reached
+
+
+@dataclass
+class SequenceStats:
+    """Counts over every row read; written to the manifest's "stats"."""
+
+    rows: int = 0
+    kept: int = 0  # conversations, or pairs, written
+    train: int = 0
+    val: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    decode_errors: int = 0  # invalid UTF-8 sequences in local files, read as U+FFFD
+    skipped: dict[str, int] = field(default_factory=dict)  # why -> rows
+    changed: dict[str, int] = field(default_factory=dict)  # what was changed to fit (truncated, turns_cut, ...)
+    skipped_examples: list[str] = field(default_factory=list)  # the first few skipped rows, with why
+
+
+def batch_items(rows: Iterable[tuple[int, int, Any]], size: int) -> Iterator[tuple[list[tuple[int, int]], list]]:
+    """Group mixed rows into worker tasks: ((pick, source) per row, (source, row) per row)."""
+    for chunk in iter(lambda: list(itertools.islice(rows, size)), []):
+        yield [(pick, source) for pick, source, _ in chunk], [(source, row) for _, source, row in chunk]
+
+
+class SequencePreparation:
+    """Sends each written row's sequences to the train/val writers, keeps the counts, and checkpoints
+    after every finished shard (see `start_or_resume`)."""
+
+    def __init__(self, out_dir: Path, sources: list[Source], job: SequenceJob, fingerprint: dict, shard_size: int,
+                 val_fraction: float, max_tokens: int, saved: dict | None):
+        self.out_dir, self.sources, self.job, self.fingerprint = out_dir, sources, job, fingerprint
+        self.max_tokens = max_tokens
+        saved = saved or {}
+        self.progress = [SourceCounts(**p) for p in saved.get("sources", [{} for _ in sources])]
+        self.picks: int = saved.get("picks", 0)
+        self.stats = SequenceStats(**saved.get("stats", {}))
+        self.splitter = HashSplit(val_fraction, saved.get("val_anchor"))
+        self.seconds_before: float = saved.get("seconds", 0.0)
+        self.started = time.perf_counter()
+        self.writers = {split: SequenceShardWriter(out_dir, split, shard_size, job.group_size,
+                                                   **saved.get("splits", {}).get(split, {}))
+                        for split in SPLITS}
+        self.resumed_shards = sum(len(w.shards) for w in self.writers.values())
+        self.resumed_rows = self.stats.rows
+        self.done = False  # the global token budget is reached
+
+    def consume(self, rows: list[tuple[int, int]], batch: SequenceBatch, mixer: Mixer) -> None:
+        ends = np.cumsum(batch.lengths)
+        starts = ends - batch.lengths
+        g, written = self.job.group_size, 0  # written: index of the next written row's sequences in `batch`
+        for (pick, source), skip, note, changes in zip(rows, batch.skips, batch.notes, batch.changes):
+            if self.done:
+                return
+            group, content_hash = [], 0
+            if not skip:
+                group = [(batch.tokens[starts[j] : ends[j]], batch.mask[starts[j] : ends[j]])
+                         for j in range(written * g, written * g + g)]
+                content_hash = int(batch.hashes[written])
+                written += 1
+            self._take(pick, source, skip, note, changes, group, content_hash, mixer)
+
+    def _take(self, pick: int, source: int, skip: str, note: str, changes: dict, group: list,
+              content_hash: int, mixer: Mixer) -> None:
+        progress, stats = self.progress[source], self.stats
+        if progress.exhausted:
+            return  # read ahead before its budget was known to be full: as if never read
+        progress.rows += 1
+        stats.rows += 1
+        self.picks = pick + 1
+        if skip:
+            stats.skipped[skip] = stats.skipped.get(skip, 0) + 1
+            if len(stats.skipped_examples) < SKIPPED_EXAMPLES:
+                stats.skipped_examples.append(f"{self.sources[source].label} row {progress.rows - 1}: {skip}"
+                                              + (f" ({note})" if note else ""))
+            return
+        for key, count in changes.items():
+            stats.changed[key] = stats.changed.get(key, 0) + count
+        split = self.splitter.split_of(content_hash)
+        finished_shards = self.writers[split].add(group)
+        num_tokens = sum(len(tokens) for tokens, _ in group)
+        progress.kept += 1
+        progress.tokens += num_tokens
+        stats.kept += 1
+        setattr(stats, split, getattr(stats, split) + 1)
+        stats.sequences += len(group)
+        stats.tokens += num_tokens
+        stats.trained_tokens += sum(int(mask.sum()) for _, mask in group)
+        budget = self.sources[source].max_tokens
+        if budget and progress.tokens >= budget:
+            progress.exhausted = True
+            mixer.finish(source)
+        self.done = bool(self.max_tokens) and stats.tokens >= self.max_tokens
+        if finished_shards:
+            self.checkpoint()
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def _progress_file(self, splits: dict, complete: bool) -> dict:
+        return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
+                "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
+                "val_anchor": self.splitter.anchor, "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
+
+    def checkpoint(self) -> None:
+        """Everything up to the current row becomes durable; a crash after this resumes from here."""
+        splits = {split: writer.checkpoint() for split, writer in self.writers.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(splits, complete=False))
+        for writer in self.writers.values():
+            writer.remove_stale_pending()
+
+    def finish(self, tokenizer, shard_size: int) -> dict:
+        """Write the last shards, the job's extra files, the manifest, and mark the run complete."""
+        stats = self.stats
+        if stats.kept == 0:
+            reasons = ", ".join(f"{n:,} {why}" for why, n in sorted(stats.skipped.items())) or "none"
+            raise DataPrepError(f"no usable rows: {stats.rows:,} read, skipped: {reasons}"
+                                + (f"; first: {stats.skipped_examples[0]}" if stats.skipped_examples else ""))
+        splits = {split: writer.finish() for split, writer in self.writers.items()}
+        if splits["train"]["num_sequences"] == 0:
+            raise DataPrepError(f"no training rows: all {stats.kept} went to validation; "
+                                "add data or lower --val_fraction")
+        if self.job.finish:
+            self.job.finish(self.out_dir, tokenizer, splits)
+        sources = [{**s.describe(), "rows": p.rows, "kept": p.kept, "tokens": p.tokens}
+                   for s, p in zip(self.sources, self.progress)]
+        manifest = build_sequence_manifest(
+            tokenizer, self.job, shard_size, splits, sources,
+            {**dataclasses.asdict(stats), "seconds": round(self.seconds, 3)},
+            datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+        done = {split: {"shards": s["shards"], "pending_sequences": 0} for split, s in splits.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(done, complete=True))
+        for writer in self.writers.values():
+            writer.remove_pending()  # only now: until progress says complete, a crash resumes from them
+        return manifest
+
+
+def build_sequence_manifest(tokenizer, job: SequenceJob, shard_size: int, splits: dict, sources: list[dict],
+                            stats: dict, created: str) -> dict:
+    """The contract with the SFT and DPO loaders (see `SequenceShardWriter` for the files)."""
+    return {
+        "format": SEQUENCE_FORMAT,
+        "version": MANIFEST_VERSION,
+        "kind": job.kind,
+        "dtype": np.dtype(SHARD_DTYPE).name,
+        "mask_dtype": np.dtype(MASK_DTYPE).name,
+        "offsets_dtype": np.dtype(OFFSETS_DTYPE).name,
+        "tokenizer": tokenizer.identity(),
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "eot_id": tokenizer.eot_id,
+        "max_seq_len": job.max_seq_len,
+        "exact_answers": job.exact_answers,
+        "shard_size": shard_size,
+        "settings": job.settings,
+        "splits": splits,
+        "sources": sources,
+        "stats": stats,
+        "created": created,
+    }
+
+
+def prepare_sequence_shards(job: SequenceJob, sources: list[Source], out_dir: str | Path, *,
+                            tokenizer_path: str | None = None, shard_size: int, val_fraction: float,
+                            max_tokens: int = 0, num_workers: int = 0, overwrite: bool = False,
+                            show_progress: bool = True) -> dict:
+    """Turn the rows of `sources` into sequence shards under `out_dir` as `job` says, resuming an
+    interrupted run with the same settings.
+
+    Returns {"manifest", "already_done" (nothing to do), "resumed_shards" (finished before this call),
+    "session_rows" (rows read by this call), "seconds" (this call)}.
+    """
+    check_prep_settings(shard_size, val_fraction, max_tokens, num_workers)
+    sources = [s.resolve() for s in sources]
+    tokenizer = load_prep_tokenizer(tokenizer_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"version": MANIFEST_VERSION, "format": SEQUENCE_FORMAT, "kind": job.kind,
+                   "tokenizer": tokenizer.identity(), "shard_size": shard_size, "val_fraction": val_fraction,
+                   "max_tokens": max_tokens, "max_seq_len": job.max_seq_len, "exact_answers": job.exact_answers,
+                   "settings": job.settings, "sources": [s.fingerprint() for s in sources]}
+    saved = start_or_resume(out_dir, fingerprint, overwrite)
+    started = time.perf_counter()
+    if saved and saved["complete"]:
+        print(f"{out_dir} is already prepared with these settings; nothing to do (--overwrite to redo)")
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        return {"manifest": manifest, "already_done": True, "resumed_shards": 0, "session_rows": 0, "seconds": 0.0}
+
+    run = SequencePreparation(out_dir, sources, job, fingerprint, shard_size, val_fraction, max_tokens, saved)
+    with worker_pool(num_workers, job.init, (tokenizer, *job.init_args), out_dir) as pool:
+        streams = [open_rows(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
+        mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
+                      finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+        run.stats.decode_errors = decode_errors_in(sources)
+        if run.resumed_shards:
+            print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_rows:,} rows already done")
+        results = ordered_map(job.render, batch_items(mixer, BATCH_ROWS), pool, 2 * num_workers + 2)
+        with closing(results), tqdm(initial=run.stats.rows, unit="row", unit_scale=True, desc="rendering",
+                                    disable=not show_progress, mininterval=0.5) as bar:
+            for rows, batch in results:
+                rows_before = run.stats.rows
+                run.consume(rows, batch, mixer)
+                bar.update(run.stats.rows - rows_before)
+                bar.set_postfix(kept=run.stats.kept, refresh=False)
+                if run.done:
+                    break
+    manifest = run.finish(tokenizer, shard_size)
+    return {"manifest": manifest, "already_done": False, "resumed_shards": run.resumed_shards,
+            "session_rows": run.stats.rows - run.resumed_rows, "seconds": time.perf_counter() - started}
