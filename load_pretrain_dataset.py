@@ -40,8 +40,8 @@ from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
     DataPrepError, EncodedBatch, HashSplit, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
-    cached_tokenizer, decode_errors_in, encode_documents, init_encoder,
-    keep_datasets_from_importing_torch, load_mix_file, one_line,
+    check_prep_settings, decode_errors_in, encode_documents, init_encoder,
+    keep_datasets_from_importing_torch, load_mix_file, load_prep_tokenizer,
     open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
 )
 
@@ -283,12 +283,9 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
     "session_tokens" (encoded by this call), "seconds" (this call), "start_up" (seconds and tokens
     until every worker had returned its first batch: what every run pays before it runs at full speed)}.
     """
-    _check_settings(shard_size, val_fraction, max_tokens, num_workers)
+    check_prep_settings(shard_size, val_fraction, max_tokens, num_workers)
     sources = [s.resolve() for s in sources]
-    try:
-        tokenizer = cached_tokenizer(tokenizer_path)
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        raise DataPrepError(f"cannot load the tokenizer: {one_line(e)}") from None
+    tokenizer = load_prep_tokenizer(tokenizer_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {"version": MANIFEST_VERSION, "tokenizer": tokenizer.identity(), "shard_size": shard_size,
@@ -341,17 +338,6 @@ def encode_all(run: Preparation, mixer: Mixer, pool: ProcessPoolExecutor | None,
             if run.done:
                 break
     return start_up or elapsed()  # fewer batches than workers: the whole run was start-up
-
-
-def _check_settings(shard_size: int, val_fraction: float, max_tokens: int, num_workers: int) -> None:
-    if shard_size < 1:
-        raise DataPrepError(f"--shard_size must be >= 1, got {shard_size}")
-    if not 0 <= val_fraction < 1:
-        raise DataPrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-    if max_tokens < 0:
-        raise DataPrepError(f"--max_tokens must be >= 0 (0: no limit), got {max_tokens}")
-    if num_workers < 0:
-        raise DataPrepError(f"--num_workers must be >= 0 (0: tokenize in this process), got {num_workers}")
 
 
 def print_summary(report: dict, out_dir: Path, num_workers: int) -> None:
