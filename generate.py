@@ -1,9 +1,11 @@
-"""Sample from a Llama 3 model: a Meta-format directory or a checkpoint written by train.py.
+"""Sample from a Llama 3 model: a checkpoint written by train.py, a Meta-format or a Hugging Face directory.
 
     python generate.py --checkpoint PATH --prompt "The capital of France is" --temperature 0
     python generate.py --checkpoint PATH --prompt FILE:prompt.txt --chat --top_p 0.9
+    python generate.py --checkpoint PATH --chat          # interactive: a conversation in the terminal
 
-The completion streams to stdout; generation stops at <|eot_id|> or <|end_of_text|>.
+The prompt is shown (dimmed on a terminal) and the completion streams after it; generation stops at
+<|eot_id|> or <|end_of_text|>.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from checkpoint import CheckpointError, load_model, tokenizer_path_for
+from hardware import weights_dtype
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -155,6 +158,12 @@ def stream_completion(model, tokenizer, prompt: str, max_new_tokens: int, chat: 
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
     else:
         ids = tokenizer.encode(prompt, bos=True, eos=False)
+    yield from stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed)
+
+
+def stream_ids(model, tokenizer, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None) -> Iterator[str]:
+    """Text pieces of the continuation of prompt token ids."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
@@ -176,10 +185,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # bf16 where it is native; float32 on CPU for faithful numerics
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-            "fp32": torch.float32, "float32": torch.float32}[name]
+    """auto: bf16 on GPUs that have it and on CPUs that run it natively and fast, else float32 (hardware.py)."""
+    return weights_dtype(name, device)
 
 
 def read_prompt(prompt: str) -> str:
@@ -193,8 +200,11 @@ def read_prompt(prompt: str) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Meta-format directory or a .pt checkpoint from train.py")
-    p.add_argument("--prompt", required=True, help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt checkpoint from train.py, a Meta-format or a Hugging Face model directory")
+    p.add_argument("--prompt", default=None,
+                   help="prompt text, or FILE:path to read it from a file (with --chat and no prompt: interactive)")
+    p.add_argument("--quiet", action="store_true", help="print the completion only, not the prompt before it")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -212,13 +222,57 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--max_new_tokens must be >= 1")
     if not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
+    if args.prompt is None and not args.chat:
+        p.error("--prompt is required (or --chat for an interactive conversation)")
     return args
+
+
+def show_prompt(prompt: str, out=sys.stdout) -> None:
+    """The prompt before its completion: dimmed on a terminal, else followed by a line that marks the break."""
+    if out.isatty():
+        out.write(f"\033[2m{prompt}\033[0m")
+    else:
+        out.write(f"{prompt}\n---\n")
+
+
+def chat_loop(model, tokenizer, args: argparse.Namespace, read=input, out=sys.stdout) -> None:
+    """A conversation in the terminal: each answer joins the history; /reset forgets it, Ctrl-D (or /quit) leaves."""
+    history: list[dict] = []
+    out.write("chat: /reset starts over, Ctrl-D leaves\n")
+    while True:
+        try:
+            text = read("> ")
+        except EOFError:
+            out.write("\n")
+            return
+        if text.strip() in ("/quit", "/exit"):
+            return
+        if text.strip() == "/reset":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tokenizer.encode_chat(history)
+        budget = min(args.max_new_tokens, model.args.max_seq_len - len(ids))
+        if budget < 1:
+            out.write(f"(the conversation fills the model's {model.args.max_seq_len}-token context: /reset)\n")
+            history.pop()
+            continue
+        pieces = []
+        for piece in stream_ids(model, tokenizer, ids, budget, args.temperature, args.top_k, args.top_p, args.seed):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        prompt = read_prompt(args.prompt)
+        prompt = read_prompt(args.prompt) if args.prompt is not None else None
         device = pick_device(args.device)
         model = load_model(args.checkpoint, device=device, dtype=pick_dtype(args.dtype, device))
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_path_for(args.checkpoint))
@@ -231,6 +285,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.compile:
         model = torch.compile(model, dynamic=True)  # attribute access (args, setup_cache) passes through
+    if prompt is None:
+        chat_loop(model, tokenizer, args)
+        return 0
+    if not args.quiet:
+        show_prompt(prompt)
     for piece in stream_completion(model, tokenizer, prompt, args.max_new_tokens, args.chat, args.temperature,
                                    args.top_k, args.top_p, args.seed):
         sys.stdout.write(piece)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generate import cpu_decode_kernels, generate_tokens
+from generate import chat_loop, cpu_decode_kernels, generate_tokens, show_prompt
+from hardware import cpu_has_native_bf16
 from hf_convert import to_hf
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
@@ -60,7 +61,11 @@ def test_prefill_logits_to_keep_is_the_last_row_of_full_logits():
 
 
 @pytest.mark.skipif(not KERNELS_AVAILABLE, reason="this torch build has no MKL / oneDNN")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("dtype, tol", [
+    (torch.float32, 1e-5),
+    pytest.param(torch.bfloat16, 0.0, marks=pytest.mark.skipif(
+        not cpu_has_native_bf16(), reason="this CPU has no native bf16: oneDNN has no bf16 kernel to reorder for")),
+])
 def test_decode_kernels_compute_what_linear_computes(dtype, tol):
     model = build(dtype)
     x = torch.tensor([prompt(1)])
@@ -105,3 +110,50 @@ def test_nested_contexts_leave_plain_linears():
         with cpu_decode_kernels(model):
             pass
     assert patched_linears(model) == 0
+
+
+def test_prompt_is_shown_before_the_completion_dimmed_on_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, terminal = io.StringIO(), Terminal()
+    show_prompt("The capital of", plain)
+    show_prompt("The capital of", terminal)
+    assert plain.getvalue() == "The capital of\n---\n"
+    assert terminal.getvalue() == "\033[2mThe capital of\033[0m"
+
+
+def test_interactive_chat_keeps_the_history_resets_it_and_leaves_on_ctrl_d():
+    """Each turn's prompt is the whole conversation so far in the chat format; /reset forgets it."""
+    import argparse
+    import io
+
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, multiple_of=32,
+                                  max_seq_len=128)).eval()
+    prompts = []
+    original = tok.encode_chat
+    tok.encode_chat = lambda messages, **kw: prompts.append([dict(m) for m in messages]) or original(messages, **kw)
+    lines = iter(["hello", "and then?", "/reset", "again"])
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    args = argparse.Namespace(max_new_tokens=3, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+    out = io.StringIO()
+    chat_loop(model, tok, args, read=read, out=out)
+    first_answer = prompts[1][1]
+    assert [m["role"] for m in prompts[0]] == ["user"] and prompts[0][0]["content"] == "hello"
+    assert [m["content"] for m in prompts[1]] == ["hello", first_answer["content"], "and then?"]
+    assert first_answer["role"] == "assistant"
+    assert prompts[2] == [{"role": "user", "content": "again"}]  # forgotten after /reset
+    assert "(history cleared)" in out.getvalue()
