@@ -1,13 +1,22 @@
-"""Reading and writing weights: Meta's distribution format and this project's training checkpoints.
+"""Reading and writing weights: this project's training checkpoints, Meta's distribution format and
+Hugging Face Llama directories. `load_model(path)` takes any of the three.
+
+Project format: one `.pt` file holding the unwrapped model's state dict, the model shape, and
+(for training checkpoints) optimizer, step, data-loader and RNG state. Files are written to a
+temporary name and renamed, so a crash while saving leaves the previous checkpoint intact.
 
 Meta format: a directory with `params.json`, `consolidated.00.pth ... consolidated.NN.pth`
 (model-parallel shards) and `tokenizer.model`. Shards are opened memory-mapped and merged one
 tensor at a time into a model built on the meta device, so an 8B load holds about one copy
 of the weights in memory.
 
-Project format: one `.pt` file holding the unwrapped model's state dict, the model shape, and
-(for training checkpoints) optimizer, step, data-loader and RNG state. Files are written to a
-temporary name and renamed, so a crash while saving leaves the previous checkpoint intact.
+Hugging Face format: a directory with `config.json` (a `LlamaForCausalLM`) and `model.safetensors`
+or shards with `model.safetensors.index.json`; weights only, memory-mapped, converted from HF's
+names and rotary row order by hf_convert.py.
+
+Files may come from anywhere, so nothing here unpickles arbitrary objects: `.pt` files load with
+`weights_only=True`, Hugging Face weights only from safetensors. A file that cannot be used stops
+with one line (CheckpointError) naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -21,9 +30,14 @@ from typing import Optional
 
 import torch
 
+from hf_convert import from_hf_state_dict, hf_name
 from model import ModelArgs, Transformer
+from safetensors_io import SafetensorsError, load_sharded
+from tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "llama3-trainer-checkpoint"
+EXPECTED = ("expected a checkpoint .pt written by train.py, a Meta-format directory (params.json + "
+            "consolidated.NN.pth) or a Hugging Face Llama directory (config.json + model.safetensors)")
 
 # Meta's model-parallel layout (fairscale): column-parallel weights are split along the output
 # dimension (dim 0), row-parallel ones along the input dimension (dim 1); norms are replicated.
@@ -32,9 +46,34 @@ _COLUMN_PARALLEL = re.compile(
     r"^tok_embeddings\.weight$|^output\.weight$|attention\.w[qkv]\.weight$|feed_forward\.w[13]\.weight$"
 )
 
+# Llama 3.2 1B and 3B: params.json says use_scaled_rope but gives no factor, so Meta's reference code
+# applies 8, yet the models were trained with 32 (Hugging Face's configs say 32.0; llama-models issues
+# #166 and #241). Recognised by shape; every other Llama 3.1-style model (3.1, 3.2 vision, 3.3) uses 8.
+_LLAMA_3_2_SHAPES = {(2048, 16): "Llama 3.2 1B", (3072, 28): "Llama 3.2 3B"}
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """"meta", "hf" or "project" for a path load_model can read; otherwise one line saying what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory; {EXPECTED}")
+    if path.is_dir():
+        if (path / "params.json").is_file():
+            return "meta"
+        if (path / "config.json").is_file():
+            return "hf"
+        inside = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+        listing = ", ".join(inside[:6]) + (", ..." if len(inside) > 6 else "") if inside else "nothing"
+        raise CheckpointError(f"{path}: a directory with neither params.json nor config.json (it holds {listing}); "
+                              f"{EXPECTED}")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a lone safetensors file has no model shape; pass the Hugging Face "
+                              f"directory that holds it and its config.json")
+    return "project"
 
 
 # ---- Meta format --------------------------------------------------------------------------------
@@ -43,12 +82,44 @@ def is_meta_checkpoint_dir(path: str | Path) -> bool:
     return path.is_dir() and (path / "params.json").is_file()
 
 
-def meta_model_args(ckpt_dir: Path, max_seq_len: int) -> ModelArgs:
-    params = json.loads((ckpt_dir / "params.json").read_text())
-    # Meta's reference code applies rope scaling with factor 8 unless params.json says otherwise.
-    if "rope_scaling_factor" in params:
-        params["rope_scale_factor"] = params.pop("rope_scaling_factor")
-    return ModelArgs.from_dict(params, max_seq_len=max_seq_len)
+def meta_rope_scale_factor(params: dict, explicit: Optional[float] = None) -> tuple[float, str]:
+    """The rope scaling factor for a params.json and where it comes from: an explicit value, the file,
+    the model family recognised by its shape, or Llama 3.1's 8."""
+    if explicit is not None:
+        return float(explicit), "given explicitly"
+    for key in ("rope_scale_factor", "rope_scaling_factor"):
+        if key in params:
+            return float(params[key]), f"from params.json ({key})"
+    family = _LLAMA_3_2_SHAPES.get((params.get("dim"), params.get("n_layers")))
+    if family:
+        return 32.0, f"{family} by its shape (dim {params['dim']}, {params['n_layers']} layers); params.json gives none"
+    return 8.0, "Llama 3.1's; params.json gives none"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def meta_model_args(ckpt_dir: Path, max_seq_len: int, rope_scale_factor: Optional[float] = None) -> ModelArgs:
+    params = _read_json(Path(ckpt_dir) / "params.json")
+    params["rope_scale_factor"] = meta_rope_scale_factor(params, rope_scale_factor)[0]
+    try:
+        return ModelArgs.from_dict(params, max_seq_len=max_seq_len)
+    except (TypeError, AssertionError) as e:
+        raise CheckpointError(f"{ckpt_dir}/params.json: not a Llama 3 shape ({e})") from None
+
+
+def _meta_shard_paths(ckpt_dir: Path) -> list[Path]:
+    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files beside params.json")
+    return paths
 
 
 def _merge_shards(key: str, shards: list[dict[str, torch.Tensor]], args: ModelArgs) -> torch.Tensor:
@@ -64,17 +135,16 @@ def _merge_shards(key: str, shards: list[dict[str, torch.Tensor]], args: ModelAr
 
 
 def load_meta_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                         dtype: Optional[torch.dtype] = None, max_seq_len: int = 8192) -> Transformer:
+                         dtype: Optional[torch.dtype] = None, max_seq_len: int = 8192,
+                         rope_scale_factor: Optional[float] = None) -> Transformer:
     """Load a Meta-format directory into a Transformer on `device` (dtype: the checkpoint's if None)."""
     ckpt_dir = Path(ckpt_dir)
     if not is_meta_checkpoint_dir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: not a Meta checkpoint directory (no params.json)")
-    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not paths:
-        raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
-    args = meta_model_args(ckpt_dir, max_seq_len)
+    paths = _meta_shard_paths(ckpt_dir)
+    args = meta_model_args(ckpt_dir, max_seq_len, rope_scale_factor)
     # weights_only: never unpickle arbitrary objects; mmap: the shards stay on disk until used.
-    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+    shards = [_torch_load(p) for p in paths]
     if "output.weight" not in shards[0]:
         args.tie_word_embeddings = True
     with torch.device("meta"):
@@ -83,19 +153,106 @@ def load_meta_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu
     missing = expected - set(shards[0])
     if missing - ({"output.weight"} if args.tie_word_embeddings else set()):
         raise CheckpointError(f"{paths[0]}: missing weights {sorted(missing)[:5]} for the shape in params.json")
-    state = {}
-    for key in sorted(expected & set(shards[0])):
-        tensor = _merge_shards(key, shards, args)
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    if args.tie_word_embeddings:
+    state = {key: _merge_shards(key, shards, args) for key in sorted(expected & set(shards[0]))}
+    return _assign(model, state, device, dtype, f"{ckpt_dir}: weights do not fit params.json")
+
+
+def _assign(model: Transformer, state: dict[str, torch.Tensor], device, dtype: Optional[torch.dtype],
+            context: str) -> Transformer:
+    """Move `state` into the meta-device `model` (tying output to the embedding where the shape says so)."""
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    if model.args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt_dir}: weights do not fit params.json: {str(e).splitlines()[1].strip()}") from None
-    if args.tie_word_embeddings:
+        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{context}: {detail[0] if detail else e}") from None
+    if model.args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True broke the tie
     return model.eval()
+
+
+# ---- Hugging Face format ------------------------------------------------------------------------
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A directory with a config.json (and no params.json, which would make it Meta's format)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "params.json").is_file()
+
+
+def hf_model_args(directory: Path, max_seq_len: Optional[int] = None,
+                  rope_scale_factor: Optional[float] = None) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json, refusing anything our Llama would compute differently."""
+    path = Path(directory) / "config.json"
+    c = _read_json(path)
+    archs = c.get("architectures") or []
+    if c.get("model_type") != "llama" or archs not in ([], ["LlamaForCausalLM"]):
+        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} ({', '.join(archs) or 'no architectures'}) "
+                              f"is not a Llama; expected model_type 'llama' and LlamaForCausalLM")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(c.get(key), int):
+            raise CheckpointError(f"{path}: {key} missing or not an integer")
+    dim, n_heads = c["hidden_size"], c["num_attention_heads"]
+    unsupported = {"hidden_act": (c.get("hidden_act", "silu"), "silu"), "attention_bias": (c.get("attention_bias", False), False),
+                   "mlp_bias": (c.get("mlp_bias", False), False),
+                   "head_dim": (c.get("head_dim") or dim // n_heads, dim // n_heads)}
+    for key, (got, wanted) in unsupported.items():
+        if got != wanted:
+            raise CheckpointError(f"{path}: {key} is {got!r}; this Llama supports only {wanted!r}")
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers reads them in this order
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (expected llama3 or none)")
+    scaled = rope_type == "llama3"
+    try:
+        rope_args = dict(rope_scale_factor=float(rope_scale_factor or rope["factor"]),
+                         rope_low_freq_factor=float(rope["low_freq_factor"]),
+                         rope_high_freq_factor=float(rope["high_freq_factor"]),
+                         rope_original_max_seq_len=int(rope["original_max_position_embeddings"])) if scaled else {}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: rope scaling of type llama3 lacks {e}") from None
+    hidden, base = c["intermediate_size"], int(2 * (4 * dim) / 3)
+    try:
+        return ModelArgs(
+            dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
+            vocab_size=c["vocab_size"],
+            # Meta's FFN rule rounds int(multiplier * base) up to a multiple of multiple_of; with these two
+            # values it gives exactly intermediate_size, whatever rule the model was built with.
+            multiple_of=hidden, ffn_dim_multiplier=hidden / base, norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))), use_scaled_rope=scaled, **rope_args,
+            max_seq_len=max_seq_len or int(c.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except AssertionError as e:
+        raise CheckpointError(f"{path}: not a valid Llama shape ({e})") from None
+
+
+def load_hf_model_dir(directory: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                      max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """A Hugging Face `LlamaForCausalLM` directory (single or sharded safetensors) -> Transformer, weights only."""
+    directory = Path(directory)
+    args = hf_model_args(directory, max_seq_len, rope_scale_factor)
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        tensors = load_sharded(directory)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    expected = {hf_name(k): v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # transformers may store the tied copy; the embedding is used
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(k for k in set(tensors) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    for problem, names in (("missing tensors", missing), ("tensors a Llama of this config does not have", extra)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise CheckpointError(f"{directory}: {problem}: {', '.join(names[:3])}{more}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"config.json implies {tuple(shape)}")
+    state = from_hf_state_dict({k: tensors[k] for k in expected}, args)
+    return _assign(model, state, device, dtype, f"{directory}: weights do not fit config.json")
 
 
 # ---- project format -----------------------------------------------------------------------------
@@ -144,41 +301,117 @@ def save_checkpoint(path: Path, model: torch.nn.Module, model_state: Optional[di
     )
 
 
+def _torch_load(path: Path):
+    """torch.load without unpickling arbitrary objects, memory-mapped; failures as one line."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file "
+                              f"starts with {magic!r}); {EXPECTED}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises many kinds, all meaning "unusable"
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
+                                  f"which are never unpickled (weights_only)") from None
+        raise CheckpointError(f"{path}: damaged or truncated ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if checkpoint_kind(path) != "project":
+        raise CheckpointError(f"{path}: a directory; expected a checkpoint .pt written by train.py")
+    ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint written by this project")
+        hint = " (a bare state dict: pass the Meta directory holding it and params.json)" \
+            if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) else ""
+        raise CheckpointError(f"{path}: a PyTorch file, but not a checkpoint written by this project{hint}")
     return ckpt
 
 
+def _project_model_args(ckpt: dict, max_seq_len: Optional[int], rope_scale_factor: Optional[float]) -> ModelArgs:
+    overrides = {"max_seq_len": max_seq_len, "rope_scale_factor": rope_scale_factor}
+    return ModelArgs.from_dict(ckpt["model_args"], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- any format ---------------------------------------------------------------------------------
+def model_args_for(path: str | Path, max_seq_len: Optional[int] = None,
+                   rope_scale_factor: Optional[float] = None) -> ModelArgs:
+    """The shape of the model at `path` (any format load_model reads) without loading its weights.
+
+    max_seq_len: the context to build for (default: the checkpoint's; 8192 for Meta directories);
+    rope_scale_factor: overrides whatever the checkpoint says or implies."""
+    kind = checkpoint_kind(path)
+    if kind == "meta":
+        args = meta_model_args(Path(path), max_seq_len or 8192, rope_scale_factor)
+        args.tie_word_embeddings = "output.weight" not in _torch_load(_meta_shard_paths(Path(path))[0])
+        return args
+    if kind == "hf":
+        return hf_model_args(Path(path), max_seq_len, rope_scale_factor)
+    return _project_model_args(read_checkpoint(path), max_seq_len, rope_scale_factor)
+
+
+def rope_scaling_note(path: str | Path, rope_scale_factor: Optional[float] = None) -> Optional[str]:
+    """One line saying which rope scaling factor `load_model(path, rope_scale_factor=...)` uses and why,
+    for callers to print; None when the model has no rope scaling."""
+    kind = checkpoint_kind(path)
+    if kind == "meta":  # from params.json alone: the shards need not be opened
+        params = _read_json(Path(path) / "params.json")
+        factor, source = meta_rope_scale_factor(params, rope_scale_factor)
+        scaled = bool(params.get("use_scaled_rope"))
+    else:
+        args = model_args_for(path, rope_scale_factor=rope_scale_factor)
+        factor, scaled = args.rope_scale_factor, args.use_scaled_rope
+        source = "given explicitly" if rope_scale_factor is not None else \
+            "from config.json" if kind == "hf" else "from the checkpoint"
+    return f"rope scaling factor {factor:g} ({source})" if scaled else None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-               max_seq_len: Optional[int] = None) -> Transformer:
-    """A Meta-format directory or a project checkpoint file -> Transformer in eval mode."""
-    if is_meta_checkpoint_dir(path):
-        return load_meta_checkpoint(path, device, dtype, max_seq_len=max_seq_len or 8192)
+               max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """A project checkpoint file, a Meta-format directory or a Hugging Face Llama directory -> Transformer
+    in eval mode (dtype: as stored if None). Weights only: optimizer and training state are not read."""
+    kind = checkpoint_kind(path)
+    if kind == "meta":
+        return load_meta_checkpoint(path, device, dtype, max_seq_len or 8192, rope_scale_factor)
+    if kind == "hf":
+        return load_hf_model_dir(path, device, dtype, max_seq_len, rope_scale_factor)
     ckpt = read_checkpoint(path)
-    args = ModelArgs.from_dict(ckpt["model_args"], **({"max_seq_len": max_seq_len} if max_seq_len else {}))
+    if "lora" in ckpt:
+        raise CheckpointError(f"{path}: a LoRA adapter checkpoint (adapters only, base model {ckpt.get('base', {}).get('path')}); "
+                              f"merge it into its base first")
     with torch.device("meta"):
-        model = Transformer(args)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in ckpt["model"].items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+        model = Transformer(_project_model_args(ckpt, max_seq_len, rope_scale_factor))
+    return _assign(model, dict(ckpt["model"]), device, dtype, f"{path}: weights do not fit its model_args")
 
 
+# ---- tokenizer ----------------------------------------------------------------------------------
 def tokenizer_path_for(path: str | Path) -> Optional[str]:
-    """Meta directories carry their own tokenizer.model; project checkpoints record the one used."""
+    """Meta directories carry their own tokenizer.model, Hugging Face directories a tokenizer.json;
+    project checkpoints record the one used (None when that file no longer exists)."""
     path = Path(path)
     if is_meta_checkpoint_dir(path) and (path / "tokenizer.model").is_file():
         return str(path / "tokenizer.model")
+    if is_hf_model_dir(path) and (path / "tokenizer.json").is_file():
+        return str(path)
     if path.is_file():
         recorded = read_checkpoint(path).get("tokenizer_path") or None
         return recorded if recorded and Path(recorded).exists() else None
     return None
+
+
+def checked_tokenizer(path: str | Path, tokenizer_override: Optional[str | Path] = None):
+    """The tokenizer for the checkpoint at `path`: `tokenizer_override`, else the one it records or
+    carries (tokenizer_path_for), else Meta's default. A project checkpoint records the sha256 of the
+    tokenizer it was trained with; whichever one is picked must match it, or CheckpointError names both."""
+    tokenizer = load_tokenizer(tokenizer_override or tokenizer_path_for(path))
+    if checkpoint_kind(path) != "project":
+        return tokenizer  # Meta and HF directories record no tokenizer hash
+    ckpt = read_checkpoint(path)
+    want, got = (ckpt.get("tokenizer") or {}).get("sha256"), tokenizer.identity()["sha256"]
+    if want and want != got:
+        recorded = ckpt.get("tokenizer_path") or ckpt["tokenizer"].get("name", "?")
+        gone = "" if Path(recorded).exists() else ", no longer there"
+        raise CheckpointError(f"{path} was trained with tokenizer {recorded} (sha256 {want[:12]}{gone}) but "
+                              f"{tokenizer.path} has sha256 {got[:12]}; pass the original with --tokenizer")
+    return tokenizer

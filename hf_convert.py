@@ -1,58 +1,158 @@
-"""Our Llama (Meta's layout and names) as a Hugging Face `LlamaForCausalLM`.
+"""Our Llama (Meta's layout and names) in Hugging Face's layout, and the export tool.
 
-Used by the tests and bench.py as the independent reference, and by users exporting a model
-to the transformers ecosystem. Needs `transformers` (not a runtime dependency of training).
+    python hf_convert.py export --checkpoint CKPT --out DIR [--dtype bf16] [--max_shard_size 5GB]
+
+writes a directory that `transformers` loads with nothing else: `config.json`, `generation_config.json`,
+`model.safetensors` (or shards plus an index), and the tokenizer as `tokenizer.json` +
+`tokenizer_config.json` (Llama 3's chat template). CKPT is anything `checkpoint.load_model` reads: a
+project checkpoint, a Meta-format directory or a Hugging Face directory.
+
+The two layouts differ in names and in one permutation: Meta rotates interleaved pairs of a head's
+dimensions, HF rotates its two halves, so the rows of wq/wk are reordered on the way out and back.
+Reading HF directories (checkpoint.py) uses the inverse here; nothing in this file needs `transformers`
+except `to_hf`, which builds a `LlamaForCausalLM` for the tests and bench.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
 import torch
 
 from model import ModelArgs, Transformer
+from safetensors_io import save_sharded, write_atomically
+from tokenizer import PAT_STR, load_bpe_ranks
+
+# ---- weights ----------------------------------------------------------------------------------------------
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {  # ours after "layers.N." -> HF's after "model.layers.N."
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP = {v: k for k, v in _TOP_NAMES.items()}
+_HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_LAYER_KEY = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> HF's (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _LAYER_KEY.match(name)
+    if m is None or m[3] not in _LAYER_NAMES:
+        raise KeyError(f"no Hugging Face name for {name!r}")
+    return f"model.layers.{m[2]}.{_LAYER_NAMES[m[3]]}"
+
+
+def meta_name(name: str) -> Optional[str]:
+    """HF's name -> ours, or None for a name that is not part of a Llama."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    m = _LAYER_KEY.match(name)
+    if m is None or m[1] is None or m[3] not in _HF_LAYER:
+        return None
+    return f"layers.{m[2]}.{_HF_LAYER[m[3]]}"
 
 
 def permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates interleaved pairs (x0, x1), (x2, x3)...; HF rotates the two halves of each
-    head. Reordering the rows of wq/wk makes HF's rotation compute Meta's."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+    """Rows of wq/wk (n_heads*head_dim, in): Meta's order (pairs (0,1), (2,3)... of each head) -> HF's
+    (the first halves of the pairs, then the second halves), so HF's rotate-half computes Meta's rotation."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def hf_config(args: ModelArgs, attn_implementation: str = "eager"):
-    from transformers import LlamaConfig
+def unpermute_from_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_rotate_half`: HF's row order -> Meta's."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
-                "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-                "original_max_position_embeddings": args.rope_original_max_seq_len}
-    else:
-        rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    return LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps, max_position_embeddings=max(args.max_seq_len, 1024), rope_parameters=rope,
-        tie_word_embeddings=args.tie_word_embeddings, attn_implementation=attn_implementation,
-    )
+
+def _rotary_heads(name: str, args: ModelArgs) -> Optional[int]:
+    """The number of heads whose rows `permute_for_rotate_half` reorders in this weight, else None."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our names and row order -> HF's (the tensors not permuted are shared, not copied)."""
+    out = {}
+    for name, t in state.items():
+        heads = _rotary_heads(name, args)
+        out[hf_name(name)] = t if heads is None else permute_for_rotate_half(t, heads)
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF's names and row order -> ours; names that are not part of a Llama are left out (the caller checks)."""
+    out = {}
+    for name, t in state.items():
+        ours = meta_name(name)
+        if ours is None:
+            continue
+        heads = _rotary_heads(ours, args)
+        out[ours] = t if heads is None else unpermute_from_rotate_half(t, heads)
+    return out
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Meta names -> HF names, with the RoPE row permutation."""
-    args, sd = model.args, model.state_dict()
-    new = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
-    for i in range(args.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        new[hf + "self_attn.q_proj.weight"] = permute_for_rotate_half(sd[ours + "attention.wq.weight"], args.n_heads)
-        new[hf + "self_attn.k_proj.weight"] = permute_for_rotate_half(sd[ours + "attention.wk.weight"],
-                                                                      args.n_kv_heads)
-        new[hf + "self_attn.v_proj.weight"] = sd[ours + "attention.wv.weight"]
-        new[hf + "self_attn.o_proj.weight"] = sd[ours + "attention.wo.weight"]
-        new[hf + "mlp.gate_proj.weight"] = sd[ours + "feed_forward.w1.weight"]
-        new[hf + "mlp.down_proj.weight"] = sd[ours + "feed_forward.w2.weight"]
-        new[hf + "mlp.up_proj.weight"] = sd[ours + "feed_forward.w3.weight"]
-        new[hf + "input_layernorm.weight"] = sd[ours + "attention_norm.weight"]
-        new[hf + "post_attention_layernorm.weight"] = sd[ours + "ffn_norm.weight"]
-    return new
+    """The model's weights under HF's names (with `lm_head.weight` even when tied, as the tests want)."""
+    return to_hf_state_dict(model.state_dict(), model.args)
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+def hf_rope(args: ModelArgs) -> Optional[dict]:
+    """Llama 3.1 frequency scaling as HF's `rope_scaling` of type llama3, or None without scaling."""
+    if not args.use_scaled_rope:
+        return None
+    return {"rope_type": "llama3", "factor": float(args.rope_scale_factor),
+            "low_freq_factor": float(args.rope_low_freq_factor), "high_freq_factor": float(args.rope_high_freq_factor),
+            "original_max_position_embeddings": args.rope_original_max_seq_len}
+
+
+def hf_config_dict(args: ModelArgs, dtype: torch.dtype, bos_id: int = 128000,
+                   eos_ids: Sequence[int] = (128001,), max_position_embeddings: Optional[int] = None) -> dict:
+    """config.json for a `LlamaForCausalLM` of this shape.
+
+    Rope settings go in both spellings: `rope_theta` + `rope_scaling` (what transformers 4.x, vLLM and
+    llama.cpp's converter read) and `rope_parameters` (transformers 5)."""
+    rope_scaling = hf_rope(args)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": args.vocab_size, "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps, "max_position_embeddings": max_position_embeddings or args.max_seq_len,
+        "rope_theta": args.rope_theta, "rope_scaling": rope_scaling,
+        "rope_parameters": {**(rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
+        "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": list(eos_ids) if len(eos_ids) > 1 else eos_ids[0],
+        "pad_token_id": None, "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+
+
+def hf_config(args: ModelArgs, attn_implementation: str = "eager"):
+    """A transformers `LlamaConfig` of this shape (the tests' and bench.py's reference model)."""
+    from transformers import LlamaConfig
+
+    config = hf_config_dict(args, torch.float32, max_position_embeddings=max(args.max_seq_len, 1024))
+    for key in ("architectures", "model_type", "rope_theta", "rope_scaling", "torch_dtype", "dtype"):
+        config.pop(key)
+    return LlamaConfig(**config, attn_implementation=attn_implementation)
 
 
 def to_hf(model: Transformer, attn_implementation: str = "eager"):
@@ -62,3 +162,208 @@ def to_hf(model: Transformer, attn_implementation: str = "eager"):
     hf_model = LlamaForCausalLM(hf_config(model.args, attn_implementation))
     hf_model.load_state_dict({k: v.clone() for k, v in hf_state_dict(model).items()}, strict=True)
     return hf_model.eval()
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------------
+# Llama 3's chat format exactly as llama_models' ChatFormat encodes a dialog: no trimming of the content,
+# "tool" spoken as "ipython", the assistant header appended when asked for.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte gets a printable character (printable ASCII and Latin-1 keep
+    their own; the rest, space and control bytes among them, move to U+0100 and up), so every token's
+    bytes become a JSON-safe string without spaces."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return chars
+
+
+# str.translate table: the Latin-1 character of each byte -> its byte-level character.
+_BYTE_CHARS = {b: c for b, c in bytes_to_unicode().items()}
+
+
+def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[list[str]]]:
+    """tiktoken ranks -> HF BPE vocab (byte-level strings) and merges.
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank. HF's BPE
+    merges the adjacent pair listed earliest in `merges`. Listing every split (left, right) of every
+    token, ordered by the token's rank, makes the two agree; `ignore_merges` then reproduces tiktoken's
+    shortcut of taking a whole pre-token that is itself in the vocabulary."""
+    # One character per byte, so splitting a token's string splits its bytes at the same place.
+    vocab = {token.decode("latin-1").translate(_BYTE_CHARS): rank for token, rank in ranks.items()}
+    merges = []
+    for s, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+        splits = [(vocab[s[:i]], vocab[s[i:]], s[:i], s[i:]) for i in range(1, len(s))
+                  if s[:i] in vocab and s[i:] in vocab]
+        splits.sort()  # by the pieces' ranks
+        merges.extend([left, right] for _, _, left, right in splits)
+    return vocab, merges
+
+
+def tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> dict:
+    """A `tokenizers` tokenizer.json that encodes exactly as tiktoken with Meta's split pattern does."""
+    vocab, merges = bpe_vocab_and_merges(ranks)
+    bos = "<|begin_of_text|>"
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in sorted(special_tokens.items(), key=lambda kv: kv[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        # Encoding with special tokens on prepends <|begin_of_text|>, as Meta's published tokenizer does.
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {bos: {"id": bos, "ids": [special_tokens[bos]], "tokens": [bos]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": merges},
+    }
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "chat_template": CHAT_TEMPLATE,
+        # Llama 3's published config says true, which makes decode() drop spaces before punctuation.
+        "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": model_max_length,
+    }
+
+
+def _write_json(path: Path, obj: dict, indent: Optional[int] = 2) -> None:
+    text = (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text))
+
+
+def write_tokenizer_files(tokenizer, out_dir: Path, model_max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json for a tiktoken `Tokenizer`, or a copy of an HF tokenizer's."""
+    if tokenizer.path.name == "tokenizer.json":  # tokenizer.HFTokenizer: already in HF's format
+        shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+    else:
+        vocab = tokenizer_json(load_bpe_ranks(tokenizer.path), tokenizer.special_tokens)
+        _write_json(out_dir / "tokenizer.json", vocab, indent=None)  # 7 MB compact, 16 MB indented
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(model_max_length))
+
+
+# ---- export -----------------------------------------------------------------------------------------------
+def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = 5 * 10**9, max_position_embeddings: Optional[int] = None) -> list[Path]:
+    """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory `out_dir`.
+
+    Everything goes into a temporary directory beside `out_dir`, renamed into place at the end, so an
+    interrupted export leaves no half-written model. Returns the weight files written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory; choose a new --out")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = to_hf_state_dict(model.state_dict(), model.args)
+        if model.args.tie_word_embeddings:
+            del state["lm_head.weight"]  # transformers ties it to the embedding on load
+        dtype = dtype or model.tok_embeddings.weight.dtype
+        state = {k: v.to(dtype) for k, v in state.items()}
+        files = save_sharded(state, tmp, max_shard_bytes)
+        stop_ids = tokenizer.stop_tokens if tokenizer is not None else [128001, 128008, 128009]
+        bos_id = tokenizer.bos_id if tokenizer is not None else 128000
+        max_len = max_position_embeddings or model.args.max_seq_len
+        _write_json(tmp / "config.json", hf_config_dict(model.args, dtype, bos_id, stop_ids, max_len))
+        _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": list(stop_ids)})
+        if tokenizer is not None:
+            write_tokenizer_files(tokenizer, tmp, max_len)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out_dir / f.name for f in files]
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20, '1000' -> 1000 (as transformers' max_shard_size)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    return int(float(m[1]) * _UNITS[m[2].lower() if m[2] else None])
+
+
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    e.add_argument("--checkpoint", required=True, help="project .pt, Meta-format directory or HF directory")
+    e.add_argument("--out", required=True, help="new directory to write")
+    e.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights' dtype (auto: as stored)")
+    e.add_argument("--max_shard_size", type=parse_size, default="5GB",
+                   help="largest safetensors file before splitting, e.g. 5GB, 500MB (default 5GB)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer.model or HF tokenizer dir (default: the checkpoint's)")
+    e.add_argument("--no_tokenizer", action="store_true", help="write the model only")
+    e.add_argument("--max_seq_len", type=int, default=None,
+                   help="max_position_embeddings (default: the checkpoint's context; 131072 for Meta's 3.1/3.2)")
+    e.add_argument("--rope_scale_factor", type=float, default=None,
+                   help="Llama 3.1 rope scaling factor (default: the checkpoint's, or Meta's per family)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import checkpoint  # here, not at the top: checkpoint.py imports this module to read HF directories
+
+    args = parse_args(argv)
+    try:
+        max_seq_len = args.max_seq_len
+        if max_seq_len is None and checkpoint.is_meta_checkpoint_dir(args.checkpoint):
+            scaled = checkpoint.model_args_for(args.checkpoint, 8192).use_scaled_rope
+            max_seq_len = 131072 if scaled else 8192  # what Meta's models are published for
+        model = checkpoint.load_model(args.checkpoint, max_seq_len=max_seq_len,
+                                      rope_scale_factor=args.rope_scale_factor)
+        tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
+        if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
+            raise checkpoint.CheckpointError(
+                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only {model.args.vocab_size}; "
+                f"pass --no_tokenizer to export the weights alone")
+        note = checkpoint.rope_scaling_note(args.checkpoint, args.rope_scale_factor)
+        files = export_hf(model, args.out, tokenizer, DTYPES[args.dtype], args.max_shard_size, max_seq_len)
+    except (checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_params, dtype = model.num_params(), DTYPES[args.dtype] or model.tok_embeddings.weight.dtype
+    size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    print(f"exported {args.checkpoint} -> {args.out}")
+    print(f"  model: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}, "
+          f"{sum(f.suffix == '.safetensors' for f in files)} safetensors file(s), {size / 1e6:.1f} MB")
+    if note:
+        print(f"  {note}")
+    if tokenizer is not None:
+        print(f"  tokenizer: {tokenizer.path} -> tokenizer.json, tokenizer_config.json (Llama 3 chat template)")
+    print(f"  load with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}), AutoTokenizer.from_pretrained(...)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
