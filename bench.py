@@ -68,15 +68,15 @@ from generate import generate_tokens
 from hf_convert import to_hf
 from model import PRESETS as MODEL_PRESETS
 from model import ModelArgs, Transformer
-from train import KNOWN_PEAK_FLOPS, build_optimizer
+import hardware
+from hardware import datasheet_peak, plausible_mfu
+from train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent
 SEED = 1234
 KINDS = ("ours", "hf")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Datasheet dense peaks in fp32 without tensor cores (PyTorch's default: TF32 off); bf16 comes from train.py.
-KNOWN_FP32_PEAK_FLOPS = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "L4": 30.3e12}
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -163,14 +163,7 @@ def sync(device: torch.device) -> None:
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Achieved FLOP/s of a dense square matmul: the machine's practical peak in this dtype."""
     n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b  # first call: library dispatch and page faults
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return hardware.matmul_flops(device, dtype, n, reps)
 
 
 def autocast(precision: str, device: torch.device):
@@ -373,11 +366,16 @@ def alternate(runs: dict[str, Callable[[], object]], warmup: int, rounds: int) -
 
 # ---- the three benchmarks ------------------------------------------------------------------------------
 def nominal_peak(device: torch.device, precision: str) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    table = KNOWN_PEAK_FLOPS if precision == "bf16" else KNOWN_FP32_PEAK_FLOPS
-    name = torch.cuda.get_device_name(device)
-    return next((value for key, value in table.items() if key in name), None)
+    return datasheet_peak(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+
+
+def precisions_to_run(device: torch.device) -> dict[str, Optional[str]]:
+    """precision -> None when it runs, else why not: bf16 needs native support (on a CPU without it a bf16
+    matmul runs about 60x slower than float32, so its rows would take hours and say nothing)."""
+    if device.type == "cpu":
+        check = hardware.check_cpu_bf16()
+        return {"fp32": None, "bf16": None if check.fast else check.how}
+    return {"fp32": None, "bf16": None}
 
 
 def bench_training(procs: dict[str, ModelProcess], plan: Plan, precision: str, rounds: Rounds) -> dict:
@@ -404,7 +402,8 @@ def bench_training(procs: dict[str, ModelProcess], plan: Plan, precision: str, r
             "losses": [r["loss"] for r in runs[kind]],
             "params": info[kind]["params"], "peak_memory_mib": memory[kind]["peak_bytes"] / 2**20,
             "peak_includes_setup": memory[kind]["includes_setup"],
-            "mfu_measured_peak": achieved / measured_peak, "mfu_nominal_peak": achieved / nominal if nominal else None,
+            "mfu_measured_peak": plausible_mfu(achieved, measured_peak),
+            "mfu_nominal_peak": plausible_mfu(achieved, nominal) if nominal else None,
         }
     out["hf_loss_positions"] = info["hf"]["hf_loss_positions"]
     out["ratio"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
@@ -557,18 +556,11 @@ def bench_data_prep(rounds: Rounds) -> dict:
 
 
 # ---- environment, table, command line ------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        return re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown"
-
-
 def environment(device: torch.device) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": hardware.cpu_model(), "cpu_native_bf16": hardware.cpu_has_native_bf16(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
         "git_commit": commit.stdout.strip() or None, "load_average_start": os.getloadavg()[0],
@@ -578,7 +570,7 @@ def environment(device: torch.device) -> dict:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "?" if x is None else f"{100 * x:.1f}%"
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
@@ -600,6 +592,10 @@ def format_table(report: dict) -> str:
     lines.append(_row(["training step", "ours tok/s", "HF tok/s", "ratio", "ours MiB", "HF MiB", "matmul peak",
                        "MFU ours / HF", "nominal MFU"], widths))
     for precision, t in report["train"].items():
+        if "not_run" in t:
+            lines.append(_row(["bf16 autocast" if precision == "bf16" else precision, "not run"], widths[:2])
+                         + f"    {t['not_run']}")
+            continue
         ours, hf = t["ours"], t["hf"]
         nominal = "-" if t["nominal_peak_flops"] is None else \
             f"{_pct(ours['mfu_nominal_peak'])} / {_pct(hf['mfu_nominal_peak'])}"
@@ -610,7 +606,7 @@ def format_table(report: dict) -> str:
             f"{_pct(ours['mfu_measured_peak'])} / {_pct(hf['mfu_measured_peak'])}", nominal], widths))
     lines.append("first-step loss (same weights, same batch): " + "; ".join(
         f"{p} ours {t['ours']['first_step_loss']:.4f}, HF {t['hf']['first_step_loss']:.4f}"
-        for p, t in report["train"].items()))
+        for p, t in report["train"].items() if "not_run" not in t))
 
     g0 = next(iter(report["generate"].values()))
     gen_widths = widths[:4] + [13, 20]
@@ -619,6 +615,9 @@ def format_table(report: dict) -> str:
               + f"    greedy, batch 1, {g0['prompt_tokens']}-token prompt + {g0['new_tokens']} new tokens, "
                 f"medians of {rounds['generate']} alternated runs after a first (cold) call"]
     for precision, g in report["generate"].items():
+        if "not_run" in g:
+            lines.append(_row([f"{precision} weights", "not run"], gen_widths[:2]) + f"    {g['not_run']}")
+            continue
         lines.append(_row([f"{precision} weights", f"{g['ours']['tokens_per_s']:,.1f}",
                            f"{g['hf']['tokens_per_s']:,.1f}", f"{g['ratio']:.2f}x",
                            "yes" if g["same_tokens"] else "no",
@@ -675,12 +674,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     report: dict = {"environment": environment(device), "train": {}, "generate": {}}
     started = time.perf_counter()
 
+    skip = precisions_to_run(device)
+    running = [p for p in PRECISIONS if skip[p] is None]
     for precision in PRECISIONS:  # a fresh pair of processes per precision: separate memory peaks
+        if skip[precision]:
+            print(f"training step, {precision}: not run ({skip[precision]})", file=sys.stderr)
+            report["train"][precision] = {"not_run": skip[precision]}
+            continue
         with model_processes(plan) as procs:
             print(f"training step, {precision} ...", file=sys.stderr)
             report["train"][precision] = bench_training(procs, plan, precision, rounds)
-            if precision == PRECISIONS[-1]:  # generation reuses the last pair: no memory is measured there
+            if precision == running[-1]:  # generation reuses the last pair: no memory is measured there
                 for gen_precision in PRECISIONS:
+                    if skip[gen_precision]:
+                        report["generate"][gen_precision] = {"not_run": skip[gen_precision]}
+                        continue
                     print(f"generation, {gen_precision} ...", file=sys.stderr)
                     report["generate"][gen_precision] = bench_generation(procs, plan, gen_precision, rounds)
     print("data preparation ...", file=sys.stderr)
