@@ -1,11 +1,15 @@
-"""Building blocks that turn text datasets into token shards (pretraining now; SFT and DPO reuse them).
+"""Building blocks that turn datasets into shards: token shards for pretraining, sequence shards for SFT and DPO.
 
 The pipeline, in the order this file reads:
 
-    sources (local files or a `datasets` dataset)  --Mixer-->  one stream of raw text values
+    sources (local files or a `datasets` dataset)  --Mixer-->  one stream of raw text values (or whole rows)
       --ordered_map-->  documents encoded in worker processes, results back in input order
-      --ShardWriter-->  fixed-size uint32 `.npy` shards per split
+      --ShardWriter-->  fixed-size uint32 `.npy` shards per split (pretraining), or
+      --SequenceShardWriter-->  whole sequences with their loss masks and offsets (chat and preference data)
       progress.json after every finished shard (resume) and manifest.json at the end
+
+Pretraining's driver is load_pretrain_dataset.py; the sequence-data scripts supply a `SequenceJob` (how a
+row becomes sequences) to `prepare_sequence_shards` at the end of this file, which does the rest.
 
 Nothing is ever half-written under a final name: files are written to `<name>.tmp` in the same
 directory and renamed with `os.replace`, which is atomic. Bad input raises `DataPrepError`, whose
@@ -1054,6 +1058,7 @@ class SequenceStats:
 
 def batch_items(rows: Iterable[tuple[int, int, Any]], size: int) -> Iterator[tuple[list[tuple[int, int]], list]]:
     """Group mixed rows into worker tasks: ((pick, source) per row, (source, row) per row)."""
+    rows = iter(rows)  # one iterator throughout: islice on the Mixer itself would start a new one per chunk
     for chunk in iter(lambda: list(itertools.islice(rows, size)), []):
         yield [(pick, source) for pick, source, _ in chunk], [(source, row) for _, source, row in chunk]
 

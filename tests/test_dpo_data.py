@@ -16,6 +16,7 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
+import chat_tasks
 import load_dpo_dataset as ldd
 import load_instruct_dataset as lid
 from load_instruct_dataset import ChatSource
@@ -111,8 +112,7 @@ def test_every_row_shape_gives_meta_rendered_pairs_scoring_the_response_only(cha
 
 
 def test_pairs_share_the_prompt_tokens_and_differ_only_in_the_response(tmp_path):
-    path = ldd.default_data_file(tmp_path / "raw")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:300]]
+    rows = list(chat_tasks.preference_rows(chat_tasks.generate(300)))
     report = prepare([ChatSource(files=[str(write_jsonl(tmp_path / "a.jsonl", rows))])], tmp_path / "out")
     pairs = read_pairs(tmp_path / "out", report["manifest"])
     assert len(pairs) == 300 and len(report["manifest"]["splits"]["train"]["shards"]) > 1
@@ -191,8 +191,7 @@ def test_a_long_single_turn_is_cut_from_its_start_down_to_the_floor_else_dropped
 
 
 def test_resume_after_an_interruption_gives_identical_output(tmp_path, monkeypatch):
-    path = ldd.default_data_file(tmp_path / "raw")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:150]]
+    rows = list(chat_tasks.preference_rows(chat_tasks.generate(150)))
     rows += rows[:40]  # duplicates: their prompts must land where the first copies did
     data = write_jsonl(tmp_path / "a.jsonl", rows)
     clean = prepare([ChatSource(files=[str(data)])], tmp_path / "clean", shard_size=600, val_fraction=0.2)
