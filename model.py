@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss (prompt tokens, padding)
+# The chunked output-layer losses live in losses.py; IGNORE_INDEX and chunked_cross_entropy are
+# re-exported because callers have always imported them from here.
+from losses import IGNORE_INDEX, chunked_cross_entropy  # noqa: F401
 
 
 @dataclass
@@ -145,6 +147,19 @@ class KVCache(nn.Module):
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
+def sdpa_needs_repeated_kv(device_type: str, dtype: torch.dtype, has_mask: bool, q_len: int, n_heads: int,
+                           n_kv_heads: int) -> bool:
+    """Whether to repeat k/v to n_heads before SDPA rather than pass enable_gqa.
+
+    On CUDA only the flash kernel takes enable_gqa, and flash wants half precision and no explicit mask;
+    in float32 or with a mask (packed documents, chunked prefill) GQA falls back to the math kernel, which
+    materialises the float32 (B, H, T, S) scores: about 1 GB per layer at the 1b preset. With repeated
+    k/v the memory-efficient kernel is reachable. One query (decoding) has tiny scores, and repeating
+    would copy the whole cache each step. CPU kernels handle GQA themselves.
+    """
+    return device_type == "cuda" and n_kv_heads != n_heads and q_len > 1 and (dtype == torch.float32 or has_mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -171,12 +186,14 @@ class Attention(nn.Module):
         # A branch, not bool(...): under torch.compile(dynamic=True) seqlen is symbolic, a branch makes
         # the compiler specialise on it, and SDPA takes only a plain bool (else dynamo breaks the graph here).
         is_causal = True if attn_mask is None and seqlen > 1 else False
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        n_rep = self.n_heads // self.n_kv_heads
+        repeat_kv = sdpa_needs_repeated_kv(q.device.type, q.dtype, attn_mask is not None, seqlen, self.n_heads,
+                                           self.n_kv_heads)
+        if repeat_kv:  # query head i reads kv head i // n_rep, as enable_gqa does
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
+        # attn_mask stays boolean and broadcast over heads, (T, S) or (B, 1, T, S): no per-head float mask is built.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=n_rep > 1 and not repeat_kv)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -257,8 +274,9 @@ class Transformer(nn.Module):
         loss_reduction: str = "mean",
         return_logits: bool = True,
         logits_to_keep: int = 0,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """tokens (B, T) -> (logits (B, T, vocab), loss or None).
+        head: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None,
+    ) -> Any:
+        """tokens (B, T) -> (logits (B, T, vocab), loss or None), or what `head` returns.
 
         targets: (B, T) next-token ids, IGNORE_INDEX where no loss is wanted. `loss_reduction`
             "sum" lets the trainer divide by the number of valid tokens over all micro-batches.
@@ -270,8 +288,15 @@ class Transformer(nn.Module):
             float32 (B, T, vocab) logits, and returns None for them.
         logits_to_keep: without targets, compute logits for the last this many positions only (0: all);
             a prefill needs one row, not prompt_len x vocab.
+        head: replaces the output layer: returns head(h (B, T, dim), self.output.weight), e.g. a loss from
+            losses.py. The loss then runs inside forward, so a wrapped model (DDP, FSDP, torch.compile)
+            is called once per micro-batch as usual, with FSDP's output weight gathered. Takes no targets.
         """
+        if head is not None and targets is not None:
+            raise ValueError("Transformer.forward: pass targets to the head, not as targets= as well")
         h = self.hidden_states(tokens, start_pos=start_pos, attn_mask=attn_mask, positions=positions)
+        if head is not None:
+            return head(h, self.output.weight)
         if targets is None:
             return self.output(h[:, -logits_to_keep:] if logits_to_keep else h), None
         if not return_logits:
@@ -324,70 +349,6 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
         n += a.dim * a.vocab_size if a.tie_word_embeddings else 0
         return 6 * n + 12 * a.n_layers * a.dim * seq_len
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `h @ weight.T`, whose gradients are computed during the forward
-    pass, chunk by chunk, so the (rows, vocab) logits never exist all at once nor are stored.
-
-    For one row: loss = logsumexp(z) - z[target] and dloss/dz = softmax(z) - onehot(target); the
-    chunk's logits buffer is turned into that gradient in place and multiplied straight into
-    dh and dW. Rows whose target is IGNORE_INDEX add nothing.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int, mm_dtype: torch.dtype, need_grad: bool):
-        h_mm, w_mm = h.to(mm_dtype), weight.to(mm_dtype)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=mm_dtype, device=weight.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            z = (h_mm[rows] @ w_mm.T).float()  # (n, vocab)
-            t = targets[rows]
-            valid = (t != IGNORE_INDEX)[:, None]
-            safe_t = t.clamp(min=0)[:, None]
-            z_target = z.gather(1, safe_t)
-            # In place, one buffer: z -> exp(z - max); sum; log-sum-exp = max + log(sum).
-            z_max = z.amax(dim=-1, keepdim=True)
-            z.sub_(z_max).exp_()
-            z_sum = z.sum(dim=-1, keepdim=True)
-            total += ((z_max + z_sum.log() - z_target) * valid).sum()
-            if not need_grad:
-                continue
-            # (exp - onehot * sum) / sum = softmax - onehot; zero on ignored rows.
-            z.scatter_add_(1, safe_t, -z_sum)
-            g = z.mul_(valid / z_sum).to(mm_dtype)
-            grad_h[rows] = g @ w_mm
-            grad_w.addmm_(g.T, h_mm[rows])  # accumulates like one matmul over all rows would
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, None, None, None, None
-
-
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                          chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """Cross-entropy of the output layer without materialising the float32 (N, vocab) logits.
-
-    With a 128k vocabulary those logits dwarf the rest of a small model's activations; here
-    only one chunk of about 256 MiB of float32 exists at a time. Matmuls run in the autocast dtype when
-    autocast is on, the softmax in float32. h: (N, dim), weight: (vocab, dim), targets: (N,).
-    """
-    device_type = h.device.type
-    mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    chunk_rows = chunk_rows or max(16, (1 << 26) // weight.shape[0])
-    # Decided here: forward runs with grad mode off, and its needs_input_grad follows requires_grad even
-    # under no_grad (validation, evaluation), which would then pay two more output-layer matmuls.
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, mm_dtype, need_grad)
-    if reduction == "sum":
-        return total
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
