@@ -8,20 +8,28 @@ into a cache and verified, or a local `.jsonl` in the same schema (`activity_lab
 `ctx_b`, `endings`, `label`). Items without four non-empty endings or with a label outside 0..3
 are skipped and counted.
 
-Text, as lm-evaluation-harness prepares it (so `acc_norm` is comparable with published numbers):
+Everything that decides a score follows lm-evaluation-harness (0.4's hellaswag task and its
+`TemplateLM` request path), since every published HellaSwag number comes from it.
+
+Text, as its hellaswag task prepares it:
     context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())
-    ending  = preprocess(ending), scored as " " + ending
+    ending  = preprocess(ending); the request is (context, " " + ending), " " being the target delimiter
 where `preprocess` drops WikiHow's bracket markup (" [title]" becomes ". ", "[header]", "[step]"
 ... are removed). nanoGPT / llm.c use the raw `ctx` field instead; scores differ slightly.
 
-Tokens: the context is encoded with <|begin_of_text|> in front (Llama 3 always sees it), the
-ending is encoded on its own and appended (as nanoGPT does). With Llama 3's pre-tokenizer a
-leading space starts a new piece, so this matches encoding the joined text in nearly all cases.
+Tokens, as `TemplateLM._encode_pair` builds a causal model's request: whitespace at the end of the
+context (a removed trailing "[step]" leaves a space) moves to the front of the continuation; the
+context is encoded with <|begin_of_text|> in front, and the ending's tokens are those that follow
+the context's tokens in the encoding of context + continuation joined. BOS: the harness's HFLM
+encodes with the tokenizer's defaults, and Llama 3's Hugging Face tokenizer puts <|begin_of_text|>
+in front, so published Llama 3 numbers are scored with it (and every training document here
+starts with it too).
 
 Scores: the log-likelihood of an ending is the sum, over its tokens, of the float32 log-softmax
 of the logits at the previous position; context tokens are not scored. Three accuracies:
     acc              argmax of the summed log-likelihood
-    acc_norm         argmax of the sum / the ending's length in characters (lm-evaluation-harness)
+    acc_norm         argmax of the sum / len(ending): Python characters of the cleaned ending,
+                     without the delimiter (the harness's `len(choice)`; not UTF-8 bytes)
     acc_norm_tokens  argmax of the sum / the ending's token count (nanoGPT / llm.c "acc_norm")
 """
 
@@ -48,6 +56,7 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 HELLASWAG_LINES = 10042  # items in the official validation split
 DEFAULT_CACHE_DIR = Path("~/.cache/llama3-trainer/hellaswag").expanduser()
 NUM_ENDINGS = 4
+TARGET_DELIMITER = " "  # the harness's default for multiple choice, put between context and ending
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -180,9 +189,20 @@ def load_examples(path: Optional[str | Path] = None, limit: Optional[int] = None
 
 # ---- scoring ------------------------------------------------------------------------------------
 def encode_example(tokenizer, example: Example) -> list[tuple[list[int], list[int]]]:
-    """(context ids with BOS, ending ids) for each of the four endings."""
-    context = tokenizer.encode(example.context, bos=True, eos=False)
-    return [(context, tokenizer.encode(" " + ending, bos=False, eos=False)) for ending in example.endings]
+    """(context ids, ending ids) for each of the four endings, as the harness's
+    `TemplateLM._encode_pair` builds a causal model's request: the context's trailing whitespace
+    moves to the front of the continuation, and the continuation's ids are what follows the
+    context's ids in the encoding of the whole text."""
+    context = example.context.rstrip()
+    moved = example.context[len(context):]  # e.g. the space a removed trailing "[step]" leaves
+    context_ids = tokenizer.encode(context, bos=True, eos=False)
+    pairs = []
+    for ending in example.endings:
+        whole = tokenizer.encode(context + moved + TARGET_DELIMITER + ending, bos=True, eos=False)
+        if len(whole) <= len(context_ids):  # its score would be 0, a silent win
+            raise HellaSwagDataError(f"ending {ending!r} of {example.context!r} has no tokens of its own")
+        pairs.append((context_ids, whole[len(context_ids):]))
+    return pairs
 
 
 @torch.no_grad()
@@ -234,8 +254,8 @@ def score_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Example
 
 
 def ending_lengths(example: Example) -> list[int]:
-    """lm-evaluation-harness's `len(choice)`: characters of the preprocessed ending, without the
-    separating space (the same as UTF-8 bytes for ASCII text, which nearly all of HellaSwag is)."""
+    """lm-evaluation-harness's `len(choice)` for acc_norm: characters of the preprocessed ending,
+    without the delimiter (its UTF-8 byte count goes only into acc_bytes, which hellaswag does not report)."""
     return [len(ending) for ending in example.endings]
 
 

@@ -1,8 +1,11 @@
-"""HellaSwag scoring against independent references: transformers' LlamaForCausalLM for the
-per-ending log-likelihoods, hand computation for the accuracies and the text preprocessing.
+"""HellaSwag scoring against independent references: lm-evaluation-harness's own hellaswag task and
+request construction (`TemplateLM._encode_pair`) for what is scored, transformers' LlamaForCausalLM
+for the per-ending log-likelihoods, the harness's `process_results` for acc and acc_norm, hand
+computation for acc_norm_tokens and the text preprocessing.
 
 A tiny random model with Llama 3's real vocabulary (the real tokenizer is used), a fixture in the
-official jsonl schema written here, no network.
+official jsonl schema written here, no network: the harness's task is built from its installed
+hellaswag.yaml with the fixture as its dataset.
 """
 
 import hashlib
@@ -13,14 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks._yaml_loader import load_yaml
 
 from checkpoint import save_checkpoint
 from hellaswag_utils import (
     HELLASWAG_LINES,
     Example,
     HellaSwagDataError,
+    encode_example,
     ending_lengths,
     evaluate,
     load_examples,
@@ -66,9 +74,19 @@ ITEMS = [
     item("Baking", "A chef cracks eggs into a bowl.", "she",
          ["whisks them.", "bakes a cake for an hour in the oven.", "9 8 7 6 5", "caramelizes"], 3),
     item("Running", "People run down a road.", "they",
-         ["cross the finish line.", "stop.", "m n o p", "congratulate themselves wholeheartedly"], 3),
+         ["cross the finish line.", "stop.", "m n o p", "congratulate themselves wholeheartedly"], 2),
+    # WikiHow contexts ending in a marker, which cleaning turns into a trailing space; endings that
+    # begin with a marker (so with a space once cleaned) or hold characters of several bytes. On the
+    # first, acc_norm picks ending 0 with the harness's requests and ending 3 with the space left in
+    # the context.
+    item("Car care", "[header] How to wash a car [title] Rinse the car. [step]", "",
+         ["[substeps] Use a hose to wet it.", "Dry it — naïve café, 日本語 ✓", "[title] Wax it.", "Park it."], 0),
+    item("Dress", "[header] How to tie a tie", "[title]",
+         ["Cross the wide end over the narrow end.", "🙂🙂 tie it.", "Ça va très bien, merci.",
+          "[step] Pull it tight."], 0),
 ]
-N_VALID = 7  # odd, so two ranks get unequal shares
+N_VALID = 9  # odd, so two ranks get unequal shares
+VALID_ITEMS = [i for i in ITEMS if i["activity_label"] != "Malformed"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,37 +116,87 @@ def model() -> Transformer:
     return o1_random_(Transformer(ARGS))
 
 
-# ---- the independent reference: transformers' Llama on the same weights -------------------------
+# ---- the independent reference: the harness's requests, scored by transformers' Llama ------------
+class HarnessLM(TemplateLM):
+    """The harness's own request path (`loglikelihood` -> `_encode_pair`) with our tokenizer plugged in,
+    BOS in front as HFLM does for Llama 3 (its tokenizer adds <|begin_of_text|> by default), scored
+    by HF's model one request at a time, unpadded."""
+
+    def __init__(self, tok: Tokenizer, hf_model):
+        super().__init__()
+        self.tok, self.hf_model, self.encoded = tok, hf_model, []
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tok.encode(string, bos=add_special_tokens is not False, eos=False)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
+        results = []
+        for _, context, continuation in requests:
+            self.encoded.append((context, continuation))
+            logprobs = self.hf_model(torch.tensor([context + continuation])).logits[0].float().log_softmax(-1)
+            picked = [logprobs[len(context) + k - 1, token].item() for k, token in enumerate(continuation)]
+            results.append((sum(picked), False))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+
 @pytest.fixture(scope="module")
-def reference(model, tok, examples) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-ending log-likelihood sums and token counts (N, 4): each ending run alone, unpadded,
-    through HF's model, as BOS + context tokens followed by the separately encoded " " + ending."""
-    hf = to_hf(model)
-    sums, counts = torch.zeros(len(examples), 4, dtype=torch.float64), torch.zeros(len(examples), 4)
-    with torch.no_grad():
-        for i, ex in enumerate(examples):
-            context = tok.encode(ex.context, bos=True, eos=False)
-            for j, ending in enumerate(ex.endings):
-                ending_ids = tok.encode(" " + ending, bos=False, eos=False)
-                logprobs = hf(torch.tensor([context + ending_ids])).logits[0].float().log_softmax(-1)
-                for k, token in enumerate(ending_ids):
-                    sums[i, j] += logprobs[len(context) + k - 1, token].item()
-                counts[i, j] = len(ending_ids)
-    return sums, counts
+def harness_task() -> ConfigurableTask:
+    """The installed hellaswag task (its yaml, process_docs, delimiter), reading the fixture's items."""
+    import lm_eval.tasks
+
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / "hellaswag" / "hellaswag.yaml")
+    records = [{**i, "label": str(i["label"])} for i in VALID_ITEMS]  # one type per column, as on the hub
+    data = datasets.DatasetDict({split: datasets.Dataset.from_list(records) for split in ("train", "validation")})
+    return ConfigurableTask(config={**config, "custom_dataset": lambda **_: data})
 
 
-def hand_accuracies(examples, sums, counts) -> dict[str, float]:
-    """Argmax of sums; of sums / characters of the ending (lm-evaluation-harness's len(choice));
-    of sums / ending tokens. Plain Python, first index on ties."""
+@pytest.fixture(scope="module")
+def reference(model, tok, harness_task) -> dict:
+    """Per-ending log-likelihood sums and token counts (N, 4), the (context, continuation) token
+    lists per ending, and acc and acc_norm: requests, tokens and metrics from the harness's own
+    code, log-likelihoods from HF's model."""
+    lm = HarnessLM(tok, to_hf(model))
+    docs = list(harness_task.validation_docs())
+    sums, counts, metrics = [], [], []
+    for doc in docs:
+        context = harness_task.fewshot_context(doc, num_fewshot=0)
+        instances = harness_task.construct_requests(doc, context, metadata=("hellaswag", 0, 1))
+        results = lm.loglikelihood(instances, disable_tqdm=True)
+        sums.append([ll for ll, _ in results])
+        counts.append([len(cont) for _, cont in lm.encoded[-len(results):]])
+        metrics.append(harness_task.process_results(doc, results))
+    return {"sums": torch.tensor(sums, dtype=torch.float64), "counts": torch.tensor(counts),
+            "pairs": [lm.encoded[i : i + 4] for i in range(0, len(lm.encoded), 4)], "docs": docs,
+            "acc": sum(m["acc"] for m in metrics) / len(docs),
+            "acc_norm": sum(m["acc_norm"] for m in metrics) / len(docs)}
+
+
+def expected_accuracies(reference) -> dict[str, float]:
+    """acc and acc_norm as the harness reports them; acc_norm_tokens by hand from the reference sums
+    (argmax of sum / ending tokens, first index on ties)."""
     def argmax(values):
         return max(range(len(values)), key=lambda j: (values[j], -j))
 
-    right = {"acc": 0, "acc_norm": 0, "acc_norm_tokens": 0}
-    for ex, s, c in zip(examples, sums.tolist(), counts.tolist()):
-        right["acc"] += argmax(s) == ex.label
-        right["acc_norm"] += argmax([s[j] / len(ex.endings[j]) for j in range(4)]) == ex.label
-        right["acc_norm_tokens"] += argmax([s[j] / c[j] for j in range(4)]) == ex.label
-    return {k: v / len(examples) for k, v in right.items()}
+    labels = [int(doc["gold"]) for doc in reference["docs"]]
+    per_token = [argmax([s / c for s, c in zip(srow, crow)])
+                 for srow, crow in zip(reference["sums"].tolist(), reference["counts"].tolist())]
+    right = sum(p == label for p, label in zip(per_token, labels))
+    return {"acc": reference["acc"], "acc_norm": reference["acc_norm"], "acc_norm_tokens": right / len(labels)}
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -142,6 +210,16 @@ def test_context_and_endings_are_preprocessed_like_lm_eval_harness(examples):
     assert wikihow.label == 2
 
 
+def test_context_and_endings_equal_the_harness_docs(examples, harness_task):
+    docs = list(harness_task.validation_docs())
+    assert [(e.context, list(e.endings), e.label) for e in examples] == [
+        (d["query"], d["choices"], int(d["gold"])) for d in docs]
+    # The fixture exercises what the harness treats specially.
+    assert sum(e.context != e.context.rstrip() for e in examples) == 2
+    assert any(ending.startswith(" ") for e in examples for ending in e.endings)
+    assert any(len(ending) != len(ending.encode("utf-8")) for e in examples for ending in e.endings)
+
+
 def test_malformed_items_are_skipped_and_counted(fixture_path):
     examples, skipped = load_examples(fixture_path)
     assert (len(examples), skipped) == (N_VALID, 2)  # three endings; label 7
@@ -153,21 +231,26 @@ def test_malformed_items_are_skipped_and_counted(fixture_path):
 
 
 # ---- scores --------------------------------------------------------------------------------------
-def test_ending_logliks_match_hf_llama(model, tok, examples, reference):
+def test_each_ending_is_tokenized_as_the_harness_builds_its_request(tok, examples, reference):
+    # Trailing whitespace of a context moves into the continuation, whose tokens come from the
+    # encoding of context + continuation joined; BOS starts the context.
+    for example, pairs in zip(examples, reference["pairs"]):
+        assert encode_example(tok, example) == pairs, example.context
+
+
+def test_ending_logliks_match_the_harness_requests_through_hf_llama(model, tok, examples, reference):
     sums, counts = score_examples(model, tok, examples, batch_size=3)
-    ref_sums, ref_counts = reference
-    assert ref_sums.std() > 1.0, "reference scores too alike for the comparison to mean anything"
-    assert torch.equal(counts.double(), ref_counts.double())
-    assert (sums - ref_sums).abs().max().item() <= 1e-4
+    assert reference["sums"].std() > 1.0, "reference scores too alike for the comparison to mean anything"
+    assert torch.equal(counts, reference["counts"])
+    assert (sums - reference["sums"]).abs().max().item() <= 1e-4
 
 
 def test_batch_size_does_not_change_scores(model, tok, examples):
     one, counts_one = score_examples(model, tok, examples, batch_size=1)
-    for batch_size in (3, 8):
-        sums, counts = score_examples(model, tok, examples, batch_size=batch_size)
-        assert torch.equal(counts, counts_one)
-        # Different padded shapes may reorder float32 sums inside the matmuls; nothing more.
-        assert (sums - one).abs().max().item() <= 1e-5, batch_size
+    sums, counts = score_examples(model, tok, examples, batch_size=4)  # 4, 4 and 1 examples: padded rows
+    assert torch.equal(counts, counts_one)
+    # Different padded shapes may reorder float32 sums inside the matmuls; nothing more.
+    assert (sums - one).abs().max().item() <= 1e-5
 
 
 def test_padding_next_to_a_much_longer_example_does_not_change_a_score(model, tok, examples):
@@ -195,8 +278,8 @@ def test_acc_norm_divides_by_characters_and_acc_norm_tokens_by_tokens():
     assert ending_lengths(example) == [5, 10, 2, 1]
 
 
-def test_accuracies_match_hand_computation_from_reference_logliks(model, tok, examples, reference):
-    expected = hand_accuracies(examples, *reference)
+def test_accuracies_match_the_harness_metrics(model, tok, examples, reference):
+    expected = expected_accuracies(reference)
     assert len(set(expected.values())) == 3, f"fixture does not tell the three rules apart: {expected}"
     model.train()  # as train.py hands it over
     try:
@@ -214,7 +297,7 @@ def test_rank_shares_are_disjoint_and_add_up_to_the_single_process_counts(model,
     # Without a process group the all-reduce is a no-op, so each call reports its own share.
     single = evaluate(model, tok, examples, batch_size=2)
     shares = [evaluate(model, tok, examples, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
-    assert [s["n"] for s in shares] == [4, 3]
+    assert [s["n"] for s in shares] == [5, 4]
     for key in ("acc", "acc_norm", "acc_norm_tokens"):
         assert sum(round(s[key] * s["n"]) for s in shares) == round(single[key] * single["n"]), key
 
@@ -228,7 +311,7 @@ def _printed_result(text: str) -> dict:
             "acc_norm_tokens": float(acc_norm_tokens)}
 
 
-def _assert_printed_matches_hand(printed: dict, expected: dict):
+def _assert_printed_matches(printed: dict, expected: dict):
     assert printed["n"] == N_VALID and printed["skipped"] == 2
     for key, value in expected.items():
         assert printed[key] == pytest.approx(value, abs=5e-5), key  # printed with 4 decimals
@@ -250,7 +333,7 @@ def test_two_torchrun_ranks_print_the_single_process_result(project_checkpoint, 
         capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("hellaswag |") == 1, "only rank 0 reports"
-    _assert_printed_matches_hand(_printed_result(result.stdout), hand_accuracies(examples, *reference))
+    _assert_printed_matches(_printed_result(result.stdout), expected_accuracies(reference))
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -269,14 +352,14 @@ def _meta_dir(model: Transformer, tok: Tokenizer, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("form", ["project checkpoint", "meta directory"])
-def test_cli_prints_the_hand_computed_accuracies(form, model, tok, project_checkpoint, fixture_path, examples,
+def test_cli_prints_the_harness_accuracies(form, model, tok, project_checkpoint, fixture_path, examples,
                                                  reference, tmp_path, capsys):
     path = project_checkpoint if form == "project checkpoint" else _meta_dir(model, tok, tmp_path / "meta")
     code = main(["--checkpoint", str(path), "--path", str(fixture_path), "--device", "cpu", "--dtype", "fp32",
                  "--batch_size", "4"])
     out = capsys.readouterr().out
     assert code == 0
-    _assert_printed_matches_hand(_printed_result(out), hand_accuracies(examples, *reference))
+    _assert_printed_matches(_printed_result(out), expected_accuracies(reference))
 
 
 def test_cli_limit_scores_only_the_first_items(project_checkpoint, fixture_path, capsys):
