@@ -68,8 +68,8 @@ def checkpoint_kind(path: str | Path) -> str:
             return "hf"
         inside = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
         listing = ", ".join(inside[:6]) + (", ..." if len(inside) > 6 else "") if inside else "nothing"
-        raise CheckpointError(f"{path}: a directory with neither params.json nor config.json (it holds {listing}); "
-                              f"{EXPECTED}")
+        raise CheckpointError(f"{path}: a directory with neither params.json nor config.json "
+                              f"(it holds {listing}); {EXPECTED}")
     if path.suffix == ".safetensors":
         raise CheckpointError(f"{path}: a lone safetensors file has no model shape; pass the Hugging Face "
                               f"directory that holds it and its config.json")
@@ -92,7 +92,8 @@ def meta_rope_scale_factor(params: dict, explicit: Optional[float] = None) -> tu
             return float(params[key]), f"from params.json ({key})"
     family = _LLAMA_3_2_SHAPES.get((params.get("dim"), params.get("n_layers")))
     if family:
-        return 32.0, f"{family} by its shape (dim {params['dim']}, {params['n_layers']} layers); params.json gives none"
+        shape = f"dim {params['dim']}, {params['n_layers']} layers"
+        return 32.0, f"{family} by its shape ({shape}); params.json gives none"
     return 8.0, "Llama 3.1's; params.json gives none"
 
 
@@ -180,6 +181,26 @@ def is_hf_model_dir(path: str | Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / "params.json").is_file()
 
 
+def _hf_rope_args(path: Path, c: dict, explicit_factor: Optional[float]) -> dict:
+    """ModelArgs' rope fields from config.json: legacy `rope_theta` + `rope_scaling` or transformers 5's
+    `rope_parameters`, read in the order transformers reads them."""
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (expected llama3 or none)")
+    theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return dict(rope_theta=theta, use_scaled_rope=False)
+    try:
+        return dict(rope_theta=theta, use_scaled_rope=True,
+                    rope_scale_factor=float(explicit_factor or rope["factor"]),
+                    rope_low_freq_factor=float(rope["low_freq_factor"]),
+                    rope_high_freq_factor=float(rope["high_freq_factor"]),
+                    rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: rope scaling of type llama3 lacks a valid {e}") from None
+
+
 def hf_model_args(directory: Path, max_seq_len: Optional[int] = None,
                   rope_scale_factor: Optional[float] = None) -> ModelArgs:
     """ModelArgs from a Hugging Face config.json, refusing anything our Llama would compute differently."""
@@ -187,47 +208,33 @@ def hf_model_args(directory: Path, max_seq_len: Optional[int] = None,
     c = _read_json(path)
     archs = c.get("architectures") or []
     if c.get("model_type") != "llama" or archs not in ([], ["LlamaForCausalLM"]):
-        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} ({', '.join(archs) or 'no architectures'}) "
-                              f"is not a Llama; expected model_type 'llama' and LlamaForCausalLM")
+        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} ({', '.join(archs) or 'no architectures'})"
+                              f" is not a Llama; expected model_type 'llama' and LlamaForCausalLM")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(c.get(key), int):
             raise CheckpointError(f"{path}: {key} missing or not an integer")
-    dim, n_heads = c["hidden_size"], c["num_attention_heads"]
-    unsupported = {"hidden_act": (c.get("hidden_act", "silu"), "silu"), "attention_bias": (c.get("attention_bias", False), False),
-                   "mlp_bias": (c.get("mlp_bias", False), False),
-                   "head_dim": (c.get("head_dim") or dim // n_heads, dim // n_heads)}
-    for key, (got, wanted) in unsupported.items():
-        if got != wanted:
-            raise CheckpointError(f"{path}: {key} is {got!r}; this Llama supports only {wanted!r}")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers reads them in this order
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (expected llama3 or none)")
-    scaled = rope_type == "llama3"
-    try:
-        rope_args = dict(rope_scale_factor=float(rope_scale_factor or rope["factor"]),
-                         rope_low_freq_factor=float(rope["low_freq_factor"]),
-                         rope_high_freq_factor=float(rope["high_freq_factor"]),
-                         rope_original_max_seq_len=int(rope["original_max_position_embeddings"])) if scaled else {}
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: rope scaling of type llama3 lacks {e}") from None
-    hidden, base = c["intermediate_size"], int(2 * (4 * dim) / 3)
+    dim, n_heads, hidden = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+    for key, default, supported in (("hidden_act", "silu", "silu"), ("attention_bias", False, False),
+                                    ("mlp_bias", False, False), ("head_dim", None, dim // n_heads)):
+        if c.get(key, default) not in (supported, None):
+            raise CheckpointError(f"{path}: {key} is {c[key]!r}; this Llama supports only {supported!r}")
     try:
         return ModelArgs(
-            dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
-            vocab_size=c["vocab_size"],
-            # Meta's FFN rule rounds int(multiplier * base) up to a multiple of multiple_of; with these two
-            # values it gives exactly intermediate_size, whatever rule the model was built with.
-            multiple_of=hidden, ffn_dim_multiplier=hidden / base, norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))), use_scaled_rope=scaled, **rope_args,
+            dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=c.get("num_key_value_heads") or n_heads, vocab_size=c["vocab_size"],
+            # Meta's FFN rule rounds int(ffn_dim_multiplier * int(8 * dim / 3)) up to a multiple of multiple_of;
+            # these two values make it give exactly intermediate_size, whatever rule built the model.
+            multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * (4 * dim) / 3),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)), **_hf_rope_args(path, c, rope_scale_factor),
             max_seq_len=max_seq_len or int(c.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
     except AssertionError as e:
         raise CheckpointError(f"{path}: not a valid Llama shape ({e})") from None
 
 
-def load_hf_model_dir(directory: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-                      max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+def load_hf_model_dir(directory: str | Path, device: str | torch.device = "cpu",
+                      dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                      rope_scale_factor: Optional[float] = None) -> Transformer:
     """A Hugging Face `LlamaForCausalLM` directory (single or sharded safetensors) -> Transformer, weights only."""
     directory = Path(directory)
     args = hf_model_args(directory, max_seq_len, rope_scale_factor)
@@ -314,7 +321,8 @@ def _torch_load(path: Path):
         if "Weights only load failed" in str(e):
             raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
                                   f"which are never unpickled (weights_only)") from None
-        raise CheckpointError(f"{path}: damaged or truncated ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        first_line = str(e).splitlines()[0][:160] if str(e) else ""
+        raise CheckpointError(f"{path}: damaged or truncated ({type(e).__name__}: {first_line})") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -27,7 +28,7 @@ import torch
 
 from model import ModelArgs, Transformer
 from safetensors_io import save_sharded, write_atomically
-from tokenizer import PAT_STR, load_bpe_ranks
+from tokenizer import PAT_STR, HFTokenizer, load_bpe_ranks
 
 # ---- weights ----------------------------------------------------------------------------------------------
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -188,8 +189,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-# str.translate table: the Latin-1 character of each byte -> its byte-level character.
-_BYTE_CHARS = {b: c for b, c in bytes_to_unicode().items()}
+# As a str.translate table: a byte read as Latin-1 (the character whose ordinal is the byte) -> its character.
+_BYTE_CHARS = bytes_to_unicode()
 
 
 def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[list[str]]]:
@@ -217,7 +218,8 @@ def tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> d
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for t, i in sorted(special_tokens.items(), key=lambda kv: kv[1])],
+                          "normalized": False, "special": True}
+                         for t, i in sorted(special_tokens.items(), key=lambda kv: kv[1])],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
@@ -254,7 +256,7 @@ def _write_json(path: Path, obj: dict, indent: Optional[int] = 2) -> None:
 
 def write_tokenizer_files(tokenizer, out_dir: Path, model_max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json for a tiktoken `Tokenizer`, or a copy of an HF tokenizer's."""
-    if tokenizer.path.name == "tokenizer.json":  # tokenizer.HFTokenizer: already in HF's format
+    if isinstance(tokenizer, HFTokenizer):  # already in HF's format
         shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
     else:
         vocab = tokenizer_json(load_bpe_ranks(tokenizer.path), tokenizer.special_tokens)
@@ -272,7 +274,7 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Op
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; choose a new --out")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-export")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -314,7 +316,8 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     e.add_argument("--checkpoint", required=True, help="project .pt, Meta-format directory or HF directory")
@@ -345,8 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
         if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
             raise checkpoint.CheckpointError(
-                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only {model.args.vocab_size}; "
-                f"pass --no_tokenizer to export the weights alone")
+                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only "
+                f"{model.args.vocab_size}; pass --no_tokenizer to export the weights alone")
         note = checkpoint.rope_scaling_note(args.checkpoint, args.rope_scale_factor)
         files = export_hf(model, args.out, tokenizer, DTYPES[args.dtype], args.max_shard_size, max_seq_len)
     except (checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:

@@ -166,7 +166,8 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Opti
         if t.dtype not in DTYPE_NAMES:
             raise SafetensorsError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, so readers can map it in place

@@ -156,10 +156,11 @@ from pathlib import Path
 import torch
 import fairscale.nn.model_parallel.initialize as fs_init
 from llama_models.checkpoint import maybe_reshard_state_dict
-rank, world, port, src, out, n_kv_heads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+rank, world, port, src, out, n_kv_heads = sys.argv[1:]
+rank, world = int(rank), int(world)
 torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 fs_init.initialize_model_parallel(world)
-state = maybe_reshard_state_dict(sorted(Path(src).glob("consolidated.*.pth")), n_kv_heads=n_kv_heads)
+state = maybe_reshard_state_dict(sorted(Path(src).glob("consolidated.*.pth")), n_kv_heads=int(n_kv_heads))
 torch.save({k: v.clone() for k, v in state.items()}, Path(out) / f"consolidated.{rank:02d}.pth")
 torch.distributed.destroy_process_group()
 """
