@@ -240,6 +240,9 @@ def load_hf_model_dir(directory: str | Path, device: str | torch.device = "cpu",
     args = hf_model_args(directory, max_seq_len, rope_scale_factor)
     with torch.device("meta"):
         model = Transformer(args)
+    if not any(directory.glob("*.safetensors")) and any(directory.glob("pytorch_model*.bin")):
+        raise CheckpointError(f"{directory}: holds pytorch_model.bin, which is never read (a pickle can run code); "
+                              f"expected safetensors weights: re-save with save_pretrained(safe_serialization=True)")
     try:
         tensors = load_sharded(directory)
     except SafetensorsError as e:

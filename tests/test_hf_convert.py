@@ -274,6 +274,12 @@ def test_truncated_safetensors_file_is_a_one_line_error(tmp_path, cut):
     one_line_error(tmp_path, "truncated")
 
 
+def test_pickled_weights_are_not_read(tmp_path):
+    transformers_model(tied=False, llama3_rope=False).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    one_line_error(tmp_path, "holds pytorch_model.bin, which is never read")
+
+
 def test_missing_tensor_is_a_one_line_error(tmp_path):
     transformers_model(tied=False, llama3_rope=False).save_pretrained(tmp_path)
     tensors = st.load_file(tmp_path / "model.safetensors")
