@@ -207,6 +207,8 @@ class Config:
                 bad(key, "a number in [0, 1]")
         if not 0 <= self.dpo_label_smoothing < 0.5:
             bad("DPO_LABEL_SMOOTHING", "a number in [0, 0.5)")
+        if self.dpo_label_smoothing and self.dpo_loss == "ipo":
+            bad("DPO_LABEL_SMOOTHING", "0 with DPO_LOSS=ipo (label smoothing is conservative DPO, a sigmoid loss)")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             bad("FFN_DIM_MULTIPLIER", "a number > 0, or empty")
         if self.dim % self.n_heads:

@@ -467,16 +467,21 @@ class StopRequest:
 # ---- the step ---------------------------------------------------------------------------------------------
 def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg: Config, d: DistInfo, lr: float,
                stop: StopRequest) -> tuple[dict, bool]:
-    """One optimizer step over this rank's micro-batches.
+    """One optimizer step over this rank's micro-batches; returns (figures, stop after it), or (None, True) when
+    the ranks agree to stop before it.
 
     The loss is the stage's summed loss divided by the number of units it trains (target tokens, pairs) over
     all micro-batches and ranks, not averaged per micro-batch, so masked data and uneven micro-batches weigh
     correctly; the stage's extra figures are averaged the same way. A step whose batches train nothing
     updates nothing.
     """
-    # One host sync for the global count (and the input tokens, for throughput) before the backward passes...
+    # One host sync before the backward passes, for the global count (and the input tokens, for throughput)
+    # and a stop vote: a signal that came after the last step's vote stops the run before this step starts...
     local = torch.stack([torch.stack([stage.count(b).float(), b["input_tokens"].float()]) for b in batches]).sum(0)
-    n_units, n_inputs = all_reduce_sum(local).tolist()
+    n_units, n_inputs, stop_votes = all_reduce_sum(
+        torch.cat([local, torch.tensor([float(stop.requested)], device=local.device)])).tolist()
+    if stop_votes > 0:
+        return None, True
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -498,7 +503,7 @@ def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg:
         scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # ...and one after them, for the figures and the stop vote, taken now so a signal stops this step.
+    # ...and one after them, for the figures and the stop vote, so a signal during this step stops after it.
     names = list(sums)
     totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(stop.requested),
                                                                                   device=d.device)]))
@@ -708,10 +713,18 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     logger.start_progress()
     while state.step < stop_step:
         t0 = time.perf_counter()
+        position = train_loader.state_dict()
         batches = [to_device(b, d.device) for b in train_loader.next_step()]
         t_data = time.perf_counter() - t0
         metrics, stop_all = train_step(train_model, stage, optimizer, scaler, batches, cfg, d, lr_at(state.step, cfg),
                                        stop)
+        if metrics is None:  # stopped before this step: its batches go back, the last step's state is saved
+            train_loader.load_state_dict(position)
+            reason = "stopped by signal"
+            path = save_training_checkpoint(run, state)
+            if path:
+                logger.print(f"checkpoint: {path}")
+            break
         state.step += 1
         step_time = time.perf_counter() - t0
         tokens_per_s = metrics["input_tokens"] / step_time

@@ -17,68 +17,12 @@ import torch
 from checkpoint import read_checkpoint
 from tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = {
-    "DIM": "64", "N_LAYERS": "2", "N_HEADS": "4", "N_KV_HEADS": "2", "MULTIPLE_OF": "32", "MAX_SEQ_LEN": "32",
-    "MAX_BATCH_SIZE": "2", "TOTAL_BATCH_SIZE": "128", "MAX_STEPS": "6", "WARMUP_STEPS": "2", "MAX_LR": "3e-3",
-    "MIN_LR": "3e-4", "TRAINING_PRECISION": "fp32", "VALIDATE_EVERY_X_STEPS": "3", "VALIDATION_STEPS": "2",
-    "GENERATE_EVERY_X_STEPS": "0", "GENERATION_MAX_NEW_TOKENS": "4", "SAVE_EVERY_X_STEPS": "0",
-    "MFU_FLOPS_PEAK": "1e12", "GENERATION_PROMPTS_FILE": str(ROOT / "prompts.txt"), "SEED": "7",
-}
+from trainer_runs import ROOT, TINY_RUN, clean_env, final_weights, make_token_data, step_metric, train, write_env
 
 
 @pytest.fixture(scope="module")
 def token_data(tmp_path_factory) -> Path:
-    """Shards of real text with the real tokenizer, in the manifest format the loader reads."""
-    import pydoc_data.topics
-
-    tok = Tokenizer()
-    docs = [tok.encode(text, bos=True, eos=True) for _, text in sorted(pydoc_data.topics.topics.items())][:60]
-    splits = {"train": np.concatenate(docs[6:]), "val": np.concatenate(docs[:6])}
-    out = tmp_path_factory.mktemp("data")
-    manifest = {"format": "llama3-token-shards", "version": 1, "dtype": "uint32", "tokenizer": tok.identity(),
-                "bos_id": tok.bos_id, "eos_id": tok.eos_id, "shard_size": 20_000, "splits": {}, "sources": [],
-                "stats": {}, "created": ""}
-    for split, stream in splits.items():
-        shards = []
-        for i, start in enumerate(range(0, len(stream), 20_000)):
-            piece = stream[start:start + 20_000].astype(np.uint32)
-            np.save(out / f"{split}_{i:06d}.npy", piece)
-            shards.append({"file": f"{split}_{i:06d}.npy", "num_tokens": len(piece), "max_token_id": int(piece.max())})
-        manifest["splits"][split] = {"num_tokens": len(stream), "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-def write_env(path: Path, data: Path, run_dir: Path, **overrides) -> Path:
-    values = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(data), "RUN_DIR": str(run_dir), **overrides}
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
-
-
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in TINY_RUN and k not in ("RUN_DIR", "PRETRAIN_DATA_DIR")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def train(env_file: Path, *args: str, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                if torchrun else [sys.executable])
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), "--env_file", str(env_file), *args],
-                            capture_output=True, text=True, cwd=env_file.parent, env=clean_env(), timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    latest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
-    return read_checkpoint(latest)["model"]
+    return make_token_data(tmp_path_factory.mktemp("data"))
 
 
 def write_hellaswag_items(path: Path, n: int = 5) -> Path:
@@ -137,6 +81,9 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
     expected, got = step_metric(single), step_metric(fsdp)
     assert sorted(got) == list(range(1, 7))
     assert all(abs(expected[s] - got[s]) <= 1e-4 for s in expected), (expected, got)
+    # Adam hides a constant gradient scale from the losses and weights; the gradient norm does not.
+    norms, fsdp_norms = step_metric(single, "grad_norm"), step_metric(fsdp, "grad_norm")
+    assert all(abs(norms[s] - fsdp_norms[s]) <= 1e-4 * norms[s] for s in norms), (norms, fsdp_norms)
     a, b = final_weights(single), final_weights(fsdp)
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
@@ -166,14 +113,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, token_data):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
+    done = len(metrics.read_text().splitlines())
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped by signal" in out
+    assert "SIGTERM: stopping after this step, saving a checkpoint" in out and "stopped by signal" in out
     saved = sorted((run_dir / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1
-    assert read_checkpoint(saved[0])["step"] == max(step_metric(run_dir))
+    last = max(step_metric(run_dir))
+    assert read_checkpoint(saved[0])["step"] == last
+    assert last <= done + 1  # the step in progress (if any) finishes; no step starts after the signal
 
 
 def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path, token_data):
@@ -205,6 +155,139 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     assert "resumed from" in train(resume_env, "--pretrain_checkpoint", str(finished[-1])).stdout
 
 
+def test_logged_learning_rate_is_the_hand_computed_schedule(single):
+    """WARMUP_STEPS=2, MAX_STEPS=6, MAX_LR=3e-3, MIN_LR=3e-4: step k trains with the rate after k-1 steps."""
+    import math
+
+    top, low = 3e-3, 3e-4
+    cosine = [low + (top - low) * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)]
+    expected = {1: top / 2, 2: top, 3: cosine[0], 4: cosine[1], 5: cosine[2], 6: cosine[3]}
+    got = step_metric(single, "lr")
+    assert got.keys() == expected.keys()
+    assert all(abs(got[k] - expected[k]) <= 1e-12 for k in expected), got
+
+
+def test_a_changed_batch_geometry_on_resume_continues_from_the_same_sample_position(tmp_path):
+    token_data = make_token_data(tmp_path / "data", documents=14)  # a short epoch, so it wraps in a few steps
+    run_dir = tmp_path / "run"
+    common = dict(MAX_STEPS="8", VALIDATE_EVERY_X_STEPS="0", SAVE_EVERY_X_STEPS="0")
+    train(write_env(tmp_path / "a.env", token_data, run_dir, **common), "--stop-step", "3")  # 4 samples per step
+    bigger = write_env(tmp_path / "b.env", token_data, run_dir, MAX_BATCH_SIZE="8", TOTAL_BATCH_SIZE="1024",
+                       **common)  # 32 samples of 32 tokens per step
+    out = train(bigger, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000003.pt")).stdout
+    assert "batch geometry changed: 128 -> 1,024 token positions per step" in out
+
+    state = read_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["dataloader"]
+    samples = (json.loads((token_data / "manifest.json").read_text())["splits"]["train"]["num_tokens"] - 1) // 32
+    position, epoch = 0, 0
+    for per_step in [4] * 3 + [32] * 5:  # the documented rule, by hand: wrap at a step's start when short
+        position, epoch = (0, epoch + 1) if position + per_step > samples else (position, epoch)
+        position += per_step
+    assert (state["epoch"], state["position"]) == (epoch, position) and epoch >= 1
+    # ... and the final checkpoint resumes (the old loader wrote one that refused to load)
+    train(write_env(tmp_path / "c.env", token_data, run_dir, MAX_BATCH_SIZE="8", TOTAL_BATCH_SIZE="1024",
+                    MAX_STEPS="9", VALIDATE_EVERY_X_STEPS="0"),
+          "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000008.pt"))
+
+
+def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token_data):
+    run_dir = tmp_path / "run"
+    env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="2", WARMUP_STEPS="1",
+                    VALIDATE_EVERY_X_STEPS="0")
+    train(env)
+    before = (run_dir / "checkpoints" / "step_000002.pt").read_bytes()
+    again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env)], cwd=tmp_path,
+                           capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert re.search(r"RUN_DIR .* already holds a run .* resume it with --pretrain_checkpoint .*step_000002\.pt.*"
+                     r"--overwrite", again.stderr)
+    assert (run_dir / "checkpoints" / "step_000002.pt").read_bytes() == before
+    # A restarted schedule from this run's own checkpoint would write over its step files: refused too...
+    restart = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env), "--pretrain_checkpoint",
+                              str(run_dir / "checkpoints" / "step_000002.pt"), "--reset-optimizer", "--start-step",
+                              "0"], cwd=tmp_path, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert restart.returncode == 2 and "checkpoints after step 0" in restart.stderr
+    # ... unless asked, and then the checkpoint it has just written is never the one deleted.
+    out = train(env, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000002.pt"), "--reset-optimizer",
+                "--start-step", "0", "--overwrite").stdout
+    assert "--overwrite: removed" in out
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_000002.pt"]
+    assert read_checkpoint(run_dir / "checkpoints" / "step_000002.pt")["step"] == 2
+
+
+def test_retention_keeps_the_last_checkpoints_written_past_step_999999(tmp_path, token_data):
+    run_dir = tmp_path / "run"
+    env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="1000001", WARMUP_STEPS="1",
+                    VALIDATE_EVERY_X_STEPS="0", SAVE_EVERY_X_STEPS="1", KEEP_LAST_CHECKPOINTS="2")
+    train(env, "--start-step", "999998")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_1000000.pt",
+                                                                                  "step_1000001.pt"]
+
+
+def test_a_run_split_into_time_boxes_validates_and_stops_as_the_whole_run_does(tmp_path, token_data):
+    """Early stopping on a flat loss (a learning rate below float32's resolution): the boxes must not add
+    validations of their own, which would count towards the patience and stop the run early."""
+    flat = dict(MAX_LR="1e-12", MIN_LR="1e-12", VALIDATE_EVERY_X_STEPS="2", EARLY_STOPPING_PATIENCE="2",
+                MAX_STEPS="8", SAVE_EVERY_X_STEPS="0")
+    whole, boxed = tmp_path / "whole", tmp_path / "boxed"
+    assert "early stopping" in train(write_env(tmp_path / "w.env", token_data, whole, **flat)).stdout
+    env = write_env(tmp_path / "b.env", token_data, boxed, **flat)
+    train(env, "--stop-step", "1")
+    for stop_at in (3, 5):
+        train(env, "--stop-step", str(stop_at), "--pretrain_checkpoint",
+              str(sorted((boxed / "checkpoints").glob("step_*.pt"))[-1]))
+    last = train(env, "--pretrain_checkpoint", str(sorted((boxed / "checkpoints").glob("step_*.pt"))[-1])).stdout
+    assert "early stopping" in last
+    assert step_metric(boxed, "val_loss") == step_metric(whole, "val_loss")
+    assert sorted(step_metric(whole, "val_loss")) == [2, 4, 6] and max(step_metric(boxed)) == max(step_metric(whole))
+    assert all(torch.equal(a, b) for a, b in zip(final_weights(whole).values(), final_weights(boxed).values()))
+
+
+def test_micro_steps_reduce_gradients_only_once_per_step_end_to_end(tmp_path):
+    """train_step's own use of no_sync, seen by a DDP communication hook: three micro-batches reduce the
+    gradients as often as one does."""
+    import types
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import train as train_module
+    from config import Config
+    from distributed import DistInfo
+    from model import ModelArgs, Transformer
+    from stages import Setting, Stage
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=32,
+                                      max_seq_len=16))
+        ddp = DDP(model)
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, count)
+        cfg = Config(training_precision="fp32", grad_clip=0.0)
+        d = DistInfo(0, 0, 1, torch.device("cpu"))
+        stage = Stage(Setting(cfg, d, 2, None, 64))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        batch = lambda: {"tokens": torch.randint(0, 64, (2, 16)), "targets": torch.randint(0, 64, (2, 16)),
+                         "input_tokens": torch.tensor(32)}
+        stop = types.SimpleNamespace(requested=False)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train_module.train_step(ddp, stage, optimizer, scaler, [batch()], cfg, d, 0.0, stop)
+        once = len(reductions)
+        train_module.train_step(ddp, stage, optimizer, scaler, [batch(), batch(), batch()], cfg, d, 0.0, stop)
+        assert once >= 1 and len(reductions) == 2 * once
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("overrides,args,message", [
     ({"TOTAL_BATCH_SIZE": "100"}, [], r"TOTAL_BATCH_SIZE=100 is not a multiple of .* = 64"),
     ({"PRETRAIN_DATA_DIR": "missing"}, [], r"missing.*load_pretrain_dataset\.py"),
@@ -213,10 +296,12 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     ({"TRAINING_STAGE": "dpo", "DPO_DATA_DIR": "none"}, [], r"data directory none does not exist.*load_dpo_dataset"),
     ({"TRAINING_STAGE": "sft", "INSTRUCT_DATA_DIR": "none"}, [], r"none does not exist.*load_instruct_dataset"),
     ({"TRAINING_PRECISION": "fp16", "DEVICE": "cpu"}, [], r"TRAINING_PRECISION=fp16 is invalid on CPU.*expected auto, bf16 or fp32"),
+    ({"GENERATION_PROMPTS_FILE": "long.txt"}, [], r"prompt 2 has \d+ tokens, but MAX_SEQ_LEN=32 leaves no room"),
 ])
 def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, args, message):
     env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(tmp_path / "run"), **overrides}
     (tmp_path / "bad.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    (tmp_path / "long.txt").write_text("A short prompt\n" + "word " * 40 + "\n")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", "bad.env", *args], cwd=tmp_path,
                             capture_output=True, text=True, env=clean_env(), timeout=60)
     assert result.returncode == 2

@@ -1,0 +1,79 @@
+"""Running train.py as users do, for the end-to-end tests: real processes, real shards, real checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import read_checkpoint
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = {
+    "DIM": "64", "N_LAYERS": "2", "N_HEADS": "4", "N_KV_HEADS": "2", "MULTIPLE_OF": "32", "MAX_SEQ_LEN": "32",
+    "MAX_BATCH_SIZE": "2", "TOTAL_BATCH_SIZE": "128", "MAX_STEPS": "6", "WARMUP_STEPS": "2", "MAX_LR": "3e-3",
+    "MIN_LR": "3e-4", "TRAINING_PRECISION": "fp32", "VALIDATE_EVERY_X_STEPS": "3", "VALIDATION_STEPS": "2",
+    "GENERATE_EVERY_X_STEPS": "0", "GENERATION_MAX_NEW_TOKENS": "4", "SAVE_EVERY_X_STEPS": "0",
+    "MFU_FLOPS_PEAK": "1e12", "GENERATION_PROMPTS_FILE": str(ROOT / "prompts.txt"), "SEED": "7",
+}
+
+
+def make_token_data(out: Path, documents: int = 60) -> Path:
+    """Shards of real text with the real tokenizer, in the manifest format the loader reads (6 documents of
+    validation, the rest train)."""
+    import pydoc_data.topics
+
+    tok = Tokenizer()
+    docs = [tok.encode(text, bos=True, eos=True) for _, text in sorted(pydoc_data.topics.topics.items())][:documents]
+    splits = {"train": np.concatenate(docs[6:]), "val": np.concatenate(docs[:6])}
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "llama3-token-shards", "version": 1, "dtype": "uint32", "tokenizer": tok.identity(),
+                "bos_id": tok.bos_id, "eos_id": tok.eos_id, "shard_size": 20_000, "splits": {}, "sources": [],
+                "stats": {}, "created": ""}
+    for split, stream in splits.items():
+        shards = []
+        for i, start in enumerate(range(0, len(stream), 20_000)):
+            piece = stream[start:start + 20_000].astype(np.uint32)
+            np.save(out / f"{split}_{i:06d}.npy", piece)
+            shards.append({"file": f"{split}_{i:06d}.npy", "num_tokens": len(piece), "max_token_id": int(piece.max())})
+        manifest["splits"][split] = {"num_tokens": len(stream), "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def write_env(path: Path, data: Path, run_dir: Path, **overrides) -> Path:
+    values = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(data), "RUN_DIR": str(run_dir), **overrides}
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in TINY_RUN and k not in ("RUN_DIR", "PRETRAIN_DATA_DIR")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train(env_file: Path, *args: str, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                if torchrun else [sys.executable])
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), "--env_file", str(env_file), *args],
+                            capture_output=True, text=True, cwd=env_file.parent, env=clean_env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    return read_checkpoint(latest)["model"]
+
+
