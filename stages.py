@@ -232,14 +232,14 @@ class DPOStage(Stage):
         model = self.policy if self.lora_reference else self.initial_weights().eval()
         device = model.tok_embeddings.weight.device
         table = torch.zeros(sum(x.num_pairs for x in loaders), 2, dtype=torch.float64, device=device)
-        was_training = self.policy.training
+        was_training, loader_batch = self.policy.training, self.train_loader.batch_size
         self.policy.eval()
         with autocast_context(self.cfg.training_precision, device), \
                 (adapters_off(self.policy) if self.lora_reference else contextlib.nullcontext()):
+            size = 4 * loader_batch  # no gradients, no optimizer state: bigger batches fit
             for loader in loaders:
-                step = loader.batch_size * self.d.world_size
-                for start in range(self.d.rank * loader.batch_size, len(loader.fitting_pairs), step):
-                    batch = loader.batch_of(loader.fitting_pairs[start : start + loader.batch_size])
+                for start in range(self.d.rank * size, len(loader.fitting_pairs), size * self.d.world_size):
+                    batch = loader.batch_of(loader.fitting_pairs[start : start + size])
                     logps = model(batch["tokens"].to(device), head=sequence_logps(batch["targets"].to(device)))
                     B = len(batch["pair_index"])
                     table[batch["pair_index"].to(device)] = torch.stack([logps[:B], logps[B:]], dim=1).double()
