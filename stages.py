@@ -31,7 +31,7 @@ from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataL
 from distributed import DistInfo, all_reduce_sum
 from generate import generate_tokens
 from hardware import autocast_context
-from losses import IGNORE_INDEX, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
+from losses import IGNORE_INDEX, chunked_cross_entropy, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
 from model import Transformer, document_attention_mask
 
 EXACT_MATCH_FILE = "eval.jsonl"  # written by load_instruct_dataset.py beside the shards
@@ -276,7 +276,6 @@ class Distillation(Stage):
         super().__init__(stage.s)
         self.stage, self.teacher = stage, teacher
         self.name, self.unit, self.chat = stage.name, stage.unit, stage.chat
-        self.teacher_val_loss: Optional[float] = None
 
     def loaders(self):
         return self.stage.loaders()
@@ -308,7 +307,11 @@ class Distillation(Stage):
                 jsd_beta=cfg.distillation_jsd_beta)
 
         total, ce, kd = model(batch["tokens"], head=head, **inputs)
-        return total, {"ce": ce, "kd": kd}
+        extras = {"ce": ce, "kd": kd}
+        if not torch.is_grad_enabled():  # validation: the teacher's own loss on the same tokens, for comparison
+            extras["teacher_loss"] = chunked_cross_entropy(teacher_h.flatten(0, 1), teacher_weight, targets.flatten(),
+                                                           reduction="sum")
+        return total, extras
 
 
 def build_stage(s: Setting, **dpo) -> Stage:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -501,6 +502,11 @@ def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg:
         grad_norm = grad_norm.full_tensor()
     if n_units > 0 and (torch.isfinite(grad_norm) or scaler.is_enabled()):
         scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
+        # The fused AdamW kernel updates the weights in place without bumping their version counters; bump them,
+        # or whatever is keyed on a weight's version (generate.cpu_decode_kernels' reordered copies) goes stale.
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                increment_version(param)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     # ...and one after them, for the figures and the stop vote, so a signal during this step stops after it.

@@ -325,3 +325,25 @@ def test_distillation_micro_batches_weigh_as_one_big_batch_of_trained_tokens(dat
     metrics, got = step_with_sgd(model, stage, batches, stage.cfg)
     assert_close(got, expected, tol=1e-4)
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_a_step_of_the_fused_optimizer_is_seen_by_caches_keyed_on_weight_versions(data, tok):
+    """Sample generations during training multiply by reordered copies of the weights, kept while a weight's
+    version is unchanged; the fused AdamW kernel updates weights without bumping it, so train_step must."""
+    from generate import generate_tokens
+    from train import build_optimizer
+
+    model = tiny_model(tok)
+    prompt = [tok.bos_id, 100, 200]
+    before = list(generate_tokens(model.eval(), prompt, 8, stop_ids=[]))  # caches the reordered weights
+    optimizer = build_optimizer(model.train(), config(data, max_lr=0.5, weight_decay=0.0), CPU.device)
+    assert optimizer.defaults["fused"]
+    train_step(model, sft(data, tok), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+               [chat_loader(data, tok).next_batch()], config(data), CPU, 0.5, types.SimpleNamespace(requested=False))
+    model.eval()
+    after = list(generate_tokens(model, prompt, 8, stop_ids=[]))
+    with torch.no_grad():  # the same greedy decoding with plain linears, from the updated weights
+        ids = list(prompt)
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert after == ids[len(prompt):] and after != before

@@ -1,0 +1,166 @@
+"""SFT, DPO, distillation and LoRA end to end, as users run them: `python train.py` and `torchrun`, on data
+prepared by the project's own scripts, from checkpoints on disk. For every stage: a stage change takes the
+weights only, a resumed run equals the uninterrupted one bit for bit, and 2 ranks equal 1 process."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import chat_tasks
+from checkpoint import read_checkpoint, save_checkpoint
+from load_dpo_dataset import prepare_dpo_dataset
+from load_instruct_dataset import ChatSource, prepare_instruct_dataset
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+from trainer_runs import final_weights, make_token_data, step_metric, train, write_env
+
+SEQ = 64
+SHAPE = dict(DIM="64", N_LAYERS="2", N_HEADS="4", N_KV_HEADS="2", MULTIPLE_OF="32", MAX_SEQ_LEN=str(SEQ))
+RUN = dict(MAX_BATCH_SIZE="2", TOTAL_BATCH_SIZE=str(2 * SEQ * 2), MAX_STEPS="4", WARMUP_STEPS="1",
+           VALIDATE_EVERY_X_STEPS="2", VALIDATION_STEPS="1", SAVE_EVERY_X_STEPS="0", GENERATE_EVERY_X_STEPS="0",
+           INSTRUCT_EVAL_EXAMPLES="4")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs-data")
+    examples = chat_tasks.generate(200)
+    chat, pairs = root / "chat.jsonl", root / "pairs.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(examples)))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.preference_rows(examples)))
+    prepare_instruct_dataset([ChatSource(files=[str(chat)])], root / "instruct", max_seq_len=SEQ, val_fraction=0.1,
+                             exact_answers=True, show_progress=False)
+    prepare_dpo_dataset([ChatSource(files=[str(pairs)])], root / "dpo", max_seq_len=SEQ, val_fraction=0.1,
+                        show_progress=False)
+    return {"pretrain": make_token_data(root / "pretrain", documents=14), "instruct": root / "instruct",
+            "dpo": root / "dpo"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A pretraining checkpoint as train.py writes one, with a best validation loss no later stage may inherit."""
+    tok = Tokenizer()
+    torch.manual_seed(3)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32,
+                                  max_seq_len=SEQ, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("pretrained") / "step_000100.pt"
+    save_checkpoint(path, model, stage="pretrain", step=100, best_val_loss=0.01, validations_without_improvement=3,
+                    tokenizer=tok.identity(), tokenizer_path=str(tok.path))
+    return path
+
+
+def env_for(tmp_path: Path, name: str, data: dict, **overrides) -> Path:
+    return write_env(tmp_path / f"{name}.env", data["pretrain"], tmp_path / name,
+                     INSTRUCT_DATA_DIR=str(data["instruct"]), DPO_DATA_DIR=str(data["dpo"]),
+                     **{**SHAPE, **RUN, **overrides})
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Bit for bit: every logged figure of every step, and the final weights."""
+    records = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s",
+                                                                                 "step_time_s", "data_share", "mfu")}
+                           for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records(a) == records(b)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def close_runs(a: Path, b: Path, tol: float = 1e-4) -> None:
+    """Equal up to float reassociation: losses, gradient norms and final weights (2 ranks vs 1 process)."""
+    for key in ("loss", "grad_norm"):
+        x, y = step_metric(a, key), step_metric(b, key)
+        assert x.keys() == y.keys() and all(abs(x[s] - y[s]) <= tol * max(1.0, abs(x[s])) for s in x), (key, x, y)
+    wa, wb = final_weights(a), final_weights(b)
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= tol
+
+
+def resume_in_boxes(env: Path, run_dir: Path, flag: str, *first_args: str) -> None:
+    train(env, *first_args, "--stop-step", "2")
+    train(env, f"--{flag}", str(run_dir / "checkpoints" / "step_000002.pt"))
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, data, pretrained) -> Path:
+    tmp = tmp_path_factory.mktemp("sft")
+    out = train(env_for(tmp, "straight", data, TRAINING_STAGE="instruct"), "--pretrain_checkpoint", str(pretrained))
+    assert "starting from the weights of" in out.stdout and "step 0, fresh optimizer" in out.stdout
+    return tmp / "straight"
+
+
+def test_sft_from_a_pretraining_checkpoint_starts_afresh_and_reports_exact_match(sft_run):
+    assert sorted(step_metric(sft_run)) == [1, 2, 3, 4]  # step 0, not the checkpoint's 100
+    ckpt = read_checkpoint(sft_run / "checkpoints" / "step_000004.pt")
+    assert ckpt["stage"] == "sft" and ckpt["step"] == 4
+    val = step_metric(sft_run, "val_loss")
+    assert ckpt["best_val_loss"] == min(val.values())  # not the pretraining run's 0.01
+    matches = step_metric(sft_run, "val_exact_match")
+    assert sorted(matches) == [2, 4] and all(0 <= m <= 1 for m in matches.values())
+    assert set(step_metric(sft_run, "val_exact_match_n").values()) == {4}
+
+
+def test_sft_resumed_with_instruct_checkpoint_equals_the_uninterrupted_run(tmp_path, data, pretrained, sft_run):
+    env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="sft")
+    resume_in_boxes(env, tmp_path / "boxed", "instruct_checkpoint", "--pretrain_checkpoint", str(pretrained))
+    same_run(sft_run, tmp_path / "boxed")
+
+
+def test_sft_on_two_ranks_equals_one_process(tmp_path, data, pretrained, sft_run):
+    train(env_for(tmp_path, "ddp", data, TRAINING_STAGE="sft"), "--pretrain_checkpoint", str(pretrained), torchrun=2)
+    close_runs(sft_run, tmp_path / "ddp")
+
+
+# ---- DPO ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, data, sft_run) -> Path:
+    tmp = tmp_path_factory.mktemp("dpo")
+    start = sft_run / "checkpoints" / "step_000004.pt"
+    out = train(env_for(tmp, "straight", data, TRAINING_STAGE="dpo"), "--instruct_checkpoint", str(start))
+    assert "starting from the weights of" in out.stdout
+    return tmp / "straight"
+
+
+def test_dpo_logs_rewards_and_preference_accuracy_and_resumes_exactly(tmp_path, data, sft_run, dpo_run):
+    for key in ("reward_chosen", "reward_rejected", "reward_margin", "accuracy", "logps_chosen", "logps_rejected",
+                "val_accuracy", "val_reward_margin"):
+        assert step_metric(dpo_run, key), key
+    first = json.loads((dpo_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its own reference: log 2
+    env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo")
+    resume_in_boxes(env, tmp_path / "boxed", "dpo_checkpoint", "--instruct_checkpoint",
+                    str(sft_run / "checkpoints" / "step_000004.pt"))
+    same_run(dpo_run, tmp_path / "boxed")
+
+
+def test_dpo_on_two_ranks_equals_one_process(tmp_path, data, sft_run, dpo_run):
+    train(env_for(tmp_path, "ddp", data, TRAINING_STAGE="dpo"), "--instruct_checkpoint",
+          str(sft_run / "checkpoints" / "step_000004.pt"), torchrun=2)
+    close_runs(dpo_run, tmp_path / "ddp")
+
+
+# ---- distillation ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, data, pretrained) -> Path:
+    tmp = tmp_path_factory.mktemp("distill")
+    env = env_for(tmp, "straight", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
+                  DIM="32", N_HEADS="2", N_KV_HEADS="1")  # a smaller student, from scratch
+    assert "distillation from" in train(env).stdout
+    return tmp / "straight"
+
+
+def test_distillation_logs_both_parts_and_resumes_exactly(tmp_path, data, pretrained, distill_run):
+    ce, kd, loss = (step_metric(distill_run, k) for k in ("ce", "kd", "loss"))
+    assert all(loss[s] == pytest.approx(0.5 * ce[s] + 0.5 * 4.0 * kd[s], rel=1e-5) for s in loss)  # T=2, alpha=.5
+    assert step_metric(distill_run, "val_kd") and step_metric(distill_run, "val_teacher_loss")
+    env = env_for(tmp_path, "boxed", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
+                  DIM="32", N_HEADS="2", N_KV_HEADS="1")
+    resume_in_boxes(env, tmp_path / "boxed", "pretrain_checkpoint")
+    same_run(distill_run, tmp_path / "boxed")
+
+
+def test_distillation_on_two_ranks_equals_one_process(tmp_path, data, pretrained, distill_run):
+    train(env_for(tmp_path, "ddp", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
+                  DIM="32", N_HEADS="2", N_KV_HEADS="1"), torchrun=2)
+    close_runs(distill_run, tmp_path / "ddp")
