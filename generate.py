@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from checkpoint import CheckpointError, load_model, tokenizer_path_for
+from checkpoint import CheckpointError, checked_tokenizer, load_model
 from hardware import weights_dtype
 from model import Transformer
-from tokenizer import load_tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -275,8 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompt = read_prompt(args.prompt) if args.prompt is not None else None
         device = pick_device(args.device)
         model = load_model(args.checkpoint, device=device, dtype=pick_dtype(args.dtype, device))
-        tokenizer = load_tokenizer(args.tokenizer or tokenizer_path_for(args.checkpoint))
-    except (CheckpointError, FileNotFoundError) as e:
+        tokenizer = checked_tokenizer(args.checkpoint, args.tokenizer)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if tokenizer.n_words > model.args.vocab_size:

@@ -326,24 +326,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from checkpoint import CheckpointError, load_model, tokenizer_path_for
+    from checkpoint import CheckpointError, checked_tokenizer, load_model
     from distributed import setup_distributed, teardown_distributed
     from generate import pick_dtype
-    from tokenizer import load_tokenizer
 
     args = parse_args(argv)
     d = setup_distributed(args.device)
     try:
         examples, skipped = load_examples(args.path, args.limit, Path(args.cache_dir))
         model = load_model(args.checkpoint, device=d.device, dtype=pick_dtype(args.dtype, d.device))
-        tokenizer = load_tokenizer(args.tokenizer or tokenizer_path_for(args.checkpoint))
+        tokenizer = checked_tokenizer(args.checkpoint, args.tokenizer)
         if tokenizer.n_words > model.args.vocab_size:
             raise CheckpointError(f"tokenizer has {tokenizer.n_words} tokens but the model only "
                                   f"{model.args.vocab_size}")
         start = time.perf_counter()
         result = evaluate(model, tokenizer, examples, args.batch_size, d.rank, d.world_size, progress=d.is_main)
         elapsed = time.perf_counter() - start
-    except (HellaSwagDataError, CheckpointError, FileNotFoundError) as e:
+    except (HellaSwagDataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -107,8 +107,10 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
 
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
+    """Initialised directly on its device: no rank holds a host copy of the whole model on the way."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    return Transformer(model_args(cfg, vocab_size)).to(device)
+    with torch.device(device):
+        return Transformer(model_args(cfg, vocab_size))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:

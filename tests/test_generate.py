@@ -157,3 +157,29 @@ def test_interactive_chat_keeps_the_history_resets_it_and_leaves_on_ctrl_d():
     assert first_answer["role"] == "assistant"
     assert prompts[2] == [{"role": "user", "content": "again"}]  # forgotten after /reset
     assert "(history cleared)" in out.getvalue()
+
+
+def test_generate_refuses_a_tokenizer_other_than_the_checkpoints_with_one_line(tmp_path):
+    """The recorded tokenizer file is gone and Meta's default differs from it: no silent substitution."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from checkpoint import save_checkpoint
+    from tokenizer import Tokenizer, default_tokenizer_path
+
+    lines = default_tokenizer_path().read_text().splitlines()
+    altered = tmp_path / "altered.model"
+    altered.write_text("\n".join(lines[:-1]) + "\n")  # one rank fewer: another tokenizer
+    tok = Tokenizer(altered)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=128256, multiple_of=32,
+                                  max_seq_len=32))
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model, tokenizer=tok.identity(), tokenizer_path=str(altered))
+    altered.unlink()
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "generate.py"), "--checkpoint", str(ckpt), "--prompt", "Hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert str(altered) in out.stderr and "no longer there" in out.stderr and "--tokenizer" in out.stderr

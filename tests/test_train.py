@@ -362,3 +362,23 @@ def test_micro_steps_skip_the_gradient_all_reduce_under_compile_too(tmp_path):
                 assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def test_the_model_is_built_on_its_device_not_on_the_host_first():
+    """Parameters are created where they train (here 'meta', which has no storage: a host copy would need it)."""
+    import train as train_module
+    from config import Config
+
+    cfg = Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
+    on_meta = train_module.build_model(cfg, 256, torch.device("meta"))
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    a, b = (train_module.build_model(cfg, 256, torch.device("cpu")) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded
+
+
+def test_a_fixed_gpu_under_torchrun_is_refused(monkeypatch):
+    from distributed import setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"DEVICE=cuda:1 would put every torchrun rank on one GPU.*LOCAL_RANK"):
+        setup_distributed("cuda:1")
