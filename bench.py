@@ -9,6 +9,8 @@ What is measured, printed as one table and written with the environment to --jso
 - training step (forward, backward, AdamW) of our `Transformer` and of `LlamaForCausalLM` holding the
   same weights, on the same batch, in fp32 and under bf16 autocast: tokens/s, ratio, peak memory, MFU;
 - generation: greedy decoding with our KV cache against `transformers`' `generate`, fp32 and bf16 weights;
+- training variants of ours on the same shape against plain pretraining rows: packed SFT rows, LoRA, DPO with
+  a live and a precomputed reference, distillation from a wider teacher (tokens/s and peak memory);
 - data preparation: the shard writer (`prepare_pretrain_dataset`) with 1 and 2 worker processes against
   a plain single-process tiktoken loop over the same documents, and that loop split over 2 processes
   (the most 2 processes get out of the machine: the ceiling for the writer's scaling).
@@ -66,8 +68,11 @@ import torch
 from config import Config
 from generate import generate_tokens
 from hf_convert import to_hf
+import lora
+from losses import chunked_distillation_loss, dpo_loss
 from model import PRESETS as MODEL_PRESETS
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, document_attention_mask
+from stages import sequence_logps
 import hardware
 from hardware import datasheet_peak, plausible_mfu
 from train import build_optimizer
@@ -194,7 +199,7 @@ class ModelRunner:
         with torch.device(self.device):
             torch.manual_seed(SEED)
             ours = Transformer(self.plan.model_args())
-            return ours if self.kind == "ours" else to_hf(ours, attn_implementation="sdpa")
+            return ours if self.kind.startswith("ours") else to_hf(ours, attn_implementation="sdpa")
 
     # ---- training ----
     def setup_training(self, precision: str) -> dict:
@@ -282,9 +287,88 @@ class ModelRunner:
         return {"seconds": time.perf_counter() - start, "new_tokens": len(ids), "ids": ids}
 
 
+# Training variants of ours on the same shape, each against plain pretraining rows: what a stage costs.
+VARIANTS = {
+    "packed": "packed SFT rows (document mask)",
+    "lora": "LoRA r=16, packed SFT rows",
+    "dpo": "DPO, live reference copy",
+    "dpo_precomputed": "DPO, precomputed reference",
+    "distill": "distillation, teacher 2x wider",
+}
+CONVERSATION_LENGTHS = (37, 90, 18, 111, 64, 25)  # packed into each row until it is full
+
+
+def packed_row(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, document ids) of one row of conversations of CONVERSATION_LENGTHS, cycled."""
+    positions, documents, lengths = [], [], itertools.cycle(CONVERSATION_LENGTHS)
+    doc = 0
+    while len(positions) < seq_len:
+        n = min(next(lengths), seq_len - len(positions))
+        positions += list(range(n))
+        documents += [doc] * n
+        doc += 1
+    return torch.tensor(positions), torch.tensor(documents)
+
+
+class VariantRunner(ModelRunner):
+    """Ours, set up as one of VARIANTS ("ours:packed", ...): the same weights and batch, another stage's work."""
+
+    def setup_training(self, precision: str) -> dict:
+        info = super().setup_training(precision)
+        self.variant = self.kind.split(":", 1)[1]
+        B, T = self.x.shape
+        positions, documents = packed_row(T)
+        self.inputs = {}
+        if self.variant in ("packed", "lora"):
+            self.inputs = {"positions": positions.to(self.device),
+                           "attn_mask": document_attention_mask(documents.expand(B, T).to(self.device))}
+        if self.variant == "lora":
+            torch.manual_seed(SEED)
+            lora.apply_lora(self.model, lora.LoRASettings(rank=16, alpha=32.0, dropout=0.05,
+                                                          targets=list(lora.VALID_TARGETS)))
+            self.optimizer = build_optimizer(self.model, Config(), self.device)
+        dtype = DTYPES[precision]
+        if self.variant.startswith("dpo"):
+            self.y = self.y.clone()
+            self.y[:, : T // 2] = -100  # the prompt half of each row is not scored
+            self.reference_logps = torch.zeros(B, device=self.device)
+            if self.variant == "dpo":
+                self.reference = self._build().to(dtype).eval().requires_grad_(False)
+        if self.variant == "distill":
+            wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
+            with torch.device(self.device):
+                torch.manual_seed(SEED + 3)
+                self.teacher = Transformer(ModelArgs(**wide)).to(dtype).eval().requires_grad_(False)
+        gc.collect()
+        self.peak_resettable = reset_peak_memory(self.device)
+        info["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return info
+
+    def _loss(self) -> torch.Tensor:
+        if self.variant in ("packed", "lora"):
+            return self.model(self.x, self.y, return_logits=False, **self.inputs)[1]
+        if self.variant.startswith("dpo"):
+            head = sequence_logps(self.y)
+            if self.variant == "dpo":
+                with torch.no_grad():
+                    reference = self.reference(self.x, head=head).float()
+            else:
+                reference = self.reference_logps
+            policy = self.model(self.x, head=head)
+            half = policy.shape[0] // 2  # rows 0..half-1 chosen, the rest rejected
+            losses, _, _ = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=0.1)
+            return losses.mean()
+        with torch.no_grad():
+            teacher_h = self.teacher.hidden_states(self.x)
+        total, _, _ = self.model(self.x, head=lambda h, w: chunked_distillation_loss(
+            h.flatten(0, 1), w, teacher_h.flatten(0, 1), self.teacher.output.weight, self.y.flatten(),
+            temperature=2.0, alpha=0.5, kind="forward_kl"))
+        return total / self.y.numel()
+
+
 def _serve(conn, kind: str, plan: Plan) -> None:
     """A model process's loop: (method, args) in, (ok, result or traceback) out, None to stop."""
-    runner = ModelRunner(kind, plan)
+    runner = VariantRunner(kind, plan) if kind.startswith("ours:") else ModelRunner(kind, plan)
     conn.send((True, None))
     while (request := conn.recv()) is not None:
         method, args = request
@@ -330,8 +414,8 @@ class ModelProcess:
 
 
 @contextmanager
-def model_processes(plan: Plan) -> Iterator[dict[str, ModelProcess]]:
-    procs = {kind: ModelProcess(kind, plan) for kind in KINDS}
+def model_processes(plan: Plan, kinds: tuple[str, ...] = KINDS) -> Iterator[dict[str, ModelProcess]]:
+    procs = {kind: ModelProcess(kind, plan) for kind in kinds}
     try:
         for p in procs.values():
             p.receive("start-up")  # both import in parallel; wait until both are ready
@@ -426,6 +510,28 @@ def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str,
     out["ratio"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     # Greedy on identical weights: identical ids in fp32 show both decoded the same thing.
     out["same_tokens"] = runs["ours"][0]["ids"] == runs["hf"][0]["ids"]
+    return out
+
+
+def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
+    """Each variant against plain pretraining rows of the same shape, alternated in a fresh pair of processes:
+    tokens/s (of the rows' positions) and peak memory, each as a ratio to the pretraining rows."""
+    out: dict = {"precision": precision}
+    tokens_per_step = plan.batch * plan.seq_len
+    for variant in VARIANTS:
+        with model_processes(plan, ("ours", f"ours:{variant}")) as procs:
+            print(f"variant {variant}, {precision} ...", file=sys.stderr)
+            info = call_both(procs, "setup_training", precision)
+            runs = alternate({kind: (lambda p=p: p.call("train_step")) for kind, p in procs.items()},
+                             rounds.train_warmup, rounds.train)
+            memory = call_both(procs, "finish_training")
+        base, other = (tokens_per_step / statistics.median(r["seconds"] for r in runs[k])
+                       for k in ("ours", f"ours:{variant}"))
+        out[variant] = {"tokens_per_s": other, "baseline_tokens_per_s": base, "speed_ratio": other / base,
+                        "peak_memory_mib": memory[f"ours:{variant}"]["peak_bytes"] / 2**20,
+                        "baseline_peak_memory_mib": memory["ours"]["peak_bytes"] / 2**20,
+                        "trainable": info[f"ours:{variant}"]["trainable"], "params": info["ours"]["params"]}
+        out[variant]["memory_ratio"] = out[variant]["peak_memory_mib"] / out[variant]["baseline_peak_memory_mib"]
     return out
 
 
@@ -624,6 +730,18 @@ def format_table(report: dict) -> str:
                            f"{g['ours']['first_call_seconds']:.2f} s / {g['hf']['first_call_seconds']:.2f} s"],
                           gen_widths))
 
+    if "variants" in report:
+        v = report["variants"]
+        var_widths = [34, 10, 10, 7, 9, 9, 7]
+        lines += ["", _row([f"training variants, {v['precision']}", "tok/s", "rows tok/s", "speed", "MiB",
+                            "rows MiB", "memory"], var_widths)
+                  + "    ours, same weights and shape; each against plain pretraining rows, alternated"]
+        for variant, label in VARIANTS.items():
+            r = v[variant]
+            lines.append(_row([label, f"{r['tokens_per_s']:,.0f}", f"{r['baseline_tokens_per_s']:,.0f}",
+                               f"{r['speed_ratio']:.2f}x", f"{r['peak_memory_mib']:,.0f}",
+                               f"{r['baseline_peak_memory_mib']:,.0f}", f"{r['memory_ratio']:.2f}x"], var_widths))
+
     d = report["data_prep"]
     lines += ["", _row(["data preparation", "tokens/s"], [24, 10])
               + f"    {d['corpus']['tokens']:,} tokens ({d['corpus']['documents']:,} documents), "
@@ -691,6 +809,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                     print(f"generation, {gen_precision} ...", file=sys.stderr)
                     report["generate"][gen_precision] = bench_generation(procs, plan, gen_precision, rounds)
+    report["variants"] = bench_variants(plan, running[-1], rounds)
     print("data preparation ...", file=sys.stderr)
     report["data_prep"] = bench_data_prep(rounds)
 

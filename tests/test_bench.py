@@ -29,7 +29,8 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("training step", "generation", "data preparation", "2 vs 1 workers", "after start-up", "machine ceiling"):
+    for heading in ("training step", "generation", "training variants, fp32", "data preparation", "2 vs 1 workers",
+                    "after start-up", "machine ceiling"):
         assert heading in proc.stdout
 
     report = json.loads(out.read_text())
@@ -53,6 +54,14 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
 
         gen = report["generate"][precision]
         assert gen["ours"]["tokens_per_s"] > 0 and gen["hf"]["tokens_per_s"] > 0 and gen["ratio"] > 0
+
+    variants = report["variants"]
+    assert variants["precision"] == "fp32"  # what auto picks without native bf16
+    for name in ("packed", "lora", "dpo", "dpo_precomputed", "distill"):
+        v = variants[name]
+        assert v["tokens_per_s"] > 0 and v["baseline_tokens_per_s"] > 0 and v["peak_memory_mib"] > 0
+        assert v["speed_ratio"] == pytest.approx(v["tokens_per_s"] / v["baseline_tokens_per_s"])
+    assert variants["lora"]["trainable"] < variants["lora"]["params"] == variants["packed"]["trainable"]
 
     data = report["data_prep"]
     for name in ("plain_loop", "plain_loop_2_processes", "writer_1_worker", "writer_2_workers"):
