@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+PROJECT_DIR = Path(__file__).resolve().parent
 STAGES = ("pretrain", "sft", "dpo")
 STAGE_ALIASES = {"instruct": "sft"}  # the original project's name for instruction tuning
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -123,7 +124,8 @@ class Config:
     validation_steps: int = _f(4, "Micro-batches per validation pass (per rank)")
     early_stopping_patience: int = _f(0, "Stop after this many validations without improvement (0: off)")
     generate_every_x_steps: int = _f(50, "Sample generations every N steps (0: only at the end)")
-    generation_prompts_file: str = _f("prompts.txt", "One prompt per line, used for sample generations")
+    generation_prompts_file: str = _f("", "One prompt per line for sample generations (user messages in sft and "
+                                          "dpo); empty: prompts.txt, or chat_prompts.txt for sft and dpo")
     generation_max_new_tokens: int = _f(32, "Tokens to sample per prompt")
     hellaswag_every_x_steps: int = _f(0, "HellaSwag accuracy every N steps, on all ranks (0: off)")
     hellaswag_number_of_examples: int = _f(500, "HellaSwag items scored during training (0: all 10,042)")
@@ -153,6 +155,13 @@ class Config:
     def run_path(self) -> Path:
         """RUN_DIR, or runs/<stage> when it is empty, so each stage writes its own run by default."""
         return Path(self.run_dir or f"runs/{self.training_stage}")
+
+    @property
+    def prompts_path(self) -> Path:
+        """GENERATION_PROMPTS_FILE, or the project's own prompts for the stage: plain text, or chat questions."""
+        if self.generation_prompts_file:
+            return Path(self.generation_prompts_file)
+        return PROJECT_DIR / ("prompts.txt" if self.training_stage == "pretrain" else "chat_prompts.txt")
 
     @property
     def data_dir(self) -> str:

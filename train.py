@@ -550,18 +550,17 @@ def validate(model, stage: Stage, loader: StepLoader, cfg: Config, d: DistInfo) 
 def read_prompts(cfg: Config, tokenizer, chat: bool) -> list[str]:
     """Sample-generation prompts (user messages for chat stages), checked against the context now: a prompt
     too long would otherwise fail at the last step, before its checkpoint."""
-    path = Path(cfg.generation_prompts_file)
+    path = cfg.prompts_path
     if not path.is_file():
-        raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r}: file not found "
-                         "(one prompt per line)")
+        raise SetupError(f"GENERATION_PROMPTS_FILE={str(path)!r}: file not found (one prompt per line)")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r} holds no prompt")
+        raise SetupError(f"GENERATION_PROMPTS_FILE={str(path)!r} holds no prompt")
     for number, prompt in enumerate(prompts, 1):
         ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat
                else tokenizer.encode(prompt, bos=True, eos=False))
         if len(ids) >= cfg.max_seq_len:
-            raise SetupError(f"GENERATION_PROMPTS_FILE={cfg.generation_prompts_file!r}: prompt {number} has "
+            raise SetupError(f"GENERATION_PROMPTS_FILE={str(path)!r}: prompt {number} has "
                              f"{len(ids)} tokens, but MAX_SEQ_LEN={cfg.max_seq_len} leaves no room to generate")
     return prompts
 
