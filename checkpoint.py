@@ -389,8 +389,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
         return load_hf_model_dir(path, device, dtype, max_seq_len, rope_scale_factor)
     ckpt = read_checkpoint(path)
     if "lora" in ckpt:
-        raise CheckpointError(f"{path}: a LoRA adapter checkpoint (adapters only, base model {ckpt.get('base', {}).get('path')}); "
-                              f"merge it into its base first")
+        base = (ckpt.get("base") or {}).get("path", "none recorded")
+        raise CheckpointError(f"{path}: a LoRA adapter checkpoint (adapters for the base {base}); merge them first "
+                              f"(python lora.py merge --checkpoint {path} --out MERGED.pt)")
     with torch.device("meta"):
         model = Transformer(_project_model_args(ckpt, max_seq_len, rope_scale_factor))
     return _assign(model, dict(ckpt["model"]), device, dtype, f"{path}: weights do not fit its model_args")

@@ -5,7 +5,9 @@
 writes a directory that `transformers` loads with nothing else: `config.json`, `generation_config.json`,
 `model.safetensors` (or shards plus an index), and the tokenizer as `tokenizer.json` +
 `tokenizer_config.json` (Llama 3's chat template). CKPT is anything `checkpoint.load_model` reads: a
-project checkpoint, a Meta-format directory or a Hugging Face directory.
+project checkpoint, a Meta-format directory or a Hugging Face directory. With `--peft`, a LoRA adapter
+checkpoint becomes a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to load
+with `PeftModel.from_pretrained` on the base model exported the same way.
 
 The two layouts differ in names and in one permutation: Meta rotates interleaved pairs of a head's
 dimensions, HF rotates its two halves, so the rows of wq/wk are reordered on the way out and back.
@@ -21,13 +23,14 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from model import ModelArgs, Transformer
-from safetensors_io import save_sharded, write_atomically
+from safetensors_io import save_file, save_sharded, write_atomically
 from tokenizer import PAT_STR, HFTokenizer, load_bpe_ranks
 
 # ---- weights ----------------------------------------------------------------------------------------------
@@ -40,6 +43,8 @@ _LAYER_NAMES = {  # ours after "layers.N." -> HF's after "model.layers.N."
     "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+_PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",  # lora.py's target names
+                 "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}            # -> HF's module names
 _HF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 _HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _LAYER_KEY = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
@@ -131,6 +136,7 @@ def hf_config_dict(args: ModelArgs, dtype: torch.dtype, bos_id: int = 128000,
     llama.cpp's converter read) and `rope_parameters` (transformers 5)."""
     rope_scaling = hf_rope(args)
     dtype_name = str(dtype).removeprefix("torch.")
+    eos_ids = [i for i in eos_ids if i < args.vocab_size]  # a small test vocabulary has no special tokens
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": args.vocab_size, "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
@@ -141,7 +147,8 @@ def hf_config_dict(args: ModelArgs, dtype: torch.dtype, bos_id: int = 128000,
         "rope_parameters": {**(rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
         "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
-        "bos_token_id": bos_id, "eos_token_id": list(eos_ids) if len(eos_ids) > 1 else eos_ids[0],
+        "bos_token_id": bos_id if bos_id < args.vocab_size else None,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids or None,
         "pad_token_id": None, "torch_dtype": dtype_name, "dtype": dtype_name,
     }
 
@@ -265,19 +272,30 @@ def write_tokenizer_files(tokenizer, out_dir: Path, model_max_length: int) -> No
 
 
 # ---- export -----------------------------------------------------------------------------------------------
-def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None,
-              max_shard_bytes: int = 5 * 10**9, max_position_embeddings: Optional[int] = None) -> list[Path]:
-    """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory `out_dir`.
-
-    Everything goes into a temporary directory beside `out_dir`, renamed into place at the end, so an
-    interrupted export leaves no half-written model. Returns the weight files written."""
-    out_dir = Path(out_dir)
+@contextmanager
+def new_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir`, renamed to `out_dir` when the block succeeds, so an
+    interrupted export leaves no half-written model. `out_dir` must not exist or be empty."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; choose a new --out")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = 5 * 10**9, max_position_embeddings: Optional[int] = None) -> list[Path]:
+    """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory `out_dir`; returns
+    the weight files written."""
+    out_dir = Path(out_dir)
+    with new_directory(out_dir) as tmp:
         state = to_hf_state_dict(model.state_dict(), model.args)
         if model.args.tie_word_embeddings:
             del state["lm_head.weight"]  # transformers ties it to the embedding on load
@@ -287,16 +305,53 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Op
         stop_ids = tokenizer.stop_tokens if tokenizer is not None else [128001, 128008, 128009]
         bos_id = tokenizer.bos_id if tokenizer is not None else 128000
         max_len = max_position_embeddings or model.args.max_seq_len
-        _write_json(tmp / "config.json", hf_config_dict(model.args, dtype, bos_id, stop_ids, max_len))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": list(stop_ids)})
+        config = hf_config_dict(model.args, dtype, bos_id, stop_ids, max_len)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")})
         if tokenizer is not None:
             write_tokenizer_files(tokenizer, tmp, max_len)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [out_dir / f.name for f in files]
+
+
+# ---- PEFT adapters ----------------------------------------------------------------------------------------
+def peft_adapter_state_dict(adapters: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """lora.py's adapter tensors (`layers.N.attention.wq.lora_a.weight`, A: (rank, in), B: (out, rank)) under
+    PEFT's names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
+
+    The update is W + scale * B A; HF's wq/wk are P W with P the rotary row permutation, so their update is
+    P (B A) = (P B) A: B's rows are permuted like the weight's, A stays."""
+    out = {}
+    for name, t in adapters.items():
+        linear, sep, part = name.rpartition(".lora_")  # "layers.0.attention.wq", "a.weight"
+        if not sep or part not in ("a.weight", "b.weight"):
+            raise KeyError(f"{name!r} is not a LoRA adapter tensor (expected ...lora_a.weight / ...lora_b.weight)")
+        heads = _rotary_heads(linear + ".weight", args) if part == "b.weight" else None
+        hf_linear = hf_name(linear + ".weight").removesuffix(".weight")  # model.layers.0.self_attn.q_proj
+        out[f"base_model.model.{hf_linear}.lora_{part[0].upper()}.weight"] = \
+            t if heads is None else permute_for_rotate_half(t, heads)
+    return out
+
+
+def peft_config(lora: dict, base_model_name_or_path: Optional[str]) -> dict:
+    """adapter_config.json for lora.py's settings ({"rank", "alpha", "dropout", "targets"}): PEFT scales
+    by lora_alpha / r, as lora.py does (no rsLoRA, no DoRA)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
+            "lora_dropout": lora["dropout"],
+            "target_modules": sorted(_PEFT_TARGETS[t] for t in lora["targets"]),
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path, "revision": None}
+
+
+def export_peft(adapters: dict[str, torch.Tensor], lora: dict, args: ModelArgs, out_dir: str | Path,
+                base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write an adapter checkpoint's adapters as a PEFT directory (adapter_config.json +
+    adapter_model.safetensors) for `PeftModel.from_pretrained(base_hf_model, out_dir)`."""
+    out_dir = Path(out_dir)
+    with new_directory(out_dir) as tmp:
+        save_file(peft_adapter_state_dict(adapters, args), tmp / "adapter_model.safetensors", {"format": "pt"})
+        _write_json(tmp / "adapter_config.json", peft_config(lora, base_model_name_or_path))
+    return out_dir / "adapter_model.safetensors"
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -331,7 +386,57 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="max_position_embeddings (default: the checkpoint's context; 131072 for Meta's 3.1/3.2)")
     e.add_argument("--rope_scale_factor", type=float, default=None,
                    help="Llama 3.1 rope scaling factor (default: the checkpoint's, or Meta's per family)")
+    e.add_argument("--peft", action="store_true",
+                   help="a LoRA adapter checkpoint: write its adapters as a PEFT directory (adapter_config.json + "
+                        "adapter_model.safetensors)")
+    e.add_argument("--base_hf", default=None,
+                   help="with --peft: base_model_name_or_path to record (default: the base path the adapters record)")
     return p.parse_args(argv)
+
+
+def _export_model(args: argparse.Namespace, checkpoint) -> list[str]:
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None and checkpoint.is_meta_checkpoint_dir(args.checkpoint):
+        scaled = checkpoint.model_args_for(args.checkpoint, 8192).use_scaled_rope
+        max_seq_len = 131072 if scaled else 8192  # what Meta's models are published for
+    model = checkpoint.load_model(args.checkpoint, max_seq_len=max_seq_len, rope_scale_factor=args.rope_scale_factor)
+    tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
+    if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only "
+            f"{model.args.vocab_size}; pass --no_tokenizer to export the weights alone")
+    note = checkpoint.rope_scaling_note(args.checkpoint, args.rope_scale_factor)
+    files = export_hf(model, args.out, tokenizer, DTYPES[args.dtype], args.max_shard_size, max_seq_len)
+    dtype = DTYPES[args.dtype] or model.tok_embeddings.weight.dtype
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    lines = [f"exported {args.checkpoint} -> {args.out}",
+             f"  model: {model.num_params() / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}, "
+             f"{len(weights)} safetensors file(s), {sum(f.stat().st_size for f in weights) / 1e6:.1f} MB"]
+    if note:
+        lines.append(f"  {note}")
+    if tokenizer is not None:
+        lines.append(f"  tokenizer: {tokenizer.path} -> tokenizer.json, tokenizer_config.json (Llama 3 chat template)")
+    return lines + [f"  load with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}), "
+                    f"AutoTokenizer.from_pretrained(...)"]
+
+
+def _export_adapters(args: argparse.Namespace, checkpoint) -> list[str]:
+    ckpt = checkpoint.read_checkpoint(args.checkpoint)
+    if "lora" not in ckpt:
+        raise checkpoint.CheckpointError(f"{args.checkpoint}: not a LoRA adapter checkpoint; drop --peft")
+    if ckpt.get("base") is None:
+        raise checkpoint.CheckpointError(f"{args.checkpoint}: trained from no base file, so it holds every weight; "
+                                         f"merge it (python lora.py merge) and export without --peft")
+    base = args.base_hf or ckpt["base"]["path"]
+    export_peft(ckpt["model"], ckpt["lora"], ModelArgs.from_dict(ckpt["model_args"]), args.out, base)
+    lora = ckpt["lora"]
+    return [f"exported {args.checkpoint} -> {args.out} (PEFT LoRA adapters)",
+            f"  {len(ckpt['model'])} adapter tensors, rank {lora['rank']}, alpha {lora['alpha']:g}, "
+            f"targets {', '.join(lora['targets'])}",
+            f"  base: {base} (export it with: python hf_convert.py export --checkpoint {ckpt['base']['path']} "
+            f"--out BASE_DIR)",
+            f"  load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), "
+            f"{str(args.out)!r})"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -339,32 +444,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     try:
-        max_seq_len = args.max_seq_len
-        if max_seq_len is None and checkpoint.is_meta_checkpoint_dir(args.checkpoint):
-            scaled = checkpoint.model_args_for(args.checkpoint, 8192).use_scaled_rope
-            max_seq_len = 131072 if scaled else 8192  # what Meta's models are published for
-        model = checkpoint.load_model(args.checkpoint, max_seq_len=max_seq_len,
-                                      rope_scale_factor=args.rope_scale_factor)
-        tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
-        if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
-            raise checkpoint.CheckpointError(
-                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only "
-                f"{model.args.vocab_size}; pass --no_tokenizer to export the weights alone")
-        note = checkpoint.rope_scaling_note(args.checkpoint, args.rope_scale_factor)
-        files = export_hf(model, args.out, tokenizer, DTYPES[args.dtype], args.max_shard_size, max_seq_len)
+        lines = _export_adapters(args, checkpoint) if args.peft else _export_model(args, checkpoint)
     except (checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n_params, dtype = model.num_params(), DTYPES[args.dtype] or model.tok_embeddings.weight.dtype
-    size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
-    print(f"exported {args.checkpoint} -> {args.out}")
-    print(f"  model: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}, "
-          f"{sum(f.suffix == '.safetensors' for f in files)} safetensors file(s), {size / 1e6:.1f} MB")
-    if note:
-        print(f"  {note}")
-    if tokenizer is not None:
-        print(f"  tokenizer: {tokenizer.path} -> tokenizer.json, tokenizer_config.json (Llama 3 chat template)")
-    print(f"  load with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}), AutoTokenizer.from_pretrained(...)")
+    print("\n".join(lines))
     return 0
 
 

@@ -294,3 +294,39 @@ def test_shape_mismatch_is_a_one_line_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
     one_line_error(tmp_path, r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(160, 64\), "
                              r"config\.json implies \(192, 64\)")
+
+
+# ---- LoRA adapters as PEFT --------------------------------------------------------------------------------
+def test_lora_adapters_export_as_peft_and_load_on_the_exported_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(**LLAMA3_ROPE)  # 4 query heads over 2 kv heads: wq and wk permute differently
+    save_checkpoint(tmp_path / "base.pt", base)
+    # An adapter checkpoint in lora.py's format: the adapters (A: rank x in, B: out x rank) of every block
+    # linear, the settings, and the base they were trained on.
+    rank, alpha, g = 4, 8.0, torch.Generator().manual_seed(5)
+    adapters, merged = {}, {k: v.clone() for k, v in base.state_dict().items()}
+    for name, w in base.state_dict().items():
+        if name.startswith("layers.") and not name.endswith("norm.weight"):
+            a = torch.randn(rank, w.shape[1], generator=g) * w.shape[1] ** -0.5
+            b = torch.randn(w.shape[0], rank, generator=g) * 0.1  # larger: rounding grows past 1e-5 in fp32
+            stem = name.removesuffix(".weight")
+            adapters[f"{stem}.lora_a.weight"], adapters[f"{stem}.lora_b.weight"] = a, b
+            merged[name] += alpha / rank * b @ a  # the reference: each update merged by hand
+    lora = {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+    save_checkpoint(tmp_path / "adapters.pt", base, model_state=adapters, lora=lora,
+                    base={"path": str(tmp_path / "base.pt"), "sha256": "not checked by the export"})
+    with pytest.raises(CheckpointError, match="a LoRA adapter checkpoint"):
+        load_model(tmp_path / "adapters.pt")
+
+    hf_convert.export_hf(load_model(tmp_path / "base.pt"), tmp_path / "base_hf")
+    assert hf_convert.main(["export", "--checkpoint", str(tmp_path / "adapters.pt"), "--out", str(tmp_path / "peft"),
+                            "--peft", "--base_hf", str(tmp_path / "base_hf")]) == 0
+    base_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", attn_implementation="eager")
+    hf = peft.PeftModel.from_pretrained(base_hf, tmp_path / "peft").eval()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    base.load_state_dict(merged)
+    adapted = ours_logits(base, tokens)
+    assert (adapted - ours_logits(tiny_model(**LLAMA3_ROPE), tokens)).abs().max().item() > 0.1  # adapters matter
+    assert (adapted - expected).abs().max().item() <= 1e-5
