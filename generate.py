@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from checkpoint import CheckpointError, checked_tokenizer, load_model
+from checkpoint import CheckpointError, checked_tokenizer, load_model, rope_scaling_note
 from hardware import weights_dtype
 from model import Transformer
 
@@ -275,9 +275,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = pick_device(args.device)
         model = load_model(args.checkpoint, device=device, dtype=pick_dtype(args.dtype, device))
         tokenizer = checked_tokenizer(args.checkpoint, args.tokenizer)
+        note = rope_scaling_note(args.checkpoint)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if note:
+        print(note, file=sys.stderr)
     if tokenizer.n_words > model.args.vocab_size:
         print(f"error: tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}",
               file=sys.stderr)

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
-from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_model, read_checkpoint, rope_scaling_note, save_checkpoint
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
@@ -106,11 +106,12 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
         tie_word_embeddings=cfg.tie_word_embeddings)
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
-    """Initialised directly on its device: no rank holds a host copy of the whole model on the way."""
+def build_model(cfg: Config, vocab_size: int, device: torch.device, args: Optional[ModelArgs] = None) -> Transformer:
+    """Initialised directly on its device: no rank holds a host copy of the whole model on the way.
+    The shape is the .env's unless `args` (a checkpoint's) is given."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with torch.device(device):
-        return Transformer(model_args(cfg, vocab_size))
+        return Transformer(args or model_args(cfg, vocab_size))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -210,11 +211,12 @@ class Start:
         return cls(path, resume=flag_stage == cfg.training_stage and ckpt_stage is not None, flag=flag)
 
 
-def differing_shape(saved: ModelArgs, wanted: ModelArgs) -> str:
-    """'DIM=128 (the .env) vs 64 (the checkpoint), ...' for the keys that differ, nothing else."""
-    ours, theirs = asdict(wanted), asdict(saved)
-    return ", ".join(f"{k.upper()}={ours[k]} (the .env) vs {theirs[k]} (the checkpoint)" for k in ours
-                     if ours[k] != theirs[k])
+def shape_conflicts(cfg: Config, saved: ModelArgs, vocab_size: int) -> str:
+    """'DIM=128 (the .env) vs 64 (the checkpoint), ...' for the shape keys that the .env or the environment set
+    explicitly to another value than the checkpoint's; the context length is a training setting, not shape."""
+    wanted, theirs = asdict(model_args(cfg, vocab_size)), asdict(saved)
+    return ", ".join(f"{k.upper()}={wanted[k]} ({cfg.sources[k.upper()]}) vs {theirs[k]} (the checkpoint)"
+                     for k in wanted if k != "max_seq_len" and k.upper() in cfg.sources and wanted[k] != theirs[k])
 
 
 def check_tokenizer_of(ckpt: dict, path: str, tokenizer) -> None:
@@ -252,8 +254,10 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
                 else {"path": str(Path(start.path).resolve())})
         note = (f"starting from the weights of {start.path} (step 0, fresh optimizer, the data from its start"
                 f"{', best validation reset' if Path(start.path).is_file() else ''}); the model shape is theirs")
-        if differing_shape(model.args, model_args(cfg, vocab_size)):
-            note += f" ({differing_shape(model.args, model_args(cfg, vocab_size))} in .env: ignored)"
+        if shape_conflicts(cfg, model.args, vocab_size):
+            note += f" ({shape_conflicts(cfg, model.args, vocab_size)}: ignored)"
+        rope = rope_scaling_note(start.path)
+        note += f"; {rope}" if rope else ""
     if settings:
         torch.manual_seed(cfg.seed)  # adapters start identical on every rank
         lora.apply_lora(model, settings)
@@ -265,9 +269,10 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
                   settings: Optional[lora.LoRASettings]) -> Initial:
     ckpt = read_checkpoint(start.path)
     check_tokenizer_of(ckpt, start.path, tokenizer)
-    saved_args, wanted = ModelArgs.from_dict(ckpt["model_args"]), model_args(cfg, vocab_size)
-    if saved_args != wanted:
-        raise CheckpointError(f"{start.path}: model shape differs: {differing_shape(saved_args, wanted)}")
+    saved_args = ModelArgs.from_dict(ckpt["model_args"], max_seq_len=cfg.max_seq_len)
+    if shape_conflicts(cfg, saved_args, vocab_size):
+        raise CheckpointError(f"{start.path}: model shape differs: {shape_conflicts(cfg, saved_args, vocab_size)}; "
+                              f"a resumed run keeps its checkpoint's shape")
     if ("lora" in ckpt) != bool(settings):
         raise CheckpointError(f"{start.path}: {'a LoRA' if 'lora' in ckpt else 'not a LoRA'} run; set LORA_ENABLED="
                               f"{'true' if 'lora' in ckpt else 'false'} to resume it")
@@ -277,11 +282,11 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
             base = lora.verify_base(ckpt["base"])
             model = load_model(base, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len).train()
         else:
-            model = build_model(cfg, vocab_size, device)
+            model = build_model(cfg, vocab_size, device, saved_args)
         lora.apply_lora(model, settings)
         lora.load_adapter_weights(model, ckpt)
     else:
-        model = build_model(cfg, vocab_size, device)
+        model = build_model(cfg, vocab_size, device, saved_args)
         model.load_state_dict(ckpt["model"])
     model.activation_checkpointing = cfg.activation_checkpointing
     return Initial(model, ckpt, ckpt.get("init"), "")
