@@ -626,7 +626,34 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.npy"
 
 
-class ShardWriter:
+def pending_path(directory: Path, split: str, shard_index: int) -> Path:
+    """Where a split's tail waits between checkpoints until it becomes shard `shard_index`."""
+    return directory / f"{split}_{shard_index:06d}.pending"
+
+
+class SplitWriter:
+    """What both shard writers share: one split's finished `shards` and the pending file of the next one."""
+
+    directory: Path
+    split: str
+    shards: list[dict]
+
+    def _pending_path(self) -> Path:
+        return pending_path(self.directory, self.split, len(self.shards))
+
+    def remove_stale_pending(self) -> None:
+        """Pending files of shards now finished; call once progress.json no longer refers to them."""
+        current = self._pending_path()
+        for path in self.directory.glob(f"{self.split}_*.pending"):
+            if path != current:
+                path.unlink()
+
+    def remove_pending(self) -> None:
+        for path in self.directory.glob(f"{self.split}_*.pending"):
+            path.unlink()
+
+
+class ShardWriter(SplitWriter):
     """Cuts one split's token stream into `shard_size`-token shards `{split}_000000.npy`, ... (the last shorter).
 
     Tokens not yet in a finished shard are appended, at each checkpoint, to `{split}_NNNNNN.pending`
@@ -650,9 +677,6 @@ class ShardWriter:
     @property
     def num_tokens(self) -> int:
         return sum(s["num_tokens"] for s in self.shards) + self._buffered
-
-    def _pending_path(self) -> Path:
-        return self.directory / f"{self.split}_{len(self.shards):06d}.pending"
 
     def _restore_pending(self, count: int) -> None:
         path = self._pending_path()
@@ -699,23 +723,12 @@ class ShardWriter:
         self._persisted = self._buffered
         return {"shards": list(self.shards), "pending_tokens": self._persisted}
 
-    def remove_stale_pending(self) -> None:
-        """Pending files of shards now finished; call once progress.json no longer refers to them."""
-        current = self._pending_path()
-        for path in self.directory.glob(f"{self.split}_*.pending"):
-            if path != current:
-                path.unlink()
-
     def finish(self) -> dict:
         """Write the last, shorter shard; returns this split's manifest entry."""
         if self._buffered:
             self._write_shard(self._buffer[: self._buffered])
         self._buffer, self._buffered, self._persisted = np.empty(0, SHARD_DTYPE), 0, 0
         return {"num_tokens": self.num_tokens, "shards": list(self.shards)}
-
-    def remove_pending(self) -> None:
-        for path in self.directory.glob(f"{self.split}_*.pending"):
-            path.unlink()
 
 
 def shard_is_intact(path: Path, num_tokens: int) -> bool:
@@ -739,7 +752,7 @@ def sequence_shard_files(split: str, index: int) -> dict[str, str]:
     return {"tokens": f"{stem}.tokens.npy", "mask": f"{stem}.mask.npy", "offsets": f"{stem}.offsets.npy"}
 
 
-class SequenceShardWriter:
+class SequenceShardWriter(SplitWriter):
     """Cuts one split's sequences into shards of whole groups (a group: one conversation, or the two
     sequences of a preference pair, which a shard never splits) of at most `shard_size` tokens; a
     group larger than that gets a shard of its own. A shard is three files: the sequences' tokens
@@ -762,9 +775,6 @@ class SequenceShardWriter:
         self._buffered_tokens = 0
         if pending_sequences:
             self._restore_pending(pending_sequences)
-
-    def _pending_path(self) -> Path:
-        return self.directory / f"{self.split}_{len(self.shards):06d}.pending"
 
     def _restore_pending(self, count: int) -> None:
         path = self._pending_path()
@@ -817,13 +827,6 @@ class SequenceShardWriter:
                          lambda f: np.savez(f, tokens=tokens, mask=mask, lengths=lengths))
         return {"shards": list(self.shards), "pending_sequences": len(self._lengths)}
 
-    def remove_stale_pending(self) -> None:
-        """Pending files of shards now finished; call once progress.json no longer refers to them."""
-        current = self._pending_path()
-        for path in self.directory.glob(f"{self.split}_*.pending"):
-            if path != current:
-                path.unlink()
-
     def finish(self) -> dict:
         """Write the last, smaller shard; returns this split's manifest entry."""
         if self._lengths:
@@ -833,10 +836,6 @@ class SequenceShardWriter:
         if self.group_size > 1:
             entry["num_pairs"] = entry["num_sequences"] // self.group_size
         return {**entry, "shards": list(self.shards)}
-
-    def remove_pending(self) -> None:
-        for path in self.directory.glob(f"{self.split}_*.pending"):
-            path.unlink()
 
 
 def sequence_shard_is_intact(directory: Path, shard: dict) -> bool:
@@ -911,7 +910,7 @@ def _outputs_intact(directory: Path, progress: dict) -> bool:
                       else sequence_shard_is_intact(directory, shard))  # token shards, or sequence shards
             if not intact:
                 return False
-        pending = directory / f"{split}_{len(state['shards']):06d}.pending"
+        pending = pending_path(directory, split, len(state["shards"]))
         needed_bytes = 4 * state.get("pending_tokens", 0)
         if needed_bytes and (not pending.is_file() or pending.stat().st_size < needed_bytes):
             return False
