@@ -9,7 +9,8 @@ The pipeline, in the order this file reads:
       progress.json after every finished shard (resume) and manifest.json at the end
 
 Pretraining's driver is load_pretrain_dataset.py; the sequence-data scripts supply a `SequenceJob` (how a
-row becomes sequences) to `prepare_sequence_shards` at the end of this file, which does the rest.
+row becomes sequences) to `prepare_sequence_shards` at the end of this file, which does the rest. Both keep
+a run's counts, budgets and checkpoints in a `ShardedRun`.
 
 Nothing is ever half-written under a final name: files are written to `<name>.tmp` in the same
 directory and renamed with `os.replace`, which is atomic. Bad input raises `DataPrepError`, whose
@@ -971,6 +972,86 @@ def load_prep_tokenizer(path: str | None):
         raise DataPrepError(f"cannot load the tokenizer: {one_line(e)}") from None
 
 
+# ---- one run's state: counts, budgets, checkpoints ------------------------------------------------
+
+
+class ShardedRun:
+    """What a pretraining run and a sequence-data run share: per-source progress, run-wide stats, the mixer
+    picks consumed, the train/val split, a writer per split, the clock, and progress.json, written after
+    every finished shard so that a crash resumes from there. A subclass names its counters (`progress_type`
+    with rows, tokens and exhausted; `stats_type` with tokens) and takes rows in its own `_take`."""
+
+    progress_type: type
+    stats_type: type
+
+    def __init__(self, out_dir: Path, sources: list[Source], fingerprint: dict, val_fraction: float,
+                 max_tokens: int, saved: dict | None, new_writer: Callable[[str, dict], SplitWriter]):
+        """`new_writer(split, saved state)` makes a split's writer; `saved` is `start_or_resume`'s progress."""
+        self.out_dir, self.sources, self.fingerprint = out_dir, sources, fingerprint
+        self.max_tokens = max_tokens
+        saved = saved or {}
+        self.splitter = HashSplit(val_fraction, saved.get("val_anchor"))
+        self.progress = [self.progress_type(**p) for p in saved.get("sources", [{} for _ in sources])]
+        self.picks: int = saved.get("picks", 0)  # mixer picks consumed: a resumed run replays them
+        self.stats = self.stats_type(**saved.get("stats", {}))
+        self.seconds_before: float = saved.get("seconds", 0.0)
+        self.started = time.perf_counter()
+        self.writers = {split: new_writer(split, saved.get("splits", {}).get(split, {})) for split in SPLITS}
+        self.resumed_shards = sum(len(w.shards) for w in self.writers.values())
+        self.done = False  # the global token budget is reached
+
+    def open_mixer(self, open_rows: Callable[..., Iterator[Any]]) -> Mixer:
+        """The sources opened where this run stands: each past the rows it has read, the picks replayed."""
+        streams = [open_rows(s, skip_rows=p.rows) for s, p in zip(self.sources, self.progress)]
+        return Mixer(streams, [s.weight for s in self.sources], start_pick=self.picks,
+                     finished=[i for i, p in enumerate(self.progress) if p.exhausted])
+
+    def _read(self, source: int, pick: int) -> bool:
+        """Count a row as read; False for one to ignore."""
+        progress = self.progress[source]
+        if progress.exhausted:
+            return False  # read ahead before its budget was known to be full: as if never read
+        progress.rows += 1
+        self.picks = pick + 1
+        return True
+
+    def _written(self, source: int, finished_shards: int, mixer: Mixer) -> None:
+        """After a row's tokens went to a writer and into the counts: a source stops at its budget, the
+        run at the global one, and a finished shard is a checkpoint."""
+        progress = self.progress[source]
+        budget = self.sources[source].max_tokens
+        if budget and progress.tokens >= budget:
+            progress.exhausted = True
+            mixer.finish(source)
+        self.done = bool(self.max_tokens) and self.stats.tokens >= self.max_tokens
+        if finished_shards:
+            self.checkpoint()
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def _progress_file(self, splits: dict, complete: bool) -> dict:
+        return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
+                "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
+                "val_anchor": self.splitter.anchor, "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
+
+    def checkpoint(self) -> None:
+        """Everything up to the current row becomes durable; a crash after this resumes from here."""
+        splits = {split: writer.checkpoint() for split, writer in self.writers.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(splits, complete=False))
+        for writer in self.writers.values():
+            writer.remove_stale_pending()
+
+    def _complete(self, manifest: dict, splits: dict, pending_key: str) -> None:
+        """Write the manifest, then mark the run complete (`pending_key`: the writers' pending count)."""
+        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+        done = {split: {"shards": s["shards"], pending_key: 0} for split, s in splits.items()}
+        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(done, complete=True))
+        for writer in self.writers.values():
+            writer.remove_pending()  # only now: until progress says complete, a crash resumes from them
+
+
 # ---- preparing sequence shards: rows -> (tokens, mask) sequences -> shards ----------------------------
 #
 # The chat (SFT) and preference (DPO) scripts differ only in how a row becomes sequences, which a
@@ -1062,27 +1143,18 @@ def batch_items(rows: Iterable[tuple[int, int, Any]], size: int) -> Iterator[tup
         yield [(pick, source) for pick, source, _ in chunk], [(source, row) for _, source, row in chunk]
 
 
-class SequencePreparation:
+class SequencePreparation(ShardedRun):
     """Sends each written row's sequences to the train/val writers, keeps the counts, and checkpoints
     after every finished shard (see `start_or_resume`)."""
 
+    progress_type, stats_type = SourceCounts, SequenceStats
+
     def __init__(self, out_dir: Path, sources: list[Source], job: SequenceJob, fingerprint: dict, shard_size: int,
                  val_fraction: float, max_tokens: int, saved: dict | None):
-        self.out_dir, self.sources, self.job, self.fingerprint = out_dir, sources, job, fingerprint
-        self.max_tokens = max_tokens
-        saved = saved or {}
-        self.progress = [SourceCounts(**p) for p in saved.get("sources", [{} for _ in sources])]
-        self.picks: int = saved.get("picks", 0)
-        self.stats = SequenceStats(**saved.get("stats", {}))
-        self.splitter = HashSplit(val_fraction, saved.get("val_anchor"))
-        self.seconds_before: float = saved.get("seconds", 0.0)
-        self.started = time.perf_counter()
-        self.writers = {split: SequenceShardWriter(out_dir, split, shard_size, job.group_size,
-                                                   **saved.get("splits", {}).get(split, {}))
-                        for split in SPLITS}
-        self.resumed_shards = sum(len(w.shards) for w in self.writers.values())
+        super().__init__(out_dir, sources, fingerprint, val_fraction, max_tokens, saved,
+                         lambda split, state: SequenceShardWriter(out_dir, split, shard_size, job.group_size, **state))
+        self.job = job
         self.resumed_rows = self.stats.rows
-        self.done = False  # the global token budget is reached
 
     def consume(self, rows: list[tuple[int, int]], batch: SequenceBatch, mixer: Mixer) -> None:
         ends = np.cumsum(batch.lengths)
@@ -1102,11 +1174,9 @@ class SequencePreparation:
     def _take(self, pick: int, source: int, skip: str, note: str, changes: dict, group: list,
               content_hash: int, mixer: Mixer) -> None:
         progress, stats = self.progress[source], self.stats
-        if progress.exhausted:
-            return  # read ahead before its budget was known to be full: as if never read
-        progress.rows += 1
+        if not self._read(source, pick):
+            return
         stats.rows += 1
-        self.picks = pick + 1
         if skip:
             stats.skipped[skip] = stats.skipped.get(skip, 0) + 1
             if len(stats.skipped_examples) < SKIPPED_EXAMPLES:
@@ -1125,29 +1195,7 @@ class SequencePreparation:
         stats.sequences += len(group)
         stats.tokens += num_tokens
         stats.trained_tokens += sum(int(mask.sum()) for _, mask in group)
-        budget = self.sources[source].max_tokens
-        if budget and progress.tokens >= budget:
-            progress.exhausted = True
-            mixer.finish(source)
-        self.done = bool(self.max_tokens) and stats.tokens >= self.max_tokens
-        if finished_shards:
-            self.checkpoint()
-
-    @property
-    def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started
-
-    def _progress_file(self, splits: dict, complete: bool) -> dict:
-        return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
-                "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
-                "val_anchor": self.splitter.anchor, "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
-
-    def checkpoint(self) -> None:
-        """Everything up to the current row becomes durable; a crash after this resumes from here."""
-        splits = {split: writer.checkpoint() for split, writer in self.writers.items()}
-        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(splits, complete=False))
-        for writer in self.writers.values():
-            writer.remove_stale_pending()
+        self._written(source, finished_shards, mixer)
 
     def finish(self, tokenizer, shard_size: int) -> dict:
         """Write the last shards, the job's extra files, the manifest, and mark the run complete."""
@@ -1168,11 +1216,7 @@ class SequencePreparation:
             tokenizer, self.job, shard_size, splits, sources,
             {**dataclasses.asdict(stats), "seconds": round(self.seconds, 3)},
             datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
-        done = {split: {"shards": s["shards"], "pending_sequences": 0} for split, s in splits.items()}
-        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(done, complete=True))
-        for writer in self.writers.values():
-            writer.remove_pending()  # only now: until progress says complete, a crash resumes from them
+        self._complete(manifest, splits, "pending_sequences")
         return manifest
 
 
@@ -1229,9 +1273,7 @@ def prepare_sequence_shards(job: SequenceJob, sources: list[Source], out_dir: st
 
     run = SequencePreparation(out_dir, sources, job, fingerprint, shard_size, val_fraction, max_tokens, saved)
     with worker_pool(num_workers, job.init, (tokenizer, *job.init_args), out_dir) as pool:
-        streams = [open_rows(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
-        mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
-                      finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+        mixer = run.open_mixer(open_rows)
         run.stats.decode_errors = decode_errors_in(sources)
         if run.resumed_shards:
             print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_rows:,} rows already done")

@@ -38,11 +38,11 @@ from tqdm import tqdm
 
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
-    EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, PROGRESS_FILE, SAMPLE_BY, SPLITS,
-    DataPrepError, EncodedBatch, HashSplit, Mixer, PrepStats, Row, ShardWriter, Source, batch_rows, build_manifest,
+    EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, SAMPLE_BY,
+    DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardedRun, ShardWriter, Source, batch_rows, build_manifest,
     check_prep_settings, decode_errors_in, encode_documents, init_encoder,
     keep_datasets_from_importing_torch, load_mix_file, load_prep_tokenizer,
-    open_source, ordered_map, start_or_resume, worker_pool, write_json_atomic, write_jsonl_atomic,
+    open_source, ordered_map, start_or_resume, worker_pool, write_jsonl_atomic,
 )
 
 DEFAULT_SHARD_SIZE = 10_000_000  # 40 MB per shard
@@ -166,25 +166,16 @@ class SourceProgress:
     exhausted: bool = False  # its max_tokens is reached
 
 
-class Preparation:
+class Preparation(ShardedRun):
     """Writes documents to the train/val shard writers, keeps the counts, and checkpoints after every shard."""
+
+    progress_type, stats_type = SourceProgress, PrepStats
 
     def __init__(self, out_dir: Path, sources: list[Source], fingerprint: dict, shard_size: int,
                  val_fraction: float, max_tokens: int, saved: dict | None):
-        self.out_dir, self.sources, self.fingerprint = out_dir, sources, fingerprint
-        self.max_tokens = max_tokens
-        saved = saved or {}
-        self.splitter = HashSplit(val_fraction, saved.get("val_anchor"))
-        self.progress = [SourceProgress(**p) for p in saved.get("sources", [{} for _ in sources])]
-        self.picks: int = saved.get("picks", 0)  # mixer picks consumed: a resumed run replays them
-        self.stats = PrepStats(**saved.get("stats", {}))
-        self.seconds_before: float = saved.get("seconds", 0.0)
-        self.started = time.perf_counter()
-        self.writers = {split: ShardWriter(out_dir, split, shard_size, **saved.get("splits", {}).get(split, {}))
-                        for split in SPLITS}
-        self.resumed_shards = sum(len(w.shards) for w in self.writers.values())
+        super().__init__(out_dir, sources, fingerprint, val_fraction, max_tokens, saved,
+                         lambda split, state: ShardWriter(out_dir, split, shard_size, **state))
         self.resumed_tokens = self.stats.tokens
-        self.done = False  # the global token budget is reached
 
     def consume(self, rows: list[Row], encoded: EncodedBatch, mixer: Mixer) -> None:
         """Take one worker task's rows, in order; `encoded` holds the tokens of the well-formed ones."""
@@ -201,11 +192,8 @@ class Preparation:
             self._take(row, tokens, doc_hash, mixer)
 
     def _take(self, row: Row, tokens: np.ndarray | None, doc_hash: int | None, mixer: Mixer) -> None:
-        progress = self.progress[row.source]
-        if progress.exhausted:
-            return  # read ahead before its budget was known to be full: as if never read
-        progress.rows += 1
-        self.picks = row.pick + 1
+        if not self._read(row.source, row.pick):
+            return
         if row.status == EMPTY:
             self.stats.empty_documents += 1
             return
@@ -215,13 +203,7 @@ class Preparation:
         split = self.splitter.split_of(doc_hash)
         finished_shards = self.writers[split].add(tokens)
         self._count(row, split, len(tokens))
-        budget = self.sources[row.source].max_tokens
-        if budget and progress.tokens >= budget:
-            progress.exhausted = True
-            mixer.finish(row.source)
-        self.done = bool(self.max_tokens) and self.stats.tokens >= self.max_tokens
-        if finished_shards:
-            self.checkpoint()
+        self._written(row.source, finished_shards, mixer)
 
     def _count(self, row: Row, split: str, num_tokens: int) -> None:
         progress = self.progress[row.source]
@@ -234,22 +216,6 @@ class Preparation:
             self.stats.val_documents += 1
         else:
             self.stats.train_documents += 1
-
-    @property
-    def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started
-
-    def _progress_file(self, splits: dict, complete: bool) -> dict:
-        return {"fingerprint": self.fingerprint, "complete": complete, "splits": splits,
-                "sources": [dataclasses.asdict(p) for p in self.progress], "picks": self.picks,
-                "val_anchor": self.splitter.anchor, "stats": dataclasses.asdict(self.stats), "seconds": self.seconds}
-
-    def checkpoint(self) -> None:
-        """Everything up to the current document becomes durable; a crash after this resumes from here."""
-        splits = {split: writer.checkpoint() for split, writer in self.writers.items()}
-        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(splits, complete=False))
-        for writer in self.writers.values():
-            writer.remove_stale_pending()
 
     def finish(self, tokenizer, shard_size: int) -> dict:
         """Write the last shards, the manifest, and mark the run complete; returns the manifest."""
@@ -266,11 +232,7 @@ class Preparation:
                  "tokens_per_second": round(self.stats.tokens / max(self.seconds, 1e-9))}
         manifest = build_manifest(tokenizer, shard_size, splits, sources, stats,
                                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
-        done = {split: {"shards": s["shards"], "pending_tokens": 0} for split, s in splits.items()}
-        write_json_atomic(self.out_dir / PROGRESS_FILE, self._progress_file(done, complete=True))
-        for writer in self.writers.values():
-            writer.remove_pending()  # only now: until progress says complete, a crash resumes from them
+        self._complete(manifest, splits, "pending_tokens")
         return manifest
 
 
@@ -301,9 +263,7 @@ def prepare_pretrain_dataset(sources: list[Source], out_dir: str | Path, *, toke
 
     run = Preparation(out_dir, sources, fingerprint, shard_size, val_fraction, max_tokens, saved)
     with worker_pool(num_workers, init_encoder, (tokenizer,), out_dir) as pool:  # first: workers start while we read
-        streams = [open_source(s, skip_rows=p.rows) for s, p in zip(sources, run.progress)]
-        mixer = Mixer(streams, [s.weight for s in sources], start_pick=run.picks,
-                      finished=[i for i, p in enumerate(run.progress) if p.exhausted])
+        mixer = run.open_mixer(open_source)
         run.stats.decode_errors = decode_errors_in(sources)
         if run.resumed_shards:
             print(f"resuming: {run.resumed_shards} shard(s), {run.resumed_tokens:,} tokens already done")
