@@ -46,13 +46,13 @@ import numpy as np
 import chat_tasks
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
-    DataPrepError, RowResult, SequenceBatch, SequenceJob, keep_datasets_from_importing_torch,
-    prepare_sequence_shards, write_jsonl_if_changed,
+    DataPrepError, RowResult, SequenceJob, keep_datasets_from_importing_torch, prepare_sequence_shards,
+    write_jsonl_if_changed,
 )
 from load_instruct_dataset import (
     DEFAULT_SHARD_SIZE, DEFAULT_VAL_FRACTION, ChatRenderer, ChatSource, RowError, add_common_arguments,
-    check_conversation, check_format, messages_of, present, print_summary, prompt_hash, resolved_defaults,
-    sources_from_args, with_system_prompt,
+    check_conversation, check_format, init_row_worker, messages_of, present, print_summary, prompt_hash,
+    render_rows, resolved_defaults, skipped_row, sources_from_args, with_system_prompt,
 )
 
 FORMATS = ("auto", "pairs", "messages", "hh")
@@ -138,21 +138,8 @@ class PairSettings:
     renderer: ChatRenderer | None = field(default=None, repr=False)
 
 
-_pairs: PairSettings | None = None  # this process's settings for `render_pair_rows` (see `init_pair_worker`)
-
-
-def init_pair_worker(tokenizer, settings: PairSettings) -> None:
-    global _pairs
-    _pairs = settings
-    _pairs.renderer = ChatRenderer(tokenizer)
-
-
-def render_pair_rows(items: list[tuple[int, Any]]) -> SequenceBatch:
-    """(source index, row) pairs -> one worker task's chosen and rejected sequences; runs in a worker process."""
-    return SequenceBatch.of([pair_row(_pairs, source, row) for source, row in items])
-
-
 def pair_row(settings: PairSettings, source: int, row: Any) -> RowResult:
+    """One row's chosen and rejected sequences; runs in a worker process (see `init_row_worker`)."""
     changes: dict[str, int] = {}
     renderer, tok = settings.renderer, settings.renderer.tokenizer
     try:
@@ -161,10 +148,8 @@ def pair_row(settings: PairSettings, source: int, row: Any) -> RowResult:
         prompt = with_system_prompt(prompt, settings.system_prompt, changes)
         tokens, _, ends = renderer.render(prompt)
         responses = [tok.encode(text, bos=False, eos=False) + [tok.eot_id] for text in (chosen, rejected)]
-    except RowError as e:
-        return RowResult(skip=e.reason, note=e.note)
-    except (ValueError, TypeError) as e:  # e.g. text the tokenizer refuses: one row lost, not the run
-        return RowResult(skip="unreadable", note=str(e)[:200])
+    except (RowError, ValueError, TypeError) as e:
+        return skipped_row(e)
     header = renderer.headers["assistant"]
     budget = settings.max_seq_len - len(header) - max(map(len, responses))  # tokens left for the prompt
     if len(tokens) > budget:
@@ -227,9 +212,9 @@ def prepare_dpo_dataset(sources: list[ChatSource], out_dir: str | Path, *, max_s
         raise DataPrepError(f"--min_prompt_tokens must be >= 1, got {min_prompt_tokens}")
     formats = [check_format(s.format, FORMATS) for s in sources]
     settings = PairSettings(formats, system_prompt, max_seq_len, min_prompt_tokens)
-    job = SequenceJob(kind="preference", group_size=2, render=render_pair_rows, init=init_pair_worker,
-                      init_args=(settings,), settings={"min_prompt_tokens": min_prompt_tokens,
-                                                       "system_prompt": system_prompt, "formats": formats},
+    job = SequenceJob(kind="preference", group_size=2, render=render_rows, init=init_row_worker,
+                      init_args=(pair_row, settings), settings={"min_prompt_tokens": min_prompt_tokens,
+                                                                "system_prompt": system_prompt, "formats": formats},
                       max_seq_len=max_seq_len, exact_answers=exact_answers)
     return prepare_sequence_shards(job, sources, out_dir, tokenizer_path=tokenizer_path, shard_size=shard_size,
                                    val_fraction=val_fraction, max_tokens=max_tokens, num_workers=num_workers,

@@ -40,7 +40,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -99,6 +99,14 @@ class RowError(Exception):
     def __init__(self, reason: str, note: str = ""):
         super().__init__(reason)
         self.reason, self.note = reason, note
+
+
+def skipped_row(error: RowError | ValueError | TypeError) -> RowResult:
+    """What an unusable row becomes: a RowError says why; a ValueError or TypeError (e.g. text the
+    tokenizer refuses) is counted as unreadable: one row lost, not the run."""
+    if isinstance(error, RowError):
+        return RowResult(skip=error.reason, note=error.note)
+    return RowResult(skip="unreadable", note=str(error)[:200])
 
 
 def present(row: dict, key: str) -> bool:
@@ -249,31 +257,16 @@ class ChatSettings:
     renderer: ChatRenderer | None = field(default=None, repr=False)
 
 
-_chat: ChatSettings | None = None  # this process's settings for `render_chat_rows` (see `init_chat_worker`)
-
-
-def init_chat_worker(tokenizer, settings: ChatSettings) -> None:
-    global _chat
-    _chat = settings
-    _chat.renderer = ChatRenderer(tokenizer)
-
-
-def render_chat_rows(items: list[tuple[int, Any]]) -> SequenceBatch:
-    """(source index, row) pairs -> one worker task's sequences; runs in a worker process."""
-    return SequenceBatch.of([chat_row(_chat, source, row) for source, row in items])
-
-
 def chat_row(settings: ChatSettings, source: int, row: Any) -> RowResult:
+    """One row's conversation as a sequence; runs in a worker process (see `init_row_worker`)."""
     changes: dict[str, int] = {}
     try:
         messages = check_conversation(conversation_of(row, settings.formats[source]), changes)
         content_hash = prompt_hash(messages[:-1])
         messages = with_system_prompt(messages, settings.system_prompt, changes)
         tokens, mask, ends = settings.renderer.render(messages)
-    except RowError as e:
-        return RowResult(skip=e.reason, note=e.note)
-    except (ValueError, TypeError) as e:  # e.g. text the tokenizer refuses: one row lost, not the run
-        return RowResult(skip="unreadable", note=str(e)[:200])
+    except (RowError, ValueError, TypeError) as e:
+        return skipped_row(e)
     keep = turns_that_fit(messages, ends, settings.max_seq_len, settings.overflow)
     if keep is None:
         return RowResult(skip="too_long", note=f"{ends[-1]} tokens, max_seq_len {settings.max_seq_len}, "
@@ -282,6 +275,26 @@ def chat_row(settings: ChatSettings, source: int, row: Any) -> RowResult:
         changes.update(truncated=1, turns_cut=len(messages) - keep)
         tokens, mask = tokens[: ends[keep - 1]], mask[: ends[keep - 1]]
     return RowResult([(tokens, mask)], content_hash, changes=changes)
+
+
+# ---- worker processes (shared with load_dpo_dataset.py) ---------------------------------------------
+
+RowFunction = Callable[[Any, int, Any], RowResult]  # (settings, source index, row) -> what the row became
+_worker: tuple[RowFunction, Any] | None = None  # this process's row function and settings (see `init_row_worker`)
+
+
+def init_row_worker(tokenizer, row_function: RowFunction, settings: Any) -> None:
+    """A worker's initializer: `render_rows` calls `row_function(settings, source, row)`, with this
+    process's ChatRenderer in `settings.renderer`."""
+    global _worker
+    settings.renderer = ChatRenderer(tokenizer)
+    _worker = (row_function, settings)
+
+
+def render_rows(items: list[tuple[int, Any]]) -> SequenceBatch:
+    """(source index, row) pairs -> one worker task's sequences; runs in a worker process."""
+    row_function, settings = _worker
+    return SequenceBatch.of([row_function(settings, source, row) for source, row in items])
 
 
 # ---- the held-out prompts and answers ----------------------------------------------------------------
@@ -333,7 +346,8 @@ def prepare_instruct_dataset(sources: list[ChatSource], out_dir: str | Path, *, 
         raise DataPrepError(f"max_seq_len must be >= 1, got {max_seq_len}")
     formats = [check_format(s.format, FORMATS) for s in sources]
     settings = ChatSettings(formats, system_prompt, max_seq_len, overflow)
-    job = SequenceJob(kind="chat", group_size=1, render=render_chat_rows, init=init_chat_worker, init_args=(settings,),
+    job = SequenceJob(kind="chat", group_size=1, render=render_rows, init=init_row_worker,
+                      init_args=(chat_row, settings),
                       settings={"overflow": overflow, "system_prompt": system_prompt, "formats": formats},
                       max_seq_len=max_seq_len, exact_answers=exact_answers, finish=write_eval_file)
     return prepare_sequence_shards(job, sources, out_dir, tokenizer_path=tokenizer_path, shard_size=shard_size,
