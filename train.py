@@ -235,6 +235,16 @@ class Initial:
     note: str
 
 
+def starting_weights(path: str, device: torch.device, max_seq_len: int) -> Transformer:
+    """Any loadable weights in float32 (master weights); a LoRA run's checkpoint gives its base with the
+    adapters merged in."""
+    if Path(path).is_file() and "lora" in read_checkpoint(path):
+        model = lora.merge_lora(lora.load_adapter_checkpoint(path, device=device, dtype=torch.float32))
+        model.args = ModelArgs.from_dict(asdict(model.args), max_seq_len=max_seq_len)
+        return model
+    return load_model(path, device=device, dtype=torch.float32, max_seq_len=max_seq_len)
+
+
 def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
                   settings: Optional[lora.LoRASettings]) -> Initial:
     """Build the model for a fresh, weights-only or resumed start, with LoRA adapters when enabled."""
@@ -245,7 +255,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     else:
         if Path(start.path).is_file():
             check_tokenizer_of(read_checkpoint(start.path), start.path, tokenizer)
-        model = load_model(start.path, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len).train()
+        model = starting_weights(start.path, device, cfg.max_seq_len).train()
         if model.args.vocab_size < tokenizer.n_words:
             raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
                                   f"tokenizer's {tokenizer.n_words}")
@@ -299,7 +309,7 @@ def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, devic
         if init is None:
             return build_model(cfg, vocab_size, device)
         path = lora.verify_base(init) if init.get("sha256") else init["path"]
-        return load_model(path, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len)
+        return starting_weights(str(path), device, cfg.max_seq_len)
     return load
 
 

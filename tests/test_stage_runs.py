@@ -164,3 +164,71 @@ def test_distillation_on_two_ranks_equals_one_process(tmp_path, data, pretrained
     train(env_for(tmp_path, "ddp", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
                   DIM="32", N_HEADS="2", N_KV_HEADS="1"), torchrun=2)
     close_runs(distill_run, tmp_path / "ddp")
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------
+LORA = dict(LORA_ENABLED="true", LORA_RANK="4", LORA_ALPHA="12", LORA_TARGET_MODULES='["wq", "wv", "w2"]')
+
+
+@pytest.fixture(scope="module")
+def lora_dpo_run(tmp_path_factory, data, sft_run) -> Path:
+    """DPO with adapters; its reference is the same model with the adapters off. Adapter dropout draws from the
+    global RNG, so the resume test below also shows that a checkpoint restores it."""
+    tmp = tmp_path_factory.mktemp("lora-dpo")
+    out = train(env_for(tmp, "straight", data, TRAINING_STAGE="dpo", LORA_DROPOUT="0.1", **LORA),
+                "--instruct_checkpoint", str(sft_run / "checkpoints" / "step_000004.pt"))
+    assert "trainable (" in out.stdout and "LoRA adapters" in out.stdout
+    return tmp / "straight"
+
+
+def test_lora_dpo_starts_at_log_2_keeps_adapters_only_and_resumes_exactly(tmp_path, data, sft_run, lora_dpo_run):
+    first = json.loads((lora_dpo_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # B = 0: the adapted policy is its reference
+    ckpt = read_checkpoint(lora_dpo_run / "checkpoints" / "step_000004.pt")
+    assert ckpt["lora"]["rank"] == 4 and ckpt["lora"]["alpha"] == 12 and ckpt["base"]["sha256"]
+    assert set(ckpt["model"]) and all(".lora_" in k for k in ckpt["model"])
+    full = (sft_run / "checkpoints" / "step_000004.pt").stat().st_size
+    assert (lora_dpo_run / "checkpoints" / "step_000004.pt").stat().st_size < full / 5
+    env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo", LORA_DROPOUT="0.1", **LORA)
+    resume_in_boxes(env, tmp_path / "boxed", "dpo_checkpoint", "--instruct_checkpoint",
+                    str(sft_run / "checkpoints" / "step_000004.pt"))
+    same_run(lora_dpo_run, tmp_path / "boxed")
+
+
+def test_lora_resume_refuses_another_rank_or_alpha_with_one_line(tmp_path, data, lora_dpo_run):
+    import subprocess
+    import sys
+
+    from trainer_runs import ROOT, clean_env
+
+    env = env_for(tmp_path, "other", data, TRAINING_STAGE="dpo", **{**LORA, "LORA_ALPHA": "8"})
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env), "--dpo_checkpoint",
+                          str(lora_dpo_run / "checkpoints" / "step_000004.pt")], capture_output=True, text=True,
+                         env=clean_env(), timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "alpha" in out.stderr.lower()
+
+
+def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkpoint(tmp_path, data, pretrained):
+    import subprocess
+    import sys
+
+    from checkpoint import load_model
+    from trainer_runs import ROOT
+
+    one, two = (env_for(tmp_path, name, data, TRAINING_STAGE="sft", LORA_DROPOUT="0", **LORA) for name in ("one", "two"))
+    train(one, "--pretrain_checkpoint", str(pretrained))
+    train(two, "--pretrain_checkpoint", str(pretrained), torchrun=2)
+    close_runs(tmp_path / "one", tmp_path / "two")
+    adapters, merged = tmp_path / "one" / "checkpoints" / "step_000004.pt", tmp_path / "merged.pt"
+    result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "merge", "--checkpoint", str(adapters), "--out",
+                             str(merged)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = load_model(merged)
+    tokens = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        base = load_model(pretrained)(tokens)[0]
+        assert not torch.allclose(model(tokens)[0], base)  # the adapters trained and were folded in
+    # and a later stage starts from the adapter checkpoint itself, merged on the fly
+    out = train(env_for(tmp_path, "dpo", data, TRAINING_STAGE="dpo", MAX_STEPS="1"), "--instruct_checkpoint",
+                str(adapters))
+    assert "starting from the weights of" in out.stdout
