@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -74,6 +75,20 @@ def one_line(error: BaseException | str, limit: int = 300) -> str:
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def exit_on_prep_error() -> Iterator[None]:
+    """For the command-line scripts: bad input ends the run with its one-line message and status 2,
+    Ctrl-C with how to resume and status 130; no traceback either way."""
+    try:
+        yield
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
+        raise SystemExit(130)
 
 
 # ---- atomic writes -----------------------------------------------------------------------

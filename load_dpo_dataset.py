@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,8 @@ import numpy as np
 import chat_tasks
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
-    DataPrepError, RowResult, SequenceJob, keep_datasets_from_importing_torch, prepare_sequence_shards,
-    write_jsonl_if_changed,
+    DataPrepError, RowResult, SequenceJob, exit_on_prep_error, keep_datasets_from_importing_torch,
+    prepare_sequence_shards, write_jsonl_if_changed,
 )
 from load_instruct_dataset import (
     DEFAULT_SHARD_SIZE, DEFAULT_VAL_FRACTION, ChatRenderer, ChatSource, RowError, add_common_arguments,
@@ -242,19 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         exit_on_config_error(e)
     out_dir = Path(args.out_dir or config.dpo_data_dir)
     embedded, val_fraction, num_workers = resolved_defaults(args)
-    try:
+    with exit_on_prep_error():
         sources = sources_from_args(args, default_data_file(out_dir / "raw") if embedded else None)
         report = prepare_dpo_dataset(
             sources, out_dir, max_seq_len=args.max_seq_len or config.max_seq_len,
             min_prompt_tokens=args.min_prompt_tokens, system_prompt=config.system_prompt, exact_answers=embedded,
             tokenizer_path=config.tokenizer_path or None, shard_size=args.shard_size, val_fraction=val_fraction,
             max_tokens=args.max_tokens, num_workers=num_workers, overwrite=args.overwrite)
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
-        raise SystemExit(130)
     print_summary(report, out_dir, "pairs")
 
 

@@ -40,7 +40,7 @@ from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, HUGE_DOCUMENT_CHARS, MALFORMED, MANIFEST_FILE, MANIFEST_VERSION, SAMPLE_BY,
     DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardedRun, ShardWriter, Source, batch_rows, build_manifest,
-    check_prep_settings, decode_errors_in, encode_documents, init_encoder,
+    check_prep_settings, decode_errors_in, encode_documents, exit_on_prep_error, init_encoder,
     keep_datasets_from_importing_torch, load_mix_file, load_prep_tokenizer,
     open_source, ordered_map, start_or_resume, worker_pool, write_jsonl_atomic,
 )
@@ -368,17 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         exit_on_config_error(e)
     out_dir = Path(args.out_dir or config.pretrain_data_dir)
-    try:
+    with exit_on_prep_error():
         report = prepare_pretrain_dataset(
             sources_from_args(args, out_dir), out_dir, tokenizer_path=config.tokenizer_path or None,
             shard_size=args.shard_size, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
             num_workers=args.num_workers, overwrite=args.overwrite)
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
-        raise SystemExit(130)
     print_summary(report, out_dir, args.num_workers)
 
 
