@@ -1,0 +1,500 @@
+"""Low-rank adapters (LoRA) for the Transformer's block linears, adapter checkpoints, and merging.
+
+A frozen linear y = W x becomes
+
+    y = W x + (alpha / r) * B A dropout(x)        W: (out, in), A: (r, in), B: (out, r)
+
+Only A and B train: r * (in + out) numbers instead of in * out. B starts at zero, so the adapted
+model starts as the base model exactly. The update B A has rank r; scaling it by alpha / r keeps
+its size about the same when r changes, so a new rank needs little retuning (Hu et al. 2021, 4.1).
+A draws from a Kaiming-uniform distribution as PEFT's (and nn.Linear's) default. Dropout applies
+to the adapter's input only; the frozen path sees x as it is. The update is never added to W in
+the forward pass (that would build an (out, in) matrix per call); `merge_lora` folds it in once.
+
+Targets are the block linears by Meta's names: wq, wk, wv, wo (attention), w1, w2, w3 (SwiGLU).
+The output layer takes no adapter: the chunked loss reads `output.weight` directly.
+
+Using it from the trainer, in this order (`cfg` is config.Config):
+
+    settings = LoRASettings.from_config(cfg)              # LoRAError on a bad LORA_TARGET_MODULES
+    model = ...                                           # base weights loaded, on its device, RNG seeded
+    base = base_reference(path) if path else None         # hash once: base files can be many GB
+    apply_lora(model, settings)                           # before DDP / fully_shard / compile / optimizer
+    # resuming an adapter checkpoint (before wrapping or sharding, as train.py loads weights today):
+    ckpt = read_checkpoint(p)
+    check_settings_match(ckpt["lora"], settings)          # changed rank/alpha/targets: one line
+    if ckpt["base"]: verify_base(ckpt["base"], path)      # the base must hash as recorded
+    load_adapter_weights(model, ckpt)                     # adapters (or every weight, when base is None)
+    trainable, total = count_parameters(model)            # for the start-up line
+    optimizer over [p for p in model.parameters() if p.requires_grad]   # the adapters only
+    # saving, instead of gathering the full model (under FSDP on every rank: adapters are gathered
+    # collectively; rank 0 writes):
+    save_checkpoint(path, model, **adapter_checkpoint_fields(model, settings, base), optimizer=...,
+                    tokenizer=..., tokenizer_path=..., ...)   # merge copies the tokenizer fields
+    # DPO's reference model: the same module with adapters off, no second copy of the weights. Under
+    # no_grad: a graph-building forward without the adapters would leave DDP waiting for their gradients.
+    with adapters_disabled(model), torch.no_grad(): ref = ...
+
+Errors are LoRAError (a ValueError) with a one-line message.
+
+An adapter checkpoint is a project checkpoint (checkpoint.save_checkpoint) whose "model" holds only
+the adapter tensors, with "lora" (settings.to_dict()) and "base" ({"path", "sha256", "files"}); when
+the base weights came from no file (LoRA from scratch), "base" is None and "model" holds every
+weight. `load_adapter_checkpoint` rebuilds the adapted model; `python lora.py merge` writes a plain
+checkpoint that every tool loads:
+
+    python lora.py merge --checkpoint ADAPTERS.pt [--base BASE] --out MERGED.pt
+
+Works under DDP without find_unused_parameters (every adapter is used in every forward), under
+FSDP2 (frozen and trainable parameters in one group), with torch.compile (switching adapters off
+recompiles once), with autocast and with activation checkpointing (dropout masks are replayed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint, unwrap
+from model import ModelArgs, Transformer
+
+VALID_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_BLOCK_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
+_ADAPTER_KEY = re.compile(r"\.lora_[ab]\.weight$")
+_HASH_CHUNK = 16 << 20  # bytes read at a time while hashing base weights
+
+
+class LoRAError(ValueError):
+    """Adapters that cannot be applied, loaded or merged as asked; the message is one line."""
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+def _valid_names() -> str:
+    return ", ".join(VALID_TARGETS)
+
+
+def parse_target_modules(text: str) -> list[str]:
+    """`wq,wk,w1` or the original project's JSON-ish `["wq", "wk", "w1"]` -> names in canonical order."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    names = [part.strip().strip("\"'").strip() for part in inner.split(",")]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in VALID_TARGETS]
+    if unknown or not names:
+        what = f"unknown module(s) {', '.join(unknown)}" if unknown else "names no module"
+        raise LoRAError(f"LORA_TARGET_MODULES={text!r}: {what}; valid names: {_valid_names()} "
+                        "(the output layer takes no adapter)")
+    return [n for n in VALID_TARGETS if n in names]
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """What an adapter checkpoint records; the defaults are the .env defaults."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = VALID_TARGETS
+
+    def __post_init__(self):
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise LoRAError(f"LoRA rank {self.rank!r}: expected a positive integer")
+        if not self.alpha > 0:
+            raise LoRAError(f"LoRA alpha {self.alpha!r}: expected a number > 0")
+        if not 0 <= self.dropout < 1:
+            raise LoRAError(f"LoRA dropout {self.dropout!r}: expected a number in [0, 1)")
+        parse_target_modules(",".join(self.targets))  # raises on unknown names
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoRASettings":
+        return cls(int(cfg.lora_rank), float(cfg.lora_alpha), float(cfg.lora_dropout),
+                   tuple(parse_target_modules(cfg.lora_target_modules)))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRASettings":
+        missing = [k for k in ("rank", "alpha", "dropout", "targets") if k not in d]
+        if missing:
+            raise LoRAError(f"LoRA settings lack {', '.join(missing)}: expected rank, alpha, dropout, targets")
+        return cls(int(d["rank"]), float(d["alpha"]), float(d["dropout"]),
+                   tuple(parse_target_modules(",".join(d["targets"]))))
+
+
+def check_settings_match(saved: dict, settings: LoRASettings) -> None:
+    """A checkpoint's adapters only fit (and mean the same) with the same rank, alpha and targets:
+    a changed alpha would silently rescale every update. Dropout may change."""
+    old = LoRASettings.from_dict(saved)
+    def differs(field: str) -> bool:  # the order targets are listed in means nothing
+        a, b = getattr(old, field), getattr(settings, field)
+        return set(a) != set(b) if field == "targets" else a != b
+
+    diffs = [f"{key} {_show(getattr(old, field))} in the checkpoint, {_show(getattr(settings, field))} now"
+             for field, key in (("rank", "LORA_RANK"), ("alpha", "LORA_ALPHA"), ("targets", "LORA_TARGET_MODULES"))
+             if differs(field)]
+    if diffs:
+        raise LoRAError("LoRA settings differ from the checkpoint's: " + "; ".join(diffs))
+
+
+def _show(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+# ---- the adapter module -----------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A bias-free linear with a frozen weight and a trainable low-rank update (see the module doc).
+
+    `weight` is the wrapped nn.Linear's own Parameter (no copy; its state-dict key is unchanged);
+    the adapters are `lora_a` (rank x in) and `lora_b` (out x rank). Adapters are kept in float32
+    (float64 for a float64 base) like PEFT's, so a bf16 base still trains float32 adapters; the
+    adapter path casts its input to that dtype and its output back.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        if base.bias is not None:
+            raise LoRAError("LoRALinear wraps bias-free linears only (the Llama blocks have no biases)")
+        out_features, in_features = base.weight.shape
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype = torch.promote_types(base.weight.dtype, torch.float32)
+        # Built on the meta device and then materialised, so construction draws no random numbers
+        # that reset_adapters would overwrite anyway.
+        self.lora_a = nn.Linear(in_features, rank, bias=False, device="meta", dtype=dtype)
+        self.lora_b = nn.Linear(rank, out_features, bias=False, device="meta", dtype=dtype)
+        self.lora_a.to_empty(device=base.weight.device)
+        self.lora_b.to_empty(device=base.weight.device)
+        self.disabled = False  # True: compute the base linear alone (adapters_disabled)
+        self.reset_adapters()
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))  # PEFT's default init of A
+        nn.init.zeros_(self.lora_b.weight)  # B = 0: the update starts at zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)  # (..., out), as the wrapped nn.Linear computed it
+        if self.disabled:
+            return out
+        a = self.dropout(x.to(self.lora_a.weight.dtype))
+        update = self.lora_b(self.lora_a(a)) * self.scale  # (..., rank) -> (..., out)
+        return out + update.to(out.dtype)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W + scale * B A, summed in float32 and cast to W's dtype."""
+        w = self.weight
+        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # (out, rank) @ (rank, in)
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter((w.float() + self.scale * delta).to(w.dtype))
+        return linear
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return (f"in_features={in_features}, out_features={out_features}, rank={self.rank}, alpha={self.alpha}, "
+                f"disabled={self.disabled}")
+
+
+def is_adapter_key(name: str) -> bool:
+    """True for adapter parameter names (`...wq.lora_a.weight`); filters a gathered full state dict too."""
+    return _ADAPTER_KEY.search(name) is not None
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
+
+
+# ---- applying, switching, merging ------------------------------------------------------------------
+def apply_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
+    """Wrap the target linears of every block in place, freeze everything else; returns their names.
+
+    Call it on the bare model before DDP, fully_shard, torch.compile and the optimizer are built.
+    A is drawn from the global RNG, in module order, so equally seeded ranks get equal adapters.
+    """
+    model = unwrap(model)
+    if lora_modules(model):
+        raise LoRAError("the model already has adapters; apply_lora once per model")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise LoRAError("apply_lora: the model is already sharded; apply adapters before fully_shard")
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf in settings.targets and _BLOCK_LINEAR.match(name) and isinstance(module, nn.Linear):
+            adapter = LoRALinear(module, settings.rank, settings.alpha, settings.dropout)
+            setattr(model.get_submodule(parent_name), leaf, adapter)
+            wrapped.append(name)
+    unmatched = [t for t in settings.targets if not any(n.endswith("." + t) for n in wrapped)]
+    if unmatched:
+        raise LoRAError(f"LoRA target(s) {', '.join(unmatched)} match no linear layer of the model's blocks; "
+                        f"valid names: {_valid_names()}")
+    for name, p in model.named_parameters():  # a tied embedding/output weight is listed once, frozen once
+        p.requires_grad_(is_adapter_key(name))
+    return wrapped
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, the model computes exactly the base model (no adapter, no dropout); then as before."""
+    layers = [m for _, m in lora_modules(model)]
+    if not layers:
+        raise LoRAError("adapters_disabled: the model has no adapters")
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, state in zip(layers, before):
+            m.disabled = state
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> Transformer:
+    """In place: every LoRALinear becomes a plain nn.Linear with W + scale * B A. Returns the bare
+    model, a plain Transformer whose parameters all require grad again, like any loaded model."""
+    model = unwrap(model)
+    for name, module in lora_modules(model):
+        if isinstance(module.weight, DTensor):
+            raise LoRAError("merge_lora: merge the unsharded model (load it without FSDP)")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, module.merged_linear())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight counts once, a sharded one at full size."""
+    params = list(unwrap(model).parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---- adapter state ------------------------------------------------------------------------------------
+def _full_cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """A full plain tensor on CPU; under FSDP gathering a DTensor is collective (every rank calls)."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().to("cpu", copy=copy)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapter tensors (small), with the bare model's names, on CPU; later training steps do
+    not change it. Under FSDP call it on every rank."""
+    return {k: _full_cpu(v, copy=True) for k, v in unwrap(model).state_dict().items() if is_adapter_key(k)}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's adapters; every adapter must be given, nothing else."""
+    params = {k: p for k, p in unwrap(model).named_parameters() if is_adapter_key(k)}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} adapter tensor(s) such as {missing[0]}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected tensor(s) such as {unexpected[0]}"] if unexpected else [])
+        raise LoRAError("adapter weights do not fit the model's adapters: " + "; ".join(parts))
+    for key, p in params.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(p.shape):
+            raise LoRAError(f"adapter {key}: shape {tuple(value.shape)} in the weights, {tuple(p.shape)} in the model")
+        if isinstance(p, DTensor):  # sharded under FSDP: every rank holds the full tensor, keeps its shard
+            value = distribute_tensor(value.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+        p.copy_(value)
+
+
+# ---- base weights: a content hash ---------------------------------------------------------------------
+def base_weight_files(path: str | Path) -> list[Path]:
+    """The files holding a base model's weights, in name order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise LoRAError(f"base weights not found: {path}")
+    if (path / "params.json").is_file():
+        files = sorted(path.glob("consolidated.*.pth"))
+    elif (path / "config.json").is_file():
+        files = sorted(path.glob("*.safetensors"))
+    else:
+        raise LoRAError(f"{path}: not a base model; expected a checkpoint file, a Meta directory (params.json + "
+                        "consolidated.*.pth) or a Hugging Face directory (config.json + *.safetensors)")
+    if not files:
+        raise LoRAError(f"{path}: holds no weight files (consolidated.*.pth or *.safetensors)")
+    return files
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):  # streamed: weight files run to many GB
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path, files: dict[str, str]) -> str:
+    """One file: its sha256. A directory: the sha256 of `sha256sum`'s output over its weight files."""
+    if path.is_file():
+        return next(iter(files.values()))
+    listing = "".join(f"{digest}  {name}\n" for name, digest in files.items())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def base_reference(path: str | Path) -> dict:
+    """{"path": absolute path, "sha256": fingerprint, "files": {name: sha256}}: what an adapter checkpoint
+    records about its base. Hashing reads every byte; compute it once per run."""
+    path = Path(path)
+    files = {f.name: _sha256_file(f) for f in base_weight_files(path)}
+    return {"path": str(path.resolve()), "sha256": _fingerprint(path, files), "files": files}
+
+
+def base_fingerprint(path: str | Path) -> str:
+    """Content hash of a base model's weights: `sha256sum FILE` for a checkpoint file; for a Meta or
+    Hugging Face directory, the sha256 of the `sha256sum` lines of its weight files in name order."""
+    return base_reference(path)["sha256"]
+
+
+def verify_base(recorded: dict, path: Optional[str | Path] = None) -> Path:
+    """The base to load (`path`, else the recorded one), checked against the recorded hash."""
+    path = Path(path or recorded["path"])
+    now = base_reference(path)
+    if now["sha256"] == recorded["sha256"]:
+        return path
+    old_files = recorded.get("files", {})
+    if path.is_file():
+        which = str(path)
+    else:
+        changed = sorted(n for n in set(old_files) | set(now["files"]) if old_files.get(n) != now["files"].get(n))
+        which = ", ".join(str(path / n) for n in changed) or str(path)
+    raise LoRAError(f"base weights changed since the adapters were trained: {which} (sha256 "
+                    f"{recorded['sha256'][:16]}... recorded, {now['sha256'][:16]}... now)")
+
+
+# ---- adapter checkpoints ---------------------------------------------------------------------------------
+def adapter_checkpoint_fields(model: nn.Module, settings: LoRASettings, base: str | Path | dict | None) -> dict:
+    """Keyword arguments for checkpoint.save_checkpoint(path, model, **fields, ...other state).
+
+    base: the base weights' path, or base_reference(path) computed once (saves re-hashing), or None
+    when the base came from no file: then every weight is saved, the frozen base included.
+    Under FSDP call it on every rank (tensors are gathered collectively).
+    """
+    layers = lora_modules(model)
+    if not layers:
+        raise LoRAError("adapter_checkpoint_fields: the model has no adapters")
+    if any(m.rank != settings.rank or m.alpha != settings.alpha for _, m in layers):
+        raise LoRAError("adapter_checkpoint_fields: the settings differ from those the model's adapters were made with")
+    if base is None:
+        # every weight: not copied on CPU (the caller saves it at once), as state_dict() does
+        state, ref = {k: _full_cpu(v, copy=False) for k, v in unwrap(model).state_dict().items()}, None
+    else:
+        state, ref = lora_state_dict(model), base if isinstance(base, dict) else base_reference(base)
+    return {"model_state": state, "lora": settings.to_dict(), "base": ref}
+
+
+def load_adapter_weights(model: nn.Module, ckpt: dict) -> None:
+    """An adapter checkpoint's weights into a model that apply_lora wrapped with the same settings:
+    the adapters, or every weight when the checkpoint has no base file. Load before sharding."""
+    if ckpt.get("base") is not None:
+        load_lora_state_dict(model, ckpt["model"])
+        return
+    try:
+        unwrap(model).load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise LoRAError(f"weights do not fit the model: {str(e).splitlines()[1].strip()}") from None
+
+
+def load_adapter_checkpoint(path: str | Path, base: Optional[str | Path] = None, device: str | torch.device = "cpu",
+                            dtype: Optional[torch.dtype] = None) -> Transformer:
+    """An adapter checkpoint -> the adapted Transformer in eval mode.
+
+    The base comes from `base` or the recorded path and must hash as recorded. `dtype` applies to the
+    base weights; adapters stay float32 (see LoRALinear)."""
+    ckpt = read_checkpoint(path)
+    if "lora" not in ckpt:
+        raise LoRAError(f"{path}: not an adapter checkpoint (no 'lora' settings); load it with checkpoint.load_model")
+    settings = LoRASettings.from_dict(ckpt["lora"])
+    args = ModelArgs.from_dict(ckpt["model_args"])
+    if ckpt.get("base") is None:
+        if base is not None:
+            raise LoRAError(f"{path}: holds its own base weights (trained from no base file); drop --base")
+        model = _adapted_from_full_state(ckpt["model"], args, settings, device, dtype)
+    else:
+        base_path = verify_base(ckpt["base"], base)
+        model = load_model(base_path, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+        if model.args != args:
+            diffs = [f"{k} {v} vs {getattr(model.args, k)}" for k, v in asdict(args).items()
+                     if getattr(model.args, k) != v]
+            raise LoRAError(f"{path}: trained on a model of another shape than {base_path}: {'; '.join(diffs)}")
+        # A's random init is overwritten at once: keep the caller's RNG stream as it was.
+        with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+            apply_lora(model, settings)
+        load_lora_state_dict(model, ckpt["model"])
+    return model.eval()
+
+
+def _adapted_from_full_state(state: dict, args: ModelArgs, settings: LoRASettings, device, dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+        apply_lora(model, settings)
+    state = {k: v.to(device=device, dtype=v.dtype if is_adapter_key(k) or dtype is None else dtype)
+             for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise LoRAError(f"weights do not fit the recorded shape: {str(e).splitlines()[1].strip()}") from None
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # assign=True broke the tie
+    return model
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+def merge_command(checkpoint: str, base: Optional[str], out: str) -> Path:
+    """Adapters + base -> a plain project checkpoint (weights, shape, tokenizer fields)."""
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise LoRAError(f"--out {out} is the adapter checkpoint itself; choose another file")
+    ckpt = read_checkpoint(checkpoint)
+    model = merge_lora(load_adapter_checkpoint(checkpoint, base))
+    extra = {k: ckpt[k] for k in ("tokenizer", "tokenizer_path") if k in ckpt}
+    provenance = {"adapters": str(Path(checkpoint).resolve()), "base": ckpt.get("base"), "lora": ckpt["lora"]}
+    save_checkpoint(Path(out), model, merged_from=provenance, **extra)
+    return Path(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="LoRA adapters: merge an adapter checkpoint into its base.")
+    sub = p.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="write base + adapters as one plain checkpoint")
+    merge.add_argument("--checkpoint", required=True, help="adapter checkpoint written by a LoRA run")
+    merge.add_argument("--base", default=None, help="base weights (default: the path the checkpoint records)")
+    merge.add_argument("--out", required=True, help="merged checkpoint to write (.pt)")
+    args = p.parse_args(argv)
+    try:
+        out = merge_command(args.checkpoint, args.base, args.out)
+    except (LoRAError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {args.checkpoint} into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
