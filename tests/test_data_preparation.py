@@ -19,9 +19,9 @@ import pytest
 import data_preparation_utils as dpu
 import load_pretrain_dataset as lpd
 from data_preparation_utils import DataPrepError, Source
+from prep_helpers import REPO, disk_full_at_save, run_script, write_jsonl
 from tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 WORDS = "the model reads every token of a document once and learns which one comes next é 中文 🙂".split()
 
 
@@ -70,11 +70,6 @@ def assert_matches_reference(out_dir: Path, manifest: dict, expected: dict[str, 
 def prepare(sources, out_dir, **kw):
     kw = {"shard_size": 300, "val_fraction": 0.2, "num_workers": 0, "show_progress": False, **kw}
     return lpd.prepare_pretrain_dataset(sources, out_dir, **kw)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def output_files(out_dir: Path) -> dict[str, bytes]:
@@ -194,24 +189,14 @@ def test_copies_of_the_first_document_never_straddle_train_and_val(tmp_path, tok
     assert not set(texts["train"]) & set(texts["val"])
 
 
-def test_a_resumed_run_keeps_copies_of_the_first_document_in_val(tmp_path, tok, monkeypatch):
+def test_a_resumed_run_keeps_copies_of_the_first_document_in_val(tmp_path, tok):
     docs = make_docs(120)
     first = next(d for d in docs if blake2b_64(d) >= 0.2 * 2**64)
     docs.remove(first)
     docs = [first] + docs + [first]
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
-    real_save, calls = np.save, []
-
-    def crash_on_third_shard(file, array, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError("disk full")
-        real_save(file, array, **kw)
-
-    monkeypatch.setattr(np, "save", crash_on_third_shard)
-    with pytest.raises(OSError):
+    with disk_full_at_save(3), pytest.raises(OSError):  # the third shard
         prepare([Source(files=[str(path)])], tmp_path / "out")
-    monkeypatch.setattr(np, "save", real_save)
     report = prepare([Source(files=[str(path)])], tmp_path / "out")
     assert report["resumed_shards"] >= 1
     assert_matches_reference(tmp_path / "out", report["manifest"], reference_shards(tok, docs, 300, 0.2))
@@ -262,20 +247,9 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
         return [Source(files=[str(path)], weight=2, max_tokens=2500), Source(files=[str(tmp_path / "b.parquet")])]
 
     clean = prepare(sources(), tmp_path / "clean")
-    real_save, calls = np.save, []
-
-    def crash_on_third_shard(file, array, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            file.write(b"\x93NUMPY half a shard")
-            raise OSError("disk full")
-        real_save(file, array, **kw)
-
-    monkeypatch.setattr(np, "save", crash_on_third_shard)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
-        prepare(sources(), out)
-    monkeypatch.setattr(np, "save", real_save)
+    with disk_full_at_save(3, torn=b"\x93NUMPY half a shard"), pytest.raises(OSError, match="disk full"):
+        prepare(sources(), out)  # the third shard is half written when the disk fills
 
     written = sorted(out.glob("*.npy"))
     assert len(written) == 2 and not list(out.glob("*.tmp"))  # the third never got its final name
@@ -397,9 +371,8 @@ def test_bad_mix_entries_are_named(tmp_path, entry, message):
 
 
 def run_cli(tmp_path, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run([sys.executable, str(REPO / "load_pretrain_dataset.py"), "--out_dir", str(tmp_path / "out"),
-                           "--num_workers", "0", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return run_script("load_pretrain_dataset.py", tmp_path, "--out_dir", str(tmp_path / "out"), "--num_workers", "0",
+                      *args)
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty glob", "unknown column", "bad mix file"])

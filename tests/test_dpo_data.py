@@ -2,13 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network (read when datasets is imported)
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,8 +17,8 @@ import chat_tasks
 import load_dpo_dataset as ldd
 import load_instruct_dataset as lid
 from load_instruct_dataset import ChatSource
+from prep_helpers import disk_full_at_save, run_script, shard_sequences, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 SYSTEM = {"role": "system", "content": "You answer briefly."}
 USER = {"role": "user", "content": "Capital of France?"}
 
@@ -51,11 +48,6 @@ def meta_pair(chat: ChatFormat, prompt: list[dict], chosen: str, rejected: str) 
     return pair
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
 def prepare(sources, out_dir, **kw):
     kw = {"max_seq_len": 256, "val_fraction": 0.0, "shard_size": 400, "num_workers": 0, "show_progress": False, **kw}
     return ldd.prepare_dpo_dataset(sources, out_dir, **kw)
@@ -65,9 +57,8 @@ def read_pairs(out_dir: Path, manifest: dict, split: str = "train") -> list[list
     """[[chosen, rejected], ...] as (tokens, mask), checking that no shard splits a pair."""
     pairs = []
     for shard in manifest["splits"][split]["shards"]:
-        tokens, mask, offsets = (np.load(out_dir / shard[k]) for k in ("tokens", "mask", "offsets"))
         assert shard["num_sequences"] % 2 == 0 and shard["num_pairs"] == shard["num_sequences"] // 2
-        sequences = [(tokens[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+        sequences = shard_sequences(out_dir, shard)
         pairs += [sequences[i : i + 2] for i in range(0, len(sequences), 2)]
     return pairs
 
@@ -190,23 +181,13 @@ def test_a_long_single_turn_is_cut_from_its_start_down_to_the_floor_else_dropped
 # ---- splits, resume, the embedded default ---------------------------------------------------------------
 
 
-def test_resume_after_an_interruption_gives_identical_output(tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_identical_output(tmp_path):
     rows = list(chat_tasks.preference_rows(chat_tasks.generate(150)))
     rows += rows[:40]  # duplicates: their prompts must land where the first copies did
     data = write_jsonl(tmp_path / "a.jsonl", rows)
     clean = prepare([ChatSource(files=[str(data)])], tmp_path / "clean", shard_size=600, val_fraction=0.2)
-    real_save, calls = np.save, []
-
-    def crash_on_the_tenth_file(file, array, **kw):
-        calls.append(1)
-        if len(calls) == 10:
-            raise OSError("disk full")
-        real_save(file, array, **kw)
-
-    monkeypatch.setattr(np, "save", crash_on_the_tenth_file)
-    with pytest.raises(OSError, match="disk full"):
+    with disk_full_at_save(10), pytest.raises(OSError, match="disk full"):
         prepare([ChatSource(files=[str(data)])], tmp_path / "out", shard_size=600, val_fraction=0.2)
-    monkeypatch.setattr(np, "save", real_save)
     report = prepare([ChatSource(files=[str(data)])], tmp_path / "out", shard_size=600, val_fraction=0.2)
     assert report["resumed_shards"] >= 2
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.npy"))}  # noqa: E731
@@ -218,9 +199,7 @@ def test_resume_after_an_interruption_gives_identical_output(tmp_path, monkeypat
 
 def test_default_split_matches_the_sft_default_and_the_cli_prepares_it(tmp_path):
     """The DPO default is the SFT default's conversations: the same prompts held out, none of them trained."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, str(REPO / "load_dpo_dataset.py"), "--out_dir", str(tmp_path / "dpo")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = run_script("load_dpo_dataset.py", tmp_path, "--out_dir", str(tmp_path / "dpo"))
     assert result.returncode == 0, result.stderr
     assert "6,400 rows read, 6,400 pairs kept" in result.stdout
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())

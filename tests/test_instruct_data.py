@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network (read when datasets is imported)
@@ -20,8 +18,8 @@ import chat_tasks
 import load_instruct_dataset as lid
 from data_preparation_utils import DataPrepError, cached_tokenizer, load_mix_file
 from load_instruct_dataset import ChatSource
+from prep_helpers import disk_full_at_save, run_script, shard_sequences, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 SYSTEM = {"role": "system", "content": "You answer briefly."}
 CHAT = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
         {"role": "user", "content": "And of Japan? 日本 <|eot_id|> stays text"},
@@ -49,11 +47,6 @@ def meta_mask(chat: ChatFormat, messages: list[dict]) -> list[int]:
     return mask
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
 def prepare(sources, out_dir, **kw):
     kw = {"max_seq_len": 256, "val_fraction": 0.2, "shard_size": 400, "num_workers": 0, "show_progress": False, **kw}
     return lid.prepare_instruct_dataset(sources, out_dir, **kw)
@@ -61,13 +54,7 @@ def prepare(sources, out_dir, **kw):
 
 def read_split(out_dir: Path, manifest: dict, split: str) -> list[tuple[list[int], list[int]]]:
     """Every (tokens, mask) sequence of a split, read back through the offsets files."""
-    sequences = []
-    for shard in manifest["splits"][split]["shards"]:
-        tokens, mask, offsets = (np.load(out_dir / shard[k]) for k in ("tokens", "mask", "offsets"))
-        assert (tokens.dtype, mask.dtype, offsets.dtype) == (np.uint32, np.uint8, np.int64)
-        assert offsets[0] == 0 and offsets[-1] == len(tokens) == len(mask) == shard["num_tokens"]
-        sequences += [(tokens[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
-    return sequences
+    return [seq for shard in manifest["splits"][split]["shards"] for seq in shard_sequences(out_dir, shard)]
 
 
 def all_sequences(out_dir: Path, manifest: dict) -> list[tuple[list[int], list[int]]]:
@@ -276,21 +263,11 @@ def output_files(out_dir: Path) -> dict[str, bytes]:
         "eval.jsonl": (out_dir / "eval.jsonl").read_bytes()}
 
 
-def test_resume_after_an_interruption_gives_identical_output(tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_identical_output(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", conversations(200))
     clean = prepare([ChatSource(files=[str(path)])], tmp_path / "clean", shard_size=500)
-    real_save, calls = np.save, []
-
-    def crash_on_the_eighth_file(file, array, **kw):  # the third shard's second file
-        calls.append(1)
-        if len(calls) == 8:
-            raise OSError("disk full")
-        real_save(file, array, **kw)
-
-    monkeypatch.setattr(np, "save", crash_on_the_eighth_file)
-    with pytest.raises(OSError, match="disk full"):
+    with disk_full_at_save(8), pytest.raises(OSError, match="disk full"):  # the third shard's second file
         prepare([ChatSource(files=[str(path)])], tmp_path / "out", shard_size=500)
-    monkeypatch.setattr(np, "save", real_save)
     assert list((tmp_path / "out").glob("val_*.pending"))  # held-out rows were waiting for their shard
     report = prepare([ChatSource(files=[str(path)])], tmp_path / "out", shard_size=500)
     assert report["resumed_shards"] >= 2 and report["session_rows"] < 200
@@ -361,9 +338,7 @@ def test_default_words_are_single_tokens():
 
 
 def run_cli(tmp_path, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run([sys.executable, str(REPO / "load_instruct_dataset.py"), "--out_dir", str(tmp_path / "out"),
-                           *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return run_script("load_instruct_dataset.py", tmp_path, "--out_dir", str(tmp_path / "out"), *args)
 
 
 def test_cli_prepares_files_prints_skips_and_refuses_bad_input_in_one_line(tmp_path):
