@@ -397,6 +397,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     return _assign(model, dict(ckpt["model"]), device, dtype, f"{path}: weights do not fit its model_args")
 
 
+# ---- hub names -----------------------------------------------------------------------------------
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def local_model_path(name_or_path: str) -> str:
+    """A local path as it is; a Hugging Face hub name ("meta-llama/Llama-3.2-1B") that is not a local path is
+    downloaded once into the hub's cache (weights, config and tokenizer files only) and its directory returned.
+    Needs the network (and for gated models a token, as `huggingface-cli login` stores it)."""
+    if Path(name_or_path).exists() or not _HUB_NAME.match(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download  # installed with `datasets`
+
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown repository, gated without a token
+        raise CheckpointError(f"{name_or_path}: not a local path, and downloading it from the Hugging Face hub "
+                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 # ---- tokenizer ----------------------------------------------------------------------------------
 def tokenizer_path_for(path: str | Path) -> Optional[str]:
     """Meta directories carry their own tokenizer.model, Hugging Face directories a tokenizer.json;

@@ -203,7 +203,7 @@ def measured_peak(device: torch.device, precision: str, cache: Optional[Path] = 
         table = {}
     if isinstance(table.get(key), (int, float)):
         return float(table[key])
-    n, reps = (8192, 10) if device.type == "cuda" else (1024, 5)
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
     if device.type == "cpu" and precision != "fp32" and not check_cpu_bf16().fast:
         n, reps = 256, 2  # emulated low precision: a big matmul would take minutes
     value = matmul_flops(device, DTYPES[precision], n, reps)

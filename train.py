@@ -35,7 +35,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
-from checkpoint import CheckpointError, load_model, read_checkpoint, rope_scaling_note, save_checkpoint
+from checkpoint import (CheckpointError, load_model, local_model_path, read_checkpoint, rope_scaling_note,
+                        save_checkpoint)
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
@@ -235,14 +236,15 @@ class Initial:
     note: str
 
 
-def starting_weights(path: str, device: torch.device, max_seq_len: int) -> Transformer:
-    """Any loadable weights in float32 (master weights); a LoRA run's checkpoint gives its base with the
-    adapters merged in."""
+def starting_weights(path: str, device: torch.device, max_seq_len: int,
+                     dtype: torch.dtype = torch.float32) -> Transformer:
+    """Any loadable weights (in float32 by default: master weights); a LoRA run's checkpoint gives its base with
+    the adapters merged in."""
     if Path(path).is_file() and "lora" in read_checkpoint(path):
-        model = lora.merge_lora(lora.load_adapter_checkpoint(path, device=device, dtype=torch.float32))
+        model = lora.merge_lora(lora.load_adapter_checkpoint(path, device=device, dtype=torch.float32)).to(dtype)
         model.args = ModelArgs.from_dict(asdict(model.args), max_seq_len=max_seq_len)
         return model
-    return load_model(path, device=device, dtype=torch.float32, max_seq_len=max_seq_len)
+    return load_model(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
 
 
 def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
@@ -318,10 +320,12 @@ def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionCh
     blocks are sharded over the ranks (the root stays whole: the loss reads its output weight directly)."""
     auto = torch.bfloat16 if precision.precision == "bf16" else torch.float32
     dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
-    teacher = load_model(cfg.teacher_model_checkpoint, device=d.device, dtype=dtype, max_seq_len=cfg.max_seq_len)
+    path = agreed(lambda: local_model_path(cfg.teacher_model_checkpoint), d)  # a hub name: rank 0 downloads
+    path = local_model_path(path)  # the other ranks find it in the hub's cache
+    teacher = starting_weights(path, d.device, cfg.max_seq_len, dtype)
     check_teacher(teacher, vocab_size, tokenizer, cfg.teacher_model_checkpoint)
-    if Path(cfg.teacher_model_checkpoint).is_file():
-        check_tokenizer_of(read_checkpoint(cfg.teacher_model_checkpoint), cfg.teacher_model_checkpoint, tokenizer)
+    if Path(path).is_file():
+        check_tokenizer_of(read_checkpoint(path), path, tokenizer)
     teacher.requires_grad_(False).eval()
     if d.world_size > 1 and cfg.parallelism == "fsdp":
         for layer in teacher.layers:
@@ -644,13 +648,13 @@ def check_precision_fits_device(precision: PrecisionChoice, device: torch.device
                          "(tens of times slower than float32): expected auto, bf16 or fp32")
 
 
-def agreed(check: Callable[[], list[str]], d: DistInfo) -> list[str]:
-    """Run a file-system check on rank 0 only and let every rank fail (or go on) alike."""
+def agreed(check: Callable[[], object], d: DistInfo):
+    """Run a file-system or network step on rank 0 only and let every rank fail (or go on) alike."""
     outcome = None
     if d.is_main:
         try:
             outcome = ("ok", check())
-        except SetupError as e:
+        except (SetupError, CheckpointError) as e:
             outcome = ("error", str(e))
     kind, value = broadcast_object(outcome)
     if kind == "error":

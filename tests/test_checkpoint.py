@@ -125,3 +125,27 @@ def test_tokenizer_override_must_match_the_recorded_hash(tmp_path, tokenizer_cop
     assert checked_tokenizer(ckpt, default_tokenizer_path()).path == default_tokenizer_path()  # same bytes
     message = one_line(ckpt, "was trained with tokenizer", lambda p: checked_tokenizer(p, other))
     assert str(same) in message and str(other) in message
+
+
+def test_a_hub_name_is_downloaded_through_huggingface_hub_and_a_local_path_is_not(tmp_path, monkeypatch):
+    """The network edge is the only thing replaced: snapshot_download's answer for a hub name."""
+    import huggingface_hub
+
+    from checkpoint import local_model_path
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: calls.append((repo, allow_patterns)) or str(tmp_path))
+    assert local_model_path("meta-llama/Llama-3.2-1B") == str(tmp_path)
+    assert calls[0][0] == "meta-llama/Llama-3.2-1B" and "*.safetensors" in calls[0][1]
+    local = tmp_path / "org" / "model"
+    local.mkdir(parents=True)
+    assert local_model_path(str(local)) == str(local) and len(calls) == 1  # an existing path is never looked up
+
+    def offline(repo, allow_patterns):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"^someone/missing: not a local path, and downloading it from the "
+                                              r"Hugging Face hub failed \(OSError: We couldn't connect"):
+        local_model_path("someone/missing")

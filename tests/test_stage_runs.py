@@ -142,28 +142,41 @@ def test_dpo_on_two_ranks_equals_one_process(tmp_path, data, sft_run, dpo_run):
 
 # ---- distillation ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def distill_run(tmp_path_factory, data, pretrained) -> Path:
+def hf_teacher(tmp_path_factory, pretrained) -> Path:
+    """The teacher as a Hugging Face model directory (the trainer reads it through its own import)."""
+    from checkpoint import load_model
+    from hf_convert import export_hf
+
+    out = tmp_path_factory.mktemp("teacher") / "hf"
+    export_hf(load_model(pretrained), out, Tokenizer())
+    return out
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, data, hf_teacher) -> Path:
     tmp = tmp_path_factory.mktemp("distill")
-    env = env_for(tmp, "straight", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
+    env = env_for(tmp, "straight", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(hf_teacher),
                   DIM="32", N_HEADS="2", N_KV_HEADS="1")  # a smaller student, from scratch
     assert "distillation from" in train(env).stdout
     return tmp / "straight"
 
 
-def test_distillation_logs_both_parts_and_resumes_exactly(tmp_path, data, pretrained, distill_run):
+def test_distillation_logs_both_parts_and_resumes_exactly(tmp_path, data, hf_teacher, distill_run):
     ce, kd, loss = (step_metric(distill_run, k) for k in ("ce", "kd", "loss"))
     assert all(loss[s] == pytest.approx(0.5 * ce[s] + 0.5 * 4.0 * kd[s], rel=1e-5) for s in loss)  # T=2, alpha=.5
     assert step_metric(distill_run, "val_kd") and step_metric(distill_run, "val_teacher_loss")
-    env = env_for(tmp_path, "boxed", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
+    env = env_for(tmp_path, "boxed", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(hf_teacher),
                   DIM="32", N_HEADS="2", N_KV_HEADS="1")
     resume_in_boxes(env, tmp_path / "boxed", "pretrain_checkpoint")
     same_run(distill_run, tmp_path / "boxed")
 
 
-def test_distillation_on_two_ranks_equals_one_process(tmp_path, data, pretrained, distill_run):
-    train(env_for(tmp_path, "ddp", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(pretrained),
-                  DIM="32", N_HEADS="2", N_KV_HEADS="1"), torchrun=2)
-    close_runs(distill_run, tmp_path / "ddp")
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_distillation_on_two_ranks_equals_one_process(tmp_path, data, hf_teacher, distill_run, parallelism):
+    """Under FSDP the teacher's blocks are sharded too."""
+    train(env_for(tmp_path, "two", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(hf_teacher),
+                  DIM="32", N_HEADS="2", N_KV_HEADS="1", PARALLELISM=parallelism), torchrun=2)
+    close_runs(distill_run, tmp_path / "two")
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------

@@ -347,3 +347,25 @@ def test_a_step_of_the_fused_optimizer_is_seen_by_caches_keyed_on_weight_version
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert after == ids[len(prompt):] and after != before
+
+
+def test_a_teacher_padded_past_the_tokenizer_is_sliced_and_a_smaller_one_refused(data, tok):
+    from dataloaders import DataError
+    from stages import check_teacher
+
+    teacher = tiny_model(tok, seed=5)
+    padded = Transformer(ModelArgs(**{**teacher.args.__dict__, "vocab_size": tok.n_words + 64}))
+    with torch.no_grad():
+        padded.load_state_dict({k: torch.cat([v, torch.randn(64, v.shape[1])]) if v.shape[0] == tok.n_words else v
+                                for k, v in teacher.state_dict().items()})
+    check_teacher(padded, tok.n_words, tok, "padded.pt")  # accepted
+    batch = chat_loader(data, tok).next_batch()
+    model = tiny_model(tok)
+    with torch.no_grad():
+        a = distilled(data, tok, teacher).loss(model, batch)[0]
+        b = distilled(data, tok, padded).loss(model, batch)[0]
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)  # the padding rows never enter the softmax
+    small = Transformer(ModelArgs(**{**teacher.args.__dict__, "vocab_size": 32000}))
+    with pytest.raises(DataError, match=r"^TEACHER_MODEL_CHECKPOINT=small\.pt: its vocabulary has 32000 tokens, "
+                                        r"fewer than the student's 128256; teacher and student must share"):
+        check_teacher(small, tok.n_words, tok, "small.pt")
