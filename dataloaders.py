@@ -127,7 +127,8 @@ class StepLoader:
 
     Subclasses say how many samples an epoch has (`_plan_epoch`, which may pack anew per epoch) and
     turn sample ids into a batch dict of CPU tensors (`batch_of`): "tokens" and "targets" (B, T),
-    "input_tokens" (the real, unpadded input positions, for throughput) and what the stage needs besides.
+    "input_tokens" (the real, unpadded input positions, for throughput), "trained_rows" where only some
+    positions have targets, and what the stage needs besides.
     """
 
     state_keys: tuple[str, ...] = ("split", "seed", "shuffle", "tokenizer_sha256", "fingerprint")
@@ -373,6 +374,13 @@ class SequenceShards:
         return tokens[:-1], np.where(trained, tokens[1:], IGNORE_INDEX)
 
 
+def trained_rows(targets: np.ndarray) -> torch.Tensor:
+    """Flat indices of the positions that have a target (SFT trains about a tenth of its positions, DPO its
+    responses): the losses multiply only these rows by the output layer. Found here, on the host, so the
+    device never has to report a count back in the middle of a step."""
+    return torch.from_numpy(np.flatnonzero(targets.reshape(-1) != IGNORE_INDEX))
+
+
 def pad_width(longest: int, limit: int, multiple: int = 8) -> int:
     """Rows padded to the batch's longest sequence, rounded up (fewer distinct shapes), at most `limit`."""
     return min(limit, -(-longest // multiple) * multiple)
@@ -446,7 +454,7 @@ class ChatDataLoader(StepLoader):
                 positions[b, span], document[b, span] = np.arange(len(x)), d
                 at += len(x)
         batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
-                 "input_tokens": torch.tensor(int((document >= 0).sum()))}
+                 "input_tokens": torch.tensor(int((document >= 0).sum())), "trained_rows": trained_rows(targets)}
         if self.packing:  # unpacked rows are one conversation, right-padded: the causal mask suffices
             batch |= {"positions": torch.from_numpy(positions), "document_ids": torch.from_numpy(document)}
         return batch
@@ -496,4 +504,4 @@ class PairDataLoader(StepLoader):
             tokens[row, : len(x)], targets[row, : len(y)] = x, y
         return {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
                 "pair_index": torch.from_numpy(np.asarray(samples, dtype=np.int64) + self.index_offset),
-                "input_tokens": torch.tensor(sum(len(x) for x, _ in sequences))}
+                "input_tokens": torch.tensor(sum(len(x) for x, _ in sequences)), "trained_rows": trained_rows(targets)}

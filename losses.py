@@ -39,26 +39,59 @@ def _rows_per_chunk(chunk_rows: Optional[int], vocab: int, buffers: int) -> int:
     return chunk_rows or max(16, (1 << 26) // (vocab * buffers))
 
 
-def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool):
-    """Zeroed gradients of h and weight, or None where not needed. The weight's is float32 whatever the
-    matmul dtype: summing chunks in bf16 would round the running total once per chunk, so its error
-    would grow with the number of chunks."""
-    grad_h = torch.empty_like(h) if need_h else None  # every row is written
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+class WeightGrad:
+    """The output weight's gradient, summed over chunks in float32.
+
+    Summing chunk products in bf16 rounds the running total once per chunk, so its error grows with the number
+    of chunks; adding each chunk's bf16 product into a float32 total costs a (vocab, dim) conversion per chunk
+    (a few percent of a small model's step on CPU). So chunk products are summed in place in the matmul dtype
+    (addmm_, no temporary) over at most FLUSH_EVERY chunks, and that partial sum goes into the float32 total:
+    the error is that of a few chunks, whatever their number. In float32 the total is summed directly."""
+
+    FLUSH_EVERY = 4
+
+    def __init__(self, weight: torch.Tensor, mm_dtype: torch.dtype):
+        self.total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.partial = None if mm_dtype == torch.float32 else torch.zeros(weight.shape, dtype=mm_dtype,
+                                                                          device=weight.device)
+        self.pending = 0
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        """+= g.T @ h for one chunk: g (n, vocab), h (n, dim), both in the matmul dtype."""
+        if self.partial is None:  # (vocab, dim) in place; out= rather than addmm_, which FLOP counters miss
+            torch.addmm(self.total, g.T, h, out=self.total)
+            return
+        torch.addmm(self.partial, g.T, h, out=self.partial)
+        self.pending += 1
+        if self.pending == self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.total += self.partial
+            self.partial.zero_()
+            self.pending = 0
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        self.flush()
+        return self.total.to(dtype)
+
+
+def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, mm_dtype: torch.dtype):
+    """The gradient of h (every row is written) and the weight's accumulator, or None where not needed."""
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = WeightGrad(weight, mm_dtype) if need_w else None
     return grad_h, grad_w
 
 
 def _backprop_chunk(g: torch.Tensor, rows: slice, h_mm: torch.Tensor, w_mm: torch.Tensor,
-                    grad_h: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]) -> None:
+                    grad_h: Optional[torch.Tensor], grad_w: Optional[WeightGrad]) -> None:
     """g (n, vocab) = d loss / d logits of these rows, float32 -> into grad_h[rows] and grad_w (in place)."""
     g = g.to(w_mm.dtype)
     if grad_h is not None:
         grad_h[rows] = g @ w_mm  # (n, dim)
     if grad_w is not None:
-        if g.dtype == torch.float32:  # (vocab, dim) in place; out= rather than addmm_, which FLOP counters miss
-            torch.addmm(grad_w, g.T, h_mm[rows], out=grad_w)
-        else:
-            grad_w += g.T @ h_mm[rows]  # this chunk's product in bf16/fp16, the sum over chunks in float32
+        grad_w.add(g, h_mm[rows])
 
 
 def _target_columns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +99,8 @@ def _target_columns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t != IGNORE_INDEX)[:, None], t.clamp(min=0)[:, None]
 
 
-def _finish_grads(weight: torch.Tensor, grad_h, grad_w):
-    return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None)
+def _finish_grads(weight: torch.Tensor, grad_h, grad_w: Optional[WeightGrad]):
+    return grad_h, (grad_w.result(weight.dtype) if grad_w is not None else None)
 
 
 # ---- cross-entropy -----------------------------------------------------------------------------
@@ -84,7 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int, mm_dtype: torch.dtype, need_h: bool, need_w: bool):
         h_mm, w_mm = h.to(mm_dtype), weight.to(mm_dtype)
-        grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w)
+        grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w, mm_dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -166,7 +199,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, targets, lse = ctx.saved_tensors
         h_mm, w_mm = h.to(ctx.mm_dtype), weight.to(ctx.mm_dtype)
-        grad_h, grad_w = _grad_buffers(h, weight, *ctx.needs_input_grad[:2])
+        grad_h, grad_w = _grad_buffers(h, weight, *ctx.needs_input_grad[:2], ctx.mm_dtype)
         for start in range(0, h.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             z = (h_mm[rows] @ w_mm.T).float()  # (n, vocab), recomputed
@@ -227,7 +260,7 @@ class _LinearDistillation(torch.autograd.Function):
                 need_w: bool):
         h_mm, w_mm = h.to(mm_dtype), weight.to(mm_dtype)
         th_mm, tw_mm = teacher_h.to(teacher_mm_dtype), teacher_weight.to(teacher_mm_dtype)
-        grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w)
+        grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w, mm_dtype)
         ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         kd_sum = torch.zeros_like(ce_sum)
         for start in range(0, h.shape[0], chunk_rows):

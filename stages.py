@@ -71,6 +71,10 @@ class Stage:
         return {}
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        if "trained_rows" in batch:  # only the positions with a target meet the output layer
+            rows, targets = batch["trained_rows"], batch["targets"].flatten()[batch["trained_rows"]]
+            head = lambda h, w: chunked_cross_entropy(h.flatten(0, 1)[rows], w, targets, reduction="sum")  # noqa: E731
+            return model(batch["tokens"], head=head, **self.inputs(batch)), {}
         _, loss = model(batch["tokens"], batch["targets"], loss_reduction="sum", return_logits=False,
                         **self.inputs(batch))
         return loss, {}
@@ -150,10 +154,15 @@ def exact_match(model: Transformer, tokenizer, examples: list, d: DistInfo, shar
 
 
 # ---- DPO ----------------------------------------------------------------------------------------------------
-def sequence_logps(targets: torch.Tensor):
-    """A head for Transformer.forward: summed log-probabilities of each row's target tokens, (rows,)."""
+def sequence_logps(targets: torch.Tensor, rows: Optional[torch.Tensor] = None):
+    """A head for Transformer.forward: summed log-probabilities of each row's target tokens, (rows,).
+    `rows`: the flat positions that have a target (the others contribute nothing and are skipped)."""
     def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return chunked_token_logprobs(h.flatten(0, 1), weight, targets.flatten()).view(targets.shape).sum(-1)
+        if rows is None:
+            return chunked_token_logprobs(h.flatten(0, 1), weight, targets.flatten()).view(targets.shape).sum(-1)
+        logps = chunked_token_logprobs(h.flatten(0, 1)[rows], weight, targets.flatten()[rows])
+        sums = torch.zeros(targets.shape[0], dtype=logps.dtype, device=logps.device)
+        return sums.index_add(0, rows // targets.shape[1], logps)  # (rows,)
     return head
 
 
@@ -193,6 +202,10 @@ class DPOStage(Stage):
             dtype = reference_dtype(self.cfg.dpo_reference_dtype, self.cfg)
             self.reference = self.initial_weights().to(dtype).eval().requires_grad_(False)
 
+    @staticmethod
+    def head(batch: dict):
+        return sequence_logps(batch["targets"], batch.get("trained_rows"))
+
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """(2B,) summed response log-probs under the reference: chosen rows first, then rejected."""
         if self.table is not None:
@@ -200,14 +213,13 @@ class DPOStage(Stage):
             return torch.cat([self.table[pairs, 0], self.table[pairs, 1]]).to(batch["tokens"].device)
         with torch.no_grad():
             if self.reference is not None:
-                return self.reference(batch["tokens"], head=sequence_logps(batch["targets"])).float()
-            from lora import adapters_disabled
-            with adapters_disabled(self.policy):
-                return self.policy(batch["tokens"], head=sequence_logps(batch["targets"])).float()
+                return self.reference(batch["tokens"], head=self.head(batch)).float()
+            with adapters_off(self.policy):
+                return self.policy(batch["tokens"], head=self.head(batch)).float()
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         reference = self.reference_logps(batch)
-        policy = model(batch["tokens"], head=sequence_logps(batch["targets"]))  # (2B,)
+        policy = model(batch["tokens"], head=self.head(batch))  # (2B,)
         B = policy.shape[0] // 2
         lengths = (batch["targets"] != IGNORE_INDEX).sum(-1)
         losses, chosen, rejected = dpo_loss(
@@ -240,7 +252,8 @@ class DPOStage(Stage):
             for loader in loaders:
                 for start in range(self.d.rank * size, len(loader.fitting_pairs), size * self.d.world_size):
                     batch = loader.batch_of(loader.fitting_pairs[start : start + size])
-                    logps = model(batch["tokens"].to(device), head=sequence_logps(batch["targets"].to(device)))
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    logps = model(batch["tokens"], head=self.head(batch))
                     B = len(batch["pair_index"])
                     table[batch["pair_index"].to(device)] = torch.stack([logps[:B], logps[B:]], dim=1).double()
         self.policy.train(was_training)
@@ -294,23 +307,23 @@ class Distillation(Stage):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = self.inputs(batch)
+        rows = batch.get("trained_rows")  # only positions with a target count; None: all of them
+        pick = (lambda x: x.flatten(0, 1)) if rows is None else (lambda x: x.flatten(0, 1)[rows])
         with torch.no_grad():
-            teacher_h = self.teacher.hidden_states(batch["tokens"], **inputs)  # (B, T, dim_teacher)
+            teacher_h = pick(self.teacher.hidden_states(batch["tokens"], **inputs))  # (N, dim_teacher)
         vocab = self.s.vocab_size
         teacher_weight = self.teacher.output.weight[:vocab]  # a teacher padded past the tokenizer's ids
-        cfg, targets = self.cfg, batch["targets"]
+        cfg, targets = self.cfg, batch["targets"].flatten() if rows is None else batch["targets"].flatten()[rows]
 
         def head(h: torch.Tensor, weight: torch.Tensor):
             return chunked_distillation_loss(
-                h.flatten(0, 1), weight, teacher_h.flatten(0, 1), teacher_weight, targets.flatten(),
-                temperature=cfg.distillation_temperature, alpha=cfg.distillation_alpha, kind=cfg.distillation_loss,
-                jsd_beta=cfg.distillation_jsd_beta)
+                pick(h), weight, teacher_h, teacher_weight, targets, temperature=cfg.distillation_temperature,
+                alpha=cfg.distillation_alpha, kind=cfg.distillation_loss, jsd_beta=cfg.distillation_jsd_beta)
 
         total, ce, kd = model(batch["tokens"], head=head, **inputs)
         extras = {"ce": ce, "kd": kd}
         if not torch.is_grad_enabled():  # validation: the teacher's own loss on the same tokens, for comparison
-            extras["teacher_loss"] = chunked_cross_entropy(teacher_h.flatten(0, 1), teacher_weight, targets.flatten(),
-                                                           reduction="sum")
+            extras["teacher_loss"] = chunked_cross_entropy(teacher_h, teacher_weight, targets, reduction="sum")
         return total, extras
 
 
