@@ -194,8 +194,14 @@ class DPOStage(Stage):
     def count(self, batch: dict) -> torch.Tensor:
         return torch.tensor(batch["pair_index"].numel(), device=batch["tokens"].device)
 
+    def evaluate(self, model: Transformer, step: int, sharded: bool) -> dict:
+        return exact_match(model, self.s.tokenizer, self.examples, self.d, sharded) if self.examples else {}
+
     def setup(self, model: Transformer) -> None:
         self.policy = model
+        # Alignment must not cost the answers SFT taught: exact match on SFT's held-out prompts, where they exist.
+        self.examples, _ = read_exact_match_examples(Path(self.cfg.instruct_data_dir), self.cfg.instruct_eval_examples,
+                                                     self.s.tokenizer, model.args.max_seq_len)
         if self.cfg.dpo_precompute_reference:
             self.table = self.precomputed()
         elif not self.lora_reference:
@@ -228,7 +234,9 @@ class DPOStage(Stage):
         logps = policy.detach().float()
         return losses.sum(), {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
                               "reward_margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum(),
-                              "logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum()}
+                              "logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum(),
+                              # the policy's own preference, meaningful before training too (rewards start at 0)
+                              "policy_accuracy": (logps[:B] > logps[B:]).float().sum()}
 
     @torch.no_grad()
     def precomputed(self) -> torch.Tensor:

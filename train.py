@@ -736,6 +736,8 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
 
     stop = StopRequest(logger.print)
     reason = "finished"
+    if state.step == 0 and cfg.validate_every_x_steps:  # where a fresh run starts from (SFT: exact match before)
+        evaluate_and_check_patience(eval_model, model, stage, val_loader, cfg, d, state, logger, sharded)
     logger.start_progress()
     while state.step < stop_step:
         t0 = time.perf_counter()

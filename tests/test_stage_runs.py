@@ -97,7 +97,7 @@ def test_sft_from_a_pretraining_checkpoint_starts_afresh_and_reports_exact_match
     val = step_metric(sft_run, "val_loss")
     assert ckpt["best_val_loss"] == min(val.values())  # not the pretraining run's 0.01
     matches = step_metric(sft_run, "val_exact_match")
-    assert sorted(matches) == [2, 4] and all(0 <= m <= 1 for m in matches.values())
+    assert sorted(matches) == [0, 2, 4] and all(0 <= m <= 1 for m in matches.values())  # 0: before SFT
     assert set(step_metric(sft_run, "val_exact_match_n").values()) == {4}
 
 
@@ -124,10 +124,10 @@ def dpo_run(tmp_path_factory, data, sft_run) -> Path:
 
 def test_dpo_logs_rewards_and_preference_accuracy_and_resumes_exactly(tmp_path, data, sft_run, dpo_run):
     for key in ("reward_chosen", "reward_rejected", "reward_margin", "accuracy", "logps_chosen", "logps_rejected",
-                "val_accuracy", "val_reward_margin"):
+                "policy_accuracy", "val_accuracy", "val_reward_margin", "val_policy_accuracy"):
         assert step_metric(dpo_run, key), key
-    first = json.loads((dpo_run / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its own reference: log 2
+    assert sorted(step_metric(dpo_run, "val_exact_match")) == [0, 2, 4]  # SFT's held-out answers, before and after
+    assert step_metric(dpo_run)[1] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its own reference
     env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo")
     resume_in_boxes(env, tmp_path / "boxed", "dpo_checkpoint", "--instruct_checkpoint",
                     str(sft_run / "checkpoints" / "step_000004.pt"))
@@ -195,8 +195,7 @@ def lora_dpo_run(tmp_path_factory, data, sft_run) -> Path:
 
 
 def test_lora_dpo_starts_at_log_2_keeps_adapters_only_and_resumes_exactly(tmp_path, data, sft_run, lora_dpo_run):
-    first = json.loads((lora_dpo_run / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # B = 0: the adapted policy is its reference
+    assert step_metric(lora_dpo_run)[1] == pytest.approx(0.6931, abs=1e-3)  # B = 0: the policy is its reference
     ckpt = read_checkpoint(lora_dpo_run / "checkpoints" / "step_000004.pt")
     assert ckpt["lora"]["rank"] == 4 and ckpt["lora"]["alpha"] == 12 and ckpt["base"]["sha256"]
     assert set(ckpt["model"]) and all(".lora_" in k for k in ckpt["model"])
