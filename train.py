@@ -45,7 +45,7 @@ from hardware import PrecisionChoice, autocast_context, choose_precision, peak_f
 from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_examples
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
-from model import ModelArgs, Transformer
+from model import IGNORE_INDEX, ModelArgs, Transformer
 from stages import Distillation, Setting, Stage, build_stage, check_teacher
 from tokenizer import load_tokenizer
 
@@ -137,12 +137,25 @@ def describe_parameters(model: Transformer) -> str:
     return f"{total:,} parameters ({model.num_params(exclude_embeddings=True):,} without the input embedding)"
 
 
-def training_flops_per_token(model: Transformer, seq_len: int) -> float:
-    """6N + attention (model.flops_per_token), less the weight-gradient matmuls (2 per parameter and token)
-    that frozen matrices skip: a LoRA step computes about 4N, not 6N."""
-    frozen = sum(p.numel() for n, p in model.named_parameters()
-                 if not p.requires_grad and p.dim() >= 2 and not n.startswith("tok_embeddings"))
-    return model.flops_per_token(seq_len) - 2 * frozen
+@dataclass(frozen=True)
+class StepFlops:
+    """Training FLOPs per token: `body` for every input position (the blocks, attention, the embedding's share of
+    nothing), `head` for each position whose target meets the output layer (SFT and DPO skip the others).
+    6N + attention as model.flops_per_token counts it, less the weight-gradient matmuls (2 per parameter and
+    token) that frozen matrices skip: a LoRA step computes about 4N, not 6N."""
+    body: float
+    head: float
+
+    @classmethod
+    def of(cls, model: Transformer, seq_len: int) -> "StepFlops":
+        frozen = sum(p.numel() for n, p in model.named_parameters()
+                     if not p.requires_grad and p.dim() >= 2 and not n.startswith(("tok_embeddings", "output")))
+        output = model.args.dim * model.args.vocab_size
+        head = (6 if model.output.weight.requires_grad else 4) * output
+        return cls(model.flops_per_token(seq_len) - 6 * output - 2 * frozen, head)
+
+    def per_step(self, input_tokens: int, trained_tokens: int) -> float:
+        return self.body * input_tokens + self.head * trained_tokens
 
 
 def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module:
@@ -499,8 +512,9 @@ def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg:
     """
     # One host sync before the backward passes, for the global count (and the input tokens, for throughput)
     # and a stop vote: a signal that came after the last step's vote stops the run before this step starts...
-    local = torch.stack([torch.stack([stage.count(b).float(), b["input_tokens"].float()]) for b in batches]).sum(0)
-    n_units, n_inputs, stop_votes = all_reduce_sum(
+    local = torch.stack([torch.stack([stage.count(b).float(), b["input_tokens"].float(),
+                                      (b["targets"] != IGNORE_INDEX).sum().float()]) for b in batches]).sum(0)
+    n_units, n_inputs, n_trained, stop_votes = all_reduce_sum(
         torch.cat([local, torch.tensor([float(stop.requested)], device=local.device)])).tolist()
     if stop_votes > 0:
         return None, True
@@ -536,7 +550,8 @@ def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg:
                                                                                   device=d.device)]))
     values = totals.tolist()
     metrics = {k: v / max(n_units, 1.0) for k, v in zip(names, values)}
-    metrics.update(lr=lr, grad_norm=grad_norm.item(), units=int(n_units), input_tokens=int(n_inputs))
+    metrics.update(lr=lr, grad_norm=grad_norm.item(), units=int(n_units), input_tokens=int(n_inputs),
+                   trained_tokens=int(n_trained))
     return metrics, values[-1] > 0
 
 
@@ -690,7 +705,7 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     prompts = read_prompts(cfg, tokenizer, stage.chat)
     train_loader, val_loader = stage.loaders()
     stage.setup(model)
-    flops_per_token = training_flops_per_token(model, cfg.max_seq_len)
+    flops = StepFlops.of(model, cfg.max_seq_len)
 
     train_model = parallelize(model, cfg, d)
     sharded = isinstance(model, FSDPModule)
@@ -714,8 +729,8 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
         logger.print(line)
     if precision.warning:
         logger.print(precision.warning)
-    logger.print(f"model: {describe_parameters(model)}, {flops_per_token / 1e6:.1f} MFLOP/token | device {d.device} x "
-                 f"{d.world_size}{' (fsdp)' if sharded else ''} | {precision.describe()}")
+    logger.print(f"model: {describe_parameters(model)}, {(flops.body + flops.head) / 1e6:.1f} MFLOP/token | "
+                 f"device {d.device} x {d.world_size}{' (fsdp)' if sharded else ''} | {precision.describe()}")
     logger.print(f"stage: {stage.name}{' + distillation from ' + cfg.teacher_model_checkpoint if cfg.is_model_distillation else ''}"
                  f"{' + LoRA ' + str(settings.to_dict()) if settings else ''} | {plan.describe(stage.unit)}")
     logger.print(f"data: {train_loader.describe()}, {val_loader.describe()} | metrics: {logger.path} | "
@@ -757,7 +772,8 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
         step_time = time.perf_counter() - t0
         tokens_per_s = metrics["input_tokens"] / step_time
         metrics.update(tokens_per_s=tokens_per_s, step_time_s=step_time, data_share=t_data / step_time,
-                       mfu=plausible_mfu(flops_per_token * tokens_per_s, peak * d.world_size),
+                       mfu=plausible_mfu(flops.per_step(metrics["input_tokens"], metrics["trained_tokens"]) / step_time,
+                                         peak * d.world_size),
                        epoch=train_loader.epoch)
         logger.advance()
         logger.log(state.step, metrics, format_step_line(state.step, cfg.max_steps, metrics)

@@ -381,3 +381,24 @@ def test_a_fixed_gpu_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"DEVICE=cuda:1 would put every torchrun rank on one GPU.*LOCAL_RANK"):
         setup_distributed("cuda:1")
+
+
+def test_step_flops_count_the_output_layer_only_where_targets_are_and_skip_frozen_weight_gradients():
+    """6 FLOPs per parameter and token (2 forward, 2 input gradient, 2 weight gradient) plus attention; a frozen
+    matrix needs no weight gradient (4), and positions without a target never meet the output layer."""
+    import lora
+    from model import ModelArgs, Transformer
+    from train import StepFlops
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=32)
+    model = Transformer(args)
+    flops = StepFlops.of(model, 32)
+    assert flops.body + flops.head == model.flops_per_token(32) and flops.head == 6 * 64 * 1000
+    assert flops.per_step(100, 10) == flops.body * 100 + flops.head * 10
+    lora.apply_lora(model, lora.LoRASettings(rank=4, alpha=8.0, dropout=0.0, targets=["wq", "w2"]))
+    adapted = StepFlops.of(model, 32)
+    frozen_blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers") and p.dim() == 2
+                        and not p.requires_grad)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapted.head == 4 * 64 * 1000
+    assert adapted.body == flops.body - 2 * frozen_blocks + 6 * adapters
