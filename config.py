@@ -106,8 +106,8 @@ class Config:
     dpo_label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is flipped")
     dpo_precompute_reference: bool = _f(False, "Compute the reference log-probs once before training (stored beside "
                                                "the data) instead of holding a reference model")
-    dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: bf16 "
-                                          "when training in bf16, else fp32)")
+    dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: fp32, "
+                                          "as the policy's; bf16 halves its memory, adding noise to the rewards)")
 
     # ---- distillation (beside pretrain or sft) ---------------------------------------------
     is_model_distillation: bool = _f(False, "Learn from a teacher's token distributions as well as the labels")
