@@ -104,6 +104,8 @@ class Config:
     dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model")
     dpo_loss: str = _f("sigmoid", "sigmoid (DPO) | ipo")
     dpo_label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is flipped")
+    dpo_sft_weight: float = _f(0.0, "Adds this times the chosen response's mean negative log-likelihood to each pair's "
+                                     "loss (RPO; TRL's 'sft' loss term), so the chosen answers stay likely")
     dpo_precompute_reference: bool = _f(False, "Compute the reference log-probs once before training (stored beside "
                                                "the data) instead of holding a reference model")
     dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: fp32, "
@@ -203,7 +205,7 @@ class Config:
                     "DISTILLATION_TEMPERATURE"):
             if not getattr(self, key.lower()) > 0:
                 bad(key, "a number > 0")
-        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK"):
+        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK", "DPO_SFT_WEIGHT"):
             if getattr(self, key.lower()) < 0:
                 bad(key, "a number >= 0")
         if self.min_lr > self.max_lr:

@@ -232,7 +232,12 @@ class DPOStage(Stage):
             policy[:B], policy[B:], reference[:B], reference[B:], beta=self.cfg.dpo_beta, loss_type=self.cfg.dpo_loss,
             label_smoothing=self.cfg.dpo_label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
         logps = policy.detach().float()
-        return losses.sum(), {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+        extras = {}
+        if self.cfg.dpo_sft_weight:  # RPO: keep the chosen answers likely while pushing the rejected ones down
+            nll = -policy[:B] / lengths[:B].clamp(min=1)  # (B,) mean per chosen token
+            losses = losses + self.cfg.dpo_sft_weight * nll
+            extras["nll_chosen"] = nll.detach().sum()
+        return losses.sum(), extras | {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
                               "reward_margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum(),
                               "logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum(),
                               # the policy's own preference, meaningful before training too (rewards start at 0)

@@ -369,3 +369,18 @@ def test_a_teacher_padded_past_the_tokenizer_is_sliced_and_a_smaller_one_refused
     with pytest.raises(DataError, match=r"^TEACHER_MODEL_CHECKPOINT=small\.pt: its vocabulary has 32000 tokens, "
                                         r"fewer than the student's 128256; teacher and student must share"):
         check_teacher(small, tok.n_words, tok, "small.pt")
+
+
+def test_dpo_sft_weight_adds_the_chosen_responses_mean_negative_log_likelihood(data, tok):
+    model = tiny_model(tok, seed=1)
+    plain, rpo = dpo_stage(data, tok, model), dpo_stage(data, tok, model, dpo_sft_weight=0.7)
+    batch = pair_loader(data, tok).next_batch()
+    B = batch["pair_index"].numel()
+    with torch.no_grad():
+        base, _ = plain.loss(model, batch)
+        total, extras = rpo.loss(model, batch)
+        chosen = naive_logps(model, batch)[:B]
+    lengths = (batch["targets"][:B] != -100).sum(-1)
+    expected_nll = (-chosen / lengths).sum()
+    assert extras["nll_chosen"].item() == pytest.approx(expected_nll.item(), rel=1e-5)
+    assert total.item() == pytest.approx(base.item() + 0.7 * expected_nll.item(), rel=1e-5)
