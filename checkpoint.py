@@ -32,7 +32,7 @@ import torch
 
 from hf_convert import from_hf_state_dict, hf_name
 from model import ModelArgs, Transformer
-from safetensors_io import SafetensorsError, load_sharded
+from safetensors_io import SafetensorsError, load_sharded, write_atomically
 from tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "llama3-trainer-checkpoint"
@@ -278,18 +278,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write to a temporary file in the same directory, fsync, rename over `path`, and fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda f: torch.save(obj, f))
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
