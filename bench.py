@@ -72,7 +72,7 @@ import lora
 from losses import chunked_distillation_loss, dpo_loss
 from model import PRESETS as MODEL_PRESETS
 from model import ModelArgs, Transformer, document_attention_mask
-from stages import sequence_logps
+from stages import reference_dtype, sequence_logps
 import hardware
 from hardware import datasheet_peak, plausible_mfu
 from train import build_optimizer
@@ -291,7 +291,7 @@ class ModelRunner:
 VARIANTS = {
     "packed": "packed SFT rows (document mask)",
     "lora": "LoRA r=16, packed SFT rows",
-    "dpo": "DPO, live reference copy",
+    "dpo": "DPO, live fp32 reference copy",
     "dpo_precomputed": "DPO, precomputed reference",
     "distill": "distillation, teacher 2x wider",
 }
@@ -333,7 +333,9 @@ class VariantRunner(ModelRunner):
             self.y[:, : T // 2] = -100  # the prompt half of each row is not scored
             self.reference_logps = torch.zeros(B, device=self.device)
             if self.variant == "dpo":
-                self.reference = self._build().to(dtype).eval().requires_grad_(False)
+                # the trainer's default reference weights (DPO_REFERENCE_DTYPE=auto), as a user's run holds them
+                default = reference_dtype(Config().dpo_reference_dtype, Config())
+                self.reference = self._build().to(default).eval().requires_grad_(False)
         if self.variant == "distill":
             wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
             with torch.device(self.device):
