@@ -56,6 +56,49 @@ def test_auto_takes_bf16_only_when_the_probe_finds_it_faster(monkeypatch):
     assert slow.precision == "fp32" and "0.90x" in slow.describe()
 
 
+def _no_probe(*args):
+    raise AssertionError("no matmul should be timed")
+
+
+def test_bf16_instructions_decide_without_a_timed_probe(monkeypatch):
+    """A probe while another job runs measured 0.18x on a CPU where bf16 runs 2-3x fp32: the flags decide."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(hardware, "matmul_flops", _no_probe)
+    for flag in ("avx512_bf16", "amx_bf16"):
+        check = hardware.check_cpu_bf16(native=True, flags={"avx2", "avx512f", flag})
+        assert check.fast and flag in check.how
+    assert not hardware.check_cpu_bf16(native=False, flags={"avx512_bf16"}).fast  # oneDNN has no kernels
+
+
+def test_without_bf16_instructions_or_under_an_isa_cap_the_probe_decides(monkeypatch):
+    speeds = {torch.bfloat16: 60e9, torch.float32: 100e9}  # AVX-512 emulation: slower than fp32
+    monkeypatch.setattr(hardware, "matmul_flops", lambda device, dtype, n, reps: speeds[dtype])
+    assert not hardware.check_cpu_bf16(native=True, flags={"avx512f", "avx512bw"}).fast
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not hardware.check_cpu_bf16(native=True, flags={"avx512_bf16"}).fast
+
+
+def test_the_machine_is_checked_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware, "_BF16_CHECKS", {})
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_flags", set)
+    monkeypatch.setattr(hardware, "matmul_flops",
+                        lambda device, dtype, n, reps: calls.append(dtype) or (300e9 if dtype == torch.bfloat16 else 100e9))
+    first = hardware.check_cpu_bf16()
+    probes = len(calls)
+    assert first.fast and probes > 0
+    assert hardware.check_cpu_bf16() is first and len(calls) == probes  # every later choice agrees with it
+
+
+def test_cpu_flags_are_read_from_the_kernel():
+    flags = hardware.cpu_flags()
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo here")
+    out = subprocess.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    assert flags == (set(out.split(":", 1)[1].split()) if out else set())  # ARM says "Features": none
+
+
 def test_onednn_isa_cap_imitates_a_cpu_without_bf16():
     """What the tests and the README's non-bf16 figures rely on: oneDNN honours ONEDNN_MAX_CPU_ISA=AVX2."""
     code = "import hardware, torch; print(hardware.cpu_has_native_bf16(), " \
