@@ -18,8 +18,9 @@ import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_saved_full_run_renders_to_its_own_table():
-    report = json.loads((ROOT / "bench_cpu_small.json").read_text())
+@pytest.mark.parametrize("saved", ["bench_cpu_small.json", "bench_cpu_small_no_bf16.json"])
+def test_saved_full_run_renders_to_its_own_table(saved):
+    report = json.loads((ROOT / saved).read_text())
     assert bench.format_table(report) == report["table"]
 
 
