@@ -83,6 +83,7 @@ KINDS = ("ours", "hf")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DPO_REFERENCE_DTYPE = reference_dtype(Config().dpo_reference_dtype, Config())  # what a user's DPO run holds
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -334,9 +335,7 @@ class VariantRunner(ModelRunner):
             self.y[:, : T // 2] = -100  # the prompt half of each row is not scored
             self.reference_logps = torch.zeros(B, device=self.device)
             if self.variant == "dpo":
-                # the trainer's default reference weights (DPO_REFERENCE_DTYPE=auto), as a user's run holds them
-                default = reference_dtype(Config().dpo_reference_dtype, Config())
-                self.reference = self._build().to(default).eval().requires_grad_(False)
+                self.reference = self._build().to(DPO_REFERENCE_DTYPE).eval().requires_grad_(False)
         if self.variant == "distill":
             wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
             with torch.device(self.device):
@@ -536,7 +535,7 @@ def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
                         "trainable": info[f"ours:{variant}"]["trainable"], "params": info["ours"]["params"]}
         out[variant]["memory_ratio"] = out[variant]["peak_memory_mib"] / out[variant]["baseline_peak_memory_mib"]
         if variant == "dpo":
-            out[variant]["reference_dtype"] = DTYPE_NAMES[reference_dtype(Config().dpo_reference_dtype, Config())]
+            out[variant]["reference_dtype"] = DTYPE_NAMES[DPO_REFERENCE_DTYPE]
     return out
 
 

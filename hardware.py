@@ -15,6 +15,7 @@ CPUs and unknown GPUs: a measured dense matmul, cached per machine and dtype in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import nullcontext
@@ -115,41 +116,42 @@ def cpu_flags() -> set[str]:
     return set(line.group(1).split()) if line else set()
 
 
-def check_cpu_bf16(native: Optional[bool] = None, probe_size: int = PROBE_SIZE,
-                   flags: Optional[set[str]] = None) -> Bf16Check:
+def check_cpu_bf16(native: Optional[bool] = None, flags: Optional[set[str]] = None) -> Bf16Check:
     """Whether bf16 matmuls are native and fast on this CPU. oneDNN's capability check first; then bf16
     matrix instructions (AMX, AVX-512 BF16) decide it. Without them (oneDNN emulates bf16 with plain
-    AVX-512; other architectures name their flags otherwise) a short probe says whether bf16 beats float32. No timing decides on a
-    CPU that has the instructions: a probe while another job runs can measure anything (0.18x on a CPU
-    where bf16 runs 2-3x float32). Decided once per process, so that every choice a run makes agrees.
-    `native` and `flags` override what the machine says (tests) and skip the cache."""
+    AVX-512; other architectures name their flags otherwise) a short probe says whether bf16 beats
+    float32. No timing decides on a CPU that has the instructions: a probe while another job runs can
+    measure anything (0.18x on a CPU where bf16 runs 2-3x float32). Decided once per process, so that
+    every choice a run makes agrees. `native` and `flags` override what the machine says (tests)."""
     if native is None and flags is None:
-        if probe_size not in _BF16_CHECKS:
-            _BF16_CHECKS[probe_size] = _decide_cpu_bf16(cpu_has_native_bf16(), cpu_flags(), probe_size)
-        return _BF16_CHECKS[probe_size]
+        return _this_machine_bf16()
     native = cpu_has_native_bf16() if native is None else native
-    return _decide_cpu_bf16(native, flags or set(), probe_size)
+    return _decide_cpu_bf16(native, flags or set())
 
 
-_BF16_CHECKS: dict[int, Bf16Check] = {}
+@functools.cache
+def _this_machine_bf16() -> Bf16Check:
+    return _decide_cpu_bf16(cpu_has_native_bf16(), cpu_flags())
+
+
 BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def _decide_cpu_bf16(native: bool, flags: set[str], probe_size: int) -> Bf16Check:
+def _decide_cpu_bf16(native: bool, flags: set[str]) -> Bf16Check:
     if not native:
         return Bf16Check(False, "no native bf16 on this CPU (oneDNN has no bf16 kernels for it)")
     found = [f for f in BF16_MATRIX_FLAGS if f in flags]
     if found and not os.environ.get("ONEDNN_MAX_CPU_ISA"):  # a capped ISA may leave only the emulation
         return Bf16Check(True, f"bf16 instructions on this CPU: {found[0]}")
-    return _probe_cpu_bf16(probe_size)
+    return _probe_cpu_bf16()
 
 
-def _probe_cpu_bf16(probe_size: int) -> Bf16Check:
+def _probe_cpu_bf16() -> Bf16Check:
     device = torch.device("cpu")
     bf16 = fp32 = 0.0
     for _ in range(PROBE_ROUNDS):  # alternated, best of each: a busy moment cannot decide for one dtype alone
-        bf16 = max(bf16, matmul_flops(device, torch.bfloat16, probe_size, 2))
-        fp32 = max(fp32, matmul_flops(device, torch.float32, probe_size, 2))
+        bf16 = max(bf16, matmul_flops(device, torch.bfloat16, PROBE_SIZE, 2))
+        fp32 = max(fp32, matmul_flops(device, torch.float32, PROBE_SIZE, 2))
     speedup = bf16 / fp32
     if speedup >= FAST_BF16_RATIO:
         return Bf16Check(True, f"bf16 kernels on this CPU, measured {speedup:.1f}x fp32's matmul speed", speedup)

@@ -80,7 +80,7 @@ def test_without_bf16_instructions_or_under_an_isa_cap_the_probe_decides(monkeyp
 
 def test_the_machine_is_checked_once_per_process(monkeypatch):
     calls = []
-    monkeypatch.setattr(hardware, "_BF16_CHECKS", {})
+    hardware._this_machine_bf16.cache_clear()
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(hardware, "cpu_flags", set)
     monkeypatch.setattr(hardware, "matmul_flops",
@@ -89,6 +89,7 @@ def test_the_machine_is_checked_once_per_process(monkeypatch):
     probes = len(calls)
     assert first.fast and probes > 0
     assert hardware.check_cpu_bf16() is first and len(calls) == probes  # every later choice agrees with it
+    hardware._this_machine_bf16.cache_clear()  # the fake machine must not outlive this test
 
 
 def test_cpu_flags_are_read_from_the_kernel():
