@@ -23,8 +23,9 @@ Wrong answers are near misses: an off-by-one or off-by-a-factor number, another 
 list, the words in the given (unreversed, unsorted) order, a letter swapped or the case not changed.
 
 About a fifth of the conversations are two exchanges (an answered task, then the final question) and
-about a quarter start with a system turn. No final question appears twice, so a held-out split by a
-hash of the prompt shares no question with training.
+about a quarter start with a system turn. No final question appears twice, nor as the earlier exchange
+of any conversation, so a held-out split by a hash of the prompt shares no question, in any turn, with
+training.
 """
 
 from __future__ import annotations
@@ -170,22 +171,35 @@ def _task(rng: random.Random) -> tuple[str, Task]:
     return make.__name__, make(rng)
 
 
+def _earlier_exchange(rng: random.Random, finals: set[str]) -> Task:
+    """A task for a conversation's first exchange whose question is nobody's final question."""
+    while True:
+        _, task = _task(rng)
+        if task.question not in finals:
+            return task
+
+
 def generate(num: int = NUM_CONVERSATIONS, seed: int = SEED) -> list[Example]:
-    """`num` conversations, the same on every run; no final question appears twice."""
+    """`num` conversations, the same on every run. No final question appears twice or as another
+    conversation's earlier exchange, so whichever split holds a final question, no other conversation
+    shows it answered."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    finals: set[str] = set()  # final questions so far: none repeats, none appears as an earlier exchange
+    earlier_questions: set[str] = set()
     examples: list[Example] = []
     while len(examples) < num:
         name, task = _task(rng)
         turns: list[dict] = []
         if rng.random() < SYSTEM_SHARE:
             turns.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        if rng.random() < MULTI_TURN_SHARE:
-            _, earlier = _task(rng)
-            turns += [{"role": "user", "content": earlier.question}, {"role": "assistant", "content": earlier.answer}]
-        if task.question in seen:
+        earlier = _earlier_exchange(rng, finals) if rng.random() < MULTI_TURN_SHARE else None
+        repeated = task.question in finals or task.question in earlier_questions
+        if repeated or (earlier and earlier.question == task.question):
             continue
-        seen.add(task.question)
+        if earlier:
+            earlier_questions.add(earlier.question)
+            turns += [{"role": "user", "content": earlier.question}, {"role": "assistant", "content": earlier.answer}]
+        finals.add(task.question)
         turns.append({"role": "user", "content": task.question})
         examples.append(Example(tuple(turns), task.answer, task.wrong, name))
     return examples

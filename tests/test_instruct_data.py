@@ -318,8 +318,8 @@ def test_default_is_deterministic_and_its_held_out_prompts_are_not_trained(tmp_p
     train = [lid.conversation_from_tokens(tok, np.array(t)) for t, _ in read_split(tmp_path / "out", manifest, "train")]
     evals = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
     assert 4000 <= len(train) <= 8000 and 200 <= len(evals) <= 800 and manifest["exact_answers"]
-    train_questions = {c[-2]["content"] for c in train}
-    assert not {e["messages"][-1]["content"] for e in evals} & train_questions
+    trained_questions = {m["content"] for c in train for m in c if m["role"] == "user"}  # every turn
+    assert not {e["messages"][-1]["content"] for e in evals} & trained_questions
     assert not {json.dumps(e["messages"]) for e in evals} & {json.dumps(c[:-1]) for c in train}
     answers = [len(tok.encode(e["answer"], bos=False, eos=False)) for e in evals]
     assert max(answers) <= 5 and manifest["stats"]["skipped"] == {}
