@@ -16,3 +16,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo group for in-process DDP/FSDP tests. The test's wrappers are collected before the
+    group is destroyed: a reducer freed after its group, in a later test, can deadlock the run."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    gc.collect()
+    dist.destroy_process_group()

@@ -16,6 +16,8 @@ from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from trainer_runs import final_weights, make_token_data, step_metric, train, write_env
 
+pytestmark = pytest.mark.e2e
+
 SEQ = 64
 SHAPE = dict(DIM="64", N_LAYERS="2", N_HEADS="4", N_KV_HEADS="2", MULTIPLE_OF="32", MAX_SEQ_LEN=str(SEQ))
 RUN = dict(MAX_BATCH_SIZE="2", TOTAL_BATCH_SIZE=str(2 * SEQ * 2), MAX_STEPS="4", WARMUP_STEPS="1",

@@ -49,6 +49,7 @@ def single(tmp_path_factory, token_data, hellaswag) -> Path:
     return out / "run"
 
 
+@pytest.mark.e2e
 def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, token_data, hellaswag, single):
     ddp = tmp_path / "ddp"
     train(write_env(tmp_path / "ddp.env", token_data, ddp, **hellaswag), torchrun=2)
@@ -69,6 +70,7 @@ def test_two_ddp_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, t
     assert step_metric(single, "hellaswag_acc") == step_metric(ddp, "hellaswag_acc")
 
 
+@pytest.mark.e2e
 def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp(tmp_path, token_data, hellaswag,
                                                                                  single):
     fsdp = tmp_path / "fsdp"
@@ -89,6 +91,7 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
 
 
+@pytest.mark.e2e
 def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single):
     straight = single
     resumed = tmp_path / "resumed"
@@ -105,6 +108,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_da
     assert ckpt["step"] == 6 and ckpt["dataloader"]["position"] > 0 and "optimizer" in ckpt
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, token_data):
     run_dir = tmp_path / "run"
     env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="100000", VALIDATE_EVERY_X_STEPS="0")
@@ -126,6 +130,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, token_data):
     assert last <= done + 1  # the step in progress (if any) finishes; no step starts after the signal
 
 
+@pytest.mark.e2e
 def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path, token_data):
     run_dir = tmp_path / "run"
     env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="100000", SAVE_EVERY_X_STEPS="1",
@@ -155,6 +160,7 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     assert "resumed from" in train(resume_env, "--pretrain_checkpoint", str(finished[-1])).stdout
 
 
+@pytest.mark.e2e
 def test_logged_learning_rate_is_the_hand_computed_schedule(single):
     """WARMUP_STEPS=2, MAX_STEPS=6, MAX_LR=3e-3, MIN_LR=3e-4: step k trains with the rate after k-1 steps."""
     import math
@@ -167,6 +173,7 @@ def test_logged_learning_rate_is_the_hand_computed_schedule(single):
     assert all(abs(got[k] - expected[k]) <= 1e-12 for k in expected), got
 
 
+@pytest.mark.e2e
 def test_a_changed_batch_geometry_on_resume_continues_from_the_same_sample_position(tmp_path):
     token_data = make_token_data(tmp_path / "data", documents=14)  # a short epoch, so it wraps in a few steps
     run_dir = tmp_path / "run"
@@ -190,6 +197,7 @@ def test_a_changed_batch_geometry_on_resume_continues_from_the_same_sample_posit
           "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000008.pt"))
 
 
+@pytest.mark.e2e
 def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token_data):
     run_dir = tmp_path / "run"
     env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="2", WARMUP_STEPS="1",
@@ -215,6 +223,7 @@ def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token
     assert read_checkpoint(run_dir / "checkpoints" / "step_000002.pt")["step"] == 2
 
 
+@pytest.mark.e2e
 def test_retention_keeps_the_last_checkpoints_written_past_step_999999(tmp_path, token_data):
     run_dir = tmp_path / "run"
     env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="1000001", WARMUP_STEPS="1",
@@ -224,6 +233,7 @@ def test_retention_keeps_the_last_checkpoints_written_past_step_999999(tmp_path,
                                                                                   "step_1000001.pt"]
 
 
+@pytest.mark.e2e
 def test_a_run_split_into_time_boxes_validates_and_stops_as_the_whole_run_does(tmp_path, token_data):
     """Early stopping on a flat loss (a learning rate below float32's resolution): the boxes must not add
     validations of their own, which would count towards the patience and stop the run early."""
@@ -241,49 +251,71 @@ def test_a_run_split_into_time_boxes_validates_and_stops_as_the_whole_run_does(t
     assert all(torch.equal(a, b) for a, b in zip(final_weights(whole).values(), final_weights(boxed).values()))
 
 
+# Runs in its own interpreter: a DDP reducer holding a Python communication hook, freed in the pytest process
+# after its gloo group was destroyed, deadlocked a later test (the gloo worker join waited for the GIL).
+COUNT_REDUCTIONS = """
+import sys, types
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[1])
+import train
+from config import Config
+from distributed import DistInfo
+from model import ModelArgs, Transformer
+from stages import Setting, Stage
+
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[2], 1), rank=0, world_size=1)
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=32, max_seq_len=16))
+ddp = DDP(model)
+reductions = []
+
+def count(state, bucket):
+    reductions.append(1)
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+ddp.register_comm_hook(None, count)
+cfg = Config(training_precision="fp32", grad_clip=0.0)
+d = DistInfo(0, 0, 1, torch.device("cpu"))
+stage = Stage(Setting(cfg, d, 2, None, 64))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+batch = lambda: {"tokens": torch.randint(0, 64, (2, 16)), "targets": torch.randint(0, 64, (2, 16)),
+                 "input_tokens": torch.tensor(32)}
+stop = types.SimpleNamespace(requested=False)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+for micro_batches in (1, 3):
+    train.train_step(ddp, stage, optimizer, scaler, [batch() for _ in range(micro_batches)], cfg, d, 0.0, stop)
+    print(len(reductions))
+del ddp, stage
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.e2e
 def test_micro_steps_reduce_gradients_only_once_per_step_end_to_end(tmp_path):
     """train_step's own use of no_sync, seen by a DDP communication hook: three micro-batches reduce the
     gradients as often as one does."""
-    import types
+    out = subprocess.run([sys.executable, "-c", COUNT_REDUCTIONS, str(ROOT), str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    once, total = map(int, out.stdout.split())
+    assert once >= 1 and total == 2 * once
 
-    import torch.distributed as dist
+
+def test_micro_steps_skip_the_gradient_all_reduce_under_compile_too(one_rank_group):
+    """COMPILE wraps the DDP model; the last micro-step alone must reduce gradients across ranks."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import train as train_module
-    from config import Config
-    from distributed import DistInfo
-    from model import ModelArgs, Transformer
-    from stages import Setting, Stage
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=32,
-                                      max_seq_len=16))
-        ddp = DDP(model)
-        reductions = []
-
-        def count(state, bucket):
-            reductions.append(1)
-            fut = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        ddp.register_comm_hook(None, count)
-        cfg = Config(training_precision="fp32", grad_clip=0.0)
-        d = DistInfo(0, 0, 1, torch.device("cpu"))
-        stage = Stage(Setting(cfg, d, 2, None, 64))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        batch = lambda: {"tokens": torch.randint(0, 64, (2, 16)), "targets": torch.randint(0, 64, (2, 16)),
-                         "input_tokens": torch.tensor(32)}
-        stop = types.SimpleNamespace(requested=False)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train_module.train_step(ddp, stage, optimizer, scaler, [batch()], cfg, d, 0.0, stop)
-        once = len(reductions)
-        train_module.train_step(ddp, stage, optimizer, scaler, [batch(), batch(), batch()], cfg, d, 0.0, stop)
-        assert once >= 1 and len(reductions) == 2 * once
-    finally:
-        dist.destroy_process_group()
+    ddp = DDP(torch.nn.Linear(4, 4))
+    for model in (ddp, torch.compile(ddp)):
+        with train_module.gradient_sync(model, enabled=False):
+            assert not ddp.require_backward_grad_sync
+        with train_module.gradient_sync(model, enabled=True):
+            assert ddp.require_backward_grad_sync
 
 
 @pytest.mark.parametrize("overrides,args,message", [
@@ -296,6 +328,7 @@ def test_micro_steps_reduce_gradients_only_once_per_step_end_to_end(tmp_path):
     ({"TRAINING_PRECISION": "fp16", "DEVICE": "cpu"}, [], r"TRAINING_PRECISION=fp16 is invalid on CPU.*expected auto, bf16 or fp32"),
     ({"GENERATION_PROMPTS_FILE": "long.txt"}, [], r"prompt 2 has \d+ tokens, but MAX_SEQ_LEN=32 leaves no room"),
 ])
+@pytest.mark.e2e
 def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, args, message):
     env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(tmp_path / "run"), **overrides}
     (tmp_path / "bad.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
@@ -307,6 +340,7 @@ def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, ar
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
 
 
+@pytest.mark.e2e
 def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data):
     run_dir = tmp_path / "run"
     train(write_env(tmp_path / "a.env", token_data, run_dir, MAX_STEPS="1", WARMUP_STEPS="1"))
@@ -317,6 +351,7 @@ def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data):
     assert result.returncode == 2 and "model shape" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, token_data):
     # A learning rate far below float32 resolution leaves the weights, hence the validation loss, unchanged.
     run_dir = tmp_path / "run"
@@ -330,6 +365,7 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, t
     assert (run_dir / "checkpoints" / "step_000001.pt").is_file()
 
 
+@pytest.mark.e2e
 def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, token_data):
     pytest.importorskip("wandb")
     run_dir = tmp_path / "run"
@@ -342,25 +378,6 @@ def test_resumed_run_continues_the_same_offline_wandb_run(tmp_path, token_data):
     assert first_id and len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
     assert read_checkpoint(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])["wandb_run_id"] == first_id
     assert sorted(step_metric(run_dir)) == list(range(1, 7))
-
-
-def test_micro_steps_skip_the_gradient_all_reduce_under_compile_too(tmp_path):
-    """COMPILE wraps the DDP model; the last micro-step alone must reduce gradients across ranks."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import train as train_module
-
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        ddp = DDP(torch.nn.Linear(4, 4))
-        for model in (ddp, torch.compile(ddp)):
-            with train_module.gradient_sync(model, enabled=False):
-                assert not ddp.require_backward_grad_sync
-            with train_module.gradient_sync(model, enabled=True):
-                assert ddp.require_backward_grad_sync
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_model_is_built_on_its_device_not_on_the_host_first():
