@@ -165,11 +165,6 @@ class Config:
             return Path(self.generation_prompts_file)
         return PROJECT_DIR / ("prompts.txt" if self.training_stage == "pretrain" else "chat_prompts.txt")
 
-    @property
-    def data_dir(self) -> str:
-        return {"pretrain": self.pretrain_data_dir, "sft": self.instruct_data_dir, "dpo": self.dpo_data_dir}[
-            self.training_stage]
-
     def validate(self) -> "Config":
         """Check every constraint in one place; raises ConfigError naming the key."""
 
