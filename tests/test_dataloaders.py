@@ -1,4 +1,5 @@
-"""PretrainDataLoader against real shard files in tmp_path, checked with plain numpy slicing."""
+"""The loaders against real shard files in tmp_path: PretrainDataLoader checked with plain numpy slicing, the
+pair loader with Meta's tokenizer."""
 
 from __future__ import annotations
 
@@ -300,3 +301,31 @@ def test_state_with_a_position_past_the_epoch_is_refused(tmp_path):
     state = loader.state_dict() | {"position": 51}
     with pytest.raises(DataError, match="position=51 but epoch 0 .* has only 50"):
         loader.load_state_dict(state)
+
+
+# ---- preference pairs --------------------------------------------------------------------------------------
+def test_the_pair_loader_puts_each_pairs_chosen_response_first_and_its_rejected_one_second(tmp_path):
+    """Asymmetric on purpose: a loader that read the rejected sequence first would train the opposite preference
+    while every symmetric check (log 2 at the start, resume, 2 ranks = 1) still passed. The responses are
+    tokenized independently, by Meta's own tokenizer."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    from dataloaders import PairDataLoader
+    from load_dpo_dataset import prepare_dpo_dataset
+    from load_instruct_dataset import ChatSource
+
+    rows = [{"prompt": f"Name colour number {i}.", "chosen": f"Colour {i} is blue", "rejected": f"red {i}"}
+            for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_dpo_dataset([ChatSource(files=[str(tmp_path / "pairs.jsonl")])], tmp_path / "dpo", max_seq_len=64,
+                        val_fraction=0.0, show_progress=False)
+    meta = MetaTokenizer.get_instance()
+    response = lambda text: tuple(meta.encode(text, bos=False, eos=False) + [meta.special_tokens["<|eot_id|>"]])
+    expected = sorted((response(r["chosen"]), response(r["rejected"])) for r in rows)
+
+    loader = PairDataLoader(str(tmp_path / "dpo"), "train", 1, 64, shuffle=False)  # val_fraction 0: all of them
+    got = []
+    for _ in range(loader.num_samples):
+        chosen, rejected = loader.next_batch()["targets"]  # (2, T): the pair's chosen row, then its rejected row
+        got.append((tuple(chosen[chosen != -100].tolist()), tuple(rejected[rejected != -100].tolist())))
+    assert sorted(got) == expected

@@ -7,6 +7,7 @@ import math
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,6 +266,29 @@ def test_dpo_micro_batches_weigh_as_one_big_batch_of_pairs(data, tok):
     metrics, got = step_with_sgd(model, stage, small, stage.cfg)
     assert_close(got, expected, tol=1e-4)
     assert metrics["units"] == 3 and metrics["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_ipo_through_the_stage_averages_each_response_over_its_own_length(data, tok):
+    """IPO divides each log-ratio by its own response's length: on pairs whose chosen and rejected responses
+    differ in length, a stage that swapped the two lengths would give another loss."""
+    loader = pair_loader(data, tok)
+    sizes = loader.data.lengths  # sequence 2p is pair p's chosen one, 2p + 1 its rejected one
+    batch = loader.batch_of(np.array([p for p in loader.fitting_pairs if sizes[2 * p] != sizes[2 * p + 1]][:4]))
+    B = batch["pair_index"].numel()
+    lengths = (batch["targets"] != -100).sum(-1).double()
+    assert B == 4 and (lengths[:B] != lengths[B:]).all()
+    model = tiny_model(tok, seed=1)
+    stage = dpo_stage(data, tok, model, dpo_loss="ipo", dpo_beta=0.5)
+    with torch.no_grad():
+        loss, _ = stage.loss(model, batch)
+        ratios = naive_logps(model, batch).double() - naive_logps(stage.reference, batch).double()  # (2B,)
+
+    def ipo(chosen_lengths, rejected_lengths):
+        delta = ratios[:B] / chosen_lengths - ratios[B:] / rejected_lengths
+        return ((delta - 1 / (2 * 0.5)) ** 2).sum().item()
+
+    assert loss.item() == pytest.approx(ipo(lengths[:B], lengths[B:]), rel=1e-5)
+    assert ipo(lengths[:B], lengths[B:]) != pytest.approx(ipo(lengths[B:], lengths[:B]), rel=1e-3)
 
 
 def test_precomputed_reference_gives_the_live_references_losses(data, tok):
