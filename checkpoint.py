@@ -422,6 +422,58 @@ def tokenizer_path_for(path: str | Path) -> Optional[str]:
     return None
 
 
+def _token_bytes(tokenizer) -> list[Optional[bytes]]:
+    """Each id's bytes (None for an id the tokenizer lacks): two tokenizers with equal tables read the same ids
+    as the same text."""
+    table = []
+    for i in range(tokenizer.n_words):
+        try:
+            table.append(tokenizer.decode_token_bytes(i))
+        except (KeyError, ValueError):
+            table.append(None)
+    return table
+
+
+def check_trained_tokenizer(path: str | Path, tokenizer, where: Optional[str] = None) -> Optional[str]:
+    """Weights only mean something with the tokenizer they were trained with: same ids for the same text.
+
+    A project checkpoint records its tokenizer's sha256, which must be `tokenizer`'s; a Meta or Hugging Face
+    directory carries its tokenizer file, which must give every id of `tokenizer` the same bytes (its sha256 may
+    differ: a tokenizer.json exported from a tokenizer.model reads ids the same way). CheckpointError (one line,
+    starting with `where`, default the path) when they differ; a one-line note when the source carries none."""
+    where = where or str(path)
+    fix = "set TOKENIZER_PATH to the tokenizer these weights were trained with (and prepare the data with it)"
+    if checkpoint_kind(path) == "project":
+        ckpt = read_checkpoint(path)
+        recorded = (ckpt.get("tokenizer") or {}).get("sha256")
+        if recorded is None:
+            return f"{where} records no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
+        if recorded != tokenizer.identity()["sha256"]:
+            raise CheckpointError(f"{where}: trained with another tokenizer ({ckpt.get('tokenizer_path') or '?'}, "
+                                  f"sha256 {recorded[:12]}) than the run's ({tokenizer.path}, sha256 "
+                                  f"{tokenizer.identity()['sha256'][:12]}); {fix}")
+        return None
+    carried = tokenizer_path_for(path)
+    if carried is None:
+        return f"{where} carries no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
+    try:
+        theirs = load_tokenizer(carried)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{where}: its tokenizer {carried} cannot be read as a Llama 3 tokenizer "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if theirs.identity()["sha256"] == tokenizer.identity()["sha256"]:
+        return None
+    ours, other = _token_bytes(tokenizer), _token_bytes(theirs)
+    other += [None] * (len(ours) - len(other))
+    differ = [i for i, b in enumerate(ours) if other[i] != b]
+    if differ:
+        i = differ[0]
+        raise CheckpointError(f"{where}: its tokenizer ({theirs.path}) gives {len(differ)} of the run's "
+                              f"{len(ours)} token ids other bytes than the run's ({tokenizer.path}), e.g. id {i}: "
+                              f"{other[i]!r} there, {ours[i]!r} here; {fix}")
+    return None
+
+
 def checked_tokenizer(path: str | Path, tokenizer_override: Optional[str | Path] = None):
     """The tokenizer for the checkpoint at `path`: `tokenizer_override`, else the one it records or
     carries (tokenizer_path_for), else Meta's default. A project checkpoint records the sha256 of the

@@ -35,8 +35,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
-from checkpoint import (CheckpointError, load_model, local_model_path, read_checkpoint, rope_scaling_note,
-                        save_checkpoint)
+from checkpoint import (CheckpointError, check_trained_tokenizer, load_model, local_model_path, read_checkpoint,
+                        rope_scaling_note, save_checkpoint)
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
@@ -233,13 +233,6 @@ def shape_conflicts(cfg: Config, saved: ModelArgs, vocab_size: int) -> str:
                      for k in wanted if k != "max_seq_len" and k.upper() in cfg.sources and wanted[k] != theirs[k])
 
 
-def check_tokenizer_of(ckpt: dict, path: str, tokenizer) -> None:
-    recorded = ckpt.get("tokenizer", {}).get("sha256")
-    if recorded != tokenizer.identity()["sha256"]:
-        raise CheckpointError(f"{path}: trained with another tokenizer (sha256 {recorded}) than TOKENIZER_PATH "
-                              f"gives ({tokenizer.identity()['sha256']})")
-
-
 @dataclass
 class Initial:
     """The model to train and what it came from."""
@@ -268,8 +261,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     if start.path is None:
         model, init, note = build_model(cfg, vocab_size, device), None, ""
     else:
-        if Path(start.path).is_file():
-            check_tokenizer_of(read_checkpoint(start.path), start.path, tokenizer)
+        tokenizer_note = check_trained_tokenizer(start.path, tokenizer)
         model = starting_weights(start.path, device, cfg.max_seq_len).train()
         if model.args.vocab_size < tokenizer.n_words:
             raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
@@ -283,6 +275,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
             note += f" ({shape_conflicts(cfg, model.args, vocab_size)}: ignored)"
         rope = rope_scaling_note(start.path)
         note += f"; {rope}" if rope else ""
+        note += f"\n{tokenizer_note}" if tokenizer_note else ""
     if settings:
         torch.manual_seed(cfg.seed)  # adapters start identical on every rank
         lora.apply_lora(model, settings)
@@ -293,7 +286,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
 def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
                   settings: Optional[lora.LoRASettings]) -> Initial:
     ckpt = read_checkpoint(start.path)
-    check_tokenizer_of(ckpt, start.path, tokenizer)
+    check_trained_tokenizer(start.path, tokenizer)
     saved_args = ModelArgs.from_dict(ckpt["model_args"], max_seq_len=cfg.max_seq_len)
     if shape_conflicts(cfg, saved_args, vocab_size):
         raise CheckpointError(f"{start.path}: model shape differs: {shape_conflicts(cfg, saved_args, vocab_size)}; "
@@ -328,22 +321,23 @@ def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, devic
     return load
 
 
-def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionChoice, d: DistInfo) -> Transformer:
+def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionChoice, d: DistInfo
+                 ) -> tuple[Transformer, Optional[str]]:
     """Frozen, eval mode, on the student's device; bf16 when asked (or when training in bf16). Under FSDP its
-    blocks are sharded over the ranks (the root stays whole: the loss reads its output weight directly)."""
+    blocks are sharded over the ranks (the root stays whole: the loss reads its output weight directly).
+    Also returns a note when the teacher carries no tokenizer to compare with the student's."""
     auto = torch.bfloat16 if precision.precision == "bf16" else torch.float32
     dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
     path = agreed(lambda: local_model_path(cfg.teacher_model_checkpoint), d)  # a hub name: rank 0 downloads
     path = local_model_path(path)  # the other ranks find it in the hub's cache
+    note = check_trained_tokenizer(path, tokenizer, f"TEACHER_MODEL_CHECKPOINT={cfg.teacher_model_checkpoint}")
     teacher = starting_weights(path, d.device, cfg.max_seq_len, dtype)
     check_teacher(teacher, vocab_size, tokenizer, cfg.teacher_model_checkpoint)
-    if Path(path).is_file():
-        check_tokenizer_of(read_checkpoint(path), path, tokenizer)
     teacher.requires_grad_(False).eval()
     if d.world_size > 1 and cfg.parallelism == "fsdp":
         for layer in teacher.layers:
             fully_shard(layer)
-    return teacher
+    return teacher, note
 
 
 # ---- run state, checkpoints, signals -----------------------------------------------------------------------
@@ -701,7 +695,9 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
                                      "init_identity": str((initial.init or {}).get("sha256") or initial.init)}
                                     if cfg.training_stage == "dpo" else {}))
     if cfg.is_model_distillation:
-        stage = Distillation(stage, load_teacher(cfg, tokenizer, vocab_size, precision, d))
+        teacher, teacher_note = load_teacher(cfg, tokenizer, vocab_size, precision, d)
+        stage = Distillation(stage, teacher)
+        initial.note = "\n".join(filter(None, [initial.note, teacher_note]))
     prompts = read_prompts(cfg, tokenizer, stage.chat)
     train_loader, val_loader = stage.loaders()
     stage.setup(model)

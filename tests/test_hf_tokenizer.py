@@ -133,3 +133,96 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused_at_load(tmp_path):
 def test_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json in"):
         load_tokenizer(tmp_path)
+
+
+# ---- weights carry their tokenizer: it must be the run's, id for id ------------------------------------
+def hf_model_dir(path, tokenizer_json=None):
+    """A tiny Llama with Llama 3's vocabulary as a Hugging Face directory, `tokenizer_json` beside it."""
+    import shutil
+
+    import torch
+
+    from hf_convert import export_hf
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    export_hf(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=128256, multiple_of=32,
+                                    max_seq_len=32, tie_word_embeddings=True)), path)
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def swapped_json(hf_dir, tmp_path_factory):
+    """The same tokenizer.json with the ids of " the" and " and" swapped: same size, other ids."""
+    import json
+
+    data = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġand"] = vocab["Ġand"], vocab["Ġthe"]
+    out = tmp_path_factory.mktemp("swapped") / "tokenizer.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_weights_whose_tokenizer_maps_ids_differently_are_refused_with_one_line(tmp_path, ref, swapped_json):
+    from checkpoint import CheckpointError, check_trained_tokenizer
+
+    model_dir = hf_model_dir(tmp_path / "hf", swapped_json)
+    assert load_tokenizer(model_dir).n_words == ref.n_words  # the sizes agree: only the ids tell
+    with pytest.raises(CheckpointError) as e:
+        check_trained_tokenizer(model_dir, ref)
+    message = str(e.value)
+    the, and_ = ref.encode(" the", bos=False, eos=False), ref.encode(" and", bos=False, eos=False)
+    assert "\n" not in message and str(model_dir) in message and "2 of" in message and "TOKENIZER_PATH" in message
+    assert str(min(the + and_)) in message
+
+
+def test_a_meta_directory_whose_tokenizer_model_maps_ids_differently_is_refused(tmp_path, ref):
+    from checkpoint import CheckpointError, check_trained_tokenizer
+
+    lines = default_tokenizer_path().read_bytes().splitlines()
+    lines[500], lines[501] = lines[500].split()[0] + b" 501", lines[501].split()[0] + b" 500"
+    (tmp_path / "params.json").write_text("{}")
+    (tmp_path / "tokenizer.model").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(CheckpointError, match=r"2 of .* id 500"):
+        check_trained_tokenizer(tmp_path, ref)
+
+
+def test_weights_with_the_same_tokenizer_pass_and_weights_without_one_get_a_note(tmp_path, ref, hf_dir):
+    from checkpoint import check_trained_tokenizer
+
+    assert check_trained_tokenizer(hf_model_dir(tmp_path / "same", hf_dir / "tokenizer.json"), ref) is None
+    note = check_trained_tokenizer(hf_model_dir(tmp_path / "bare"), ref)
+    assert "\n" not in note and str(tmp_path / "bare") in note and "no tokenizer" in note and str(ref.path) in note
+
+
+def test_train_refuses_a_teacher_whose_tokenizer_maps_ids_differently(tmp_path, swapped_json):
+    """The run the review saw finish with no warning: distillation from such a teacher."""
+    import subprocess
+    import sys
+
+    from trainer_runs import ROOT, clean_env, write_env
+
+    env = write_env(tmp_path / "run.env", tmp_path / "no-data", tmp_path / "run", IS_MODEL_DISTILLATION="true",
+                    TEACHER_MODEL_CHECKPOINT=str(hf_model_dir(tmp_path / "hf", swapped_json)))
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env)], capture_output=True,
+                         text=True, env=clean_env(), timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "TEACHER_MODEL_CHECKPOINT=" in out.stderr and "tokenizer" in out.stderr and "2 of" in out.stderr
+
+
+def test_a_start_whose_tokenizer_maps_ids_differently_is_refused_before_its_weights_load(tmp_path, ref,
+                                                                                           swapped_json):
+    import torch
+
+    import train
+    from checkpoint import CheckpointError
+    from config import load_config
+
+    (tmp_path / "empty.env").write_text("")
+    cfg = load_config(str(tmp_path / "empty.env"), {"TRAINING_STAGE": "sft"})
+    start = train.Start(str(hf_model_dir(tmp_path / "hf", swapped_json)), resume=False, flag="pretrain_checkpoint")
+    with pytest.raises(CheckpointError, match=r"2 of .*TOKENIZER_PATH"):
+        train.initial_model(cfg, start, ref, ref.n_words, torch.device("cpu"), None)
