@@ -43,7 +43,7 @@ the base weights came from no file (LoRA from scratch), "base" is None and "mode
 weight. `load_adapter_checkpoint` rebuilds the adapted model; `python lora.py merge` writes a plain
 checkpoint that every tool loads:
 
-    python lora.py merge --checkpoint ADAPTERS.pt [--base BASE] --out MERGED.pt
+    python lora.py merge --checkpoint ADAPTERS.pt [--base BASE] --out MERGED.pt [--overwrite]
 
 Works under DDP without find_unused_parameters (every adapter is used in every forward), under
 FSDP2 (frozen and trainable parameters in one group), with torch.compile (switching adapters off
@@ -467,10 +467,30 @@ def _adapted_from_full_state(state: dict, args: ModelArgs, settings: LoRASetting
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
-def merge_command(checkpoint: str, base: Optional[str], out: str) -> Path:
-    """Adapters + base -> a plain project checkpoint (weights, shape, tokenizer fields)."""
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise LoRAError(f"--out {out} is the adapter checkpoint itself; choose another file")
+def weights_read_by_merge(checkpoint: str | Path, base: Optional[str | Path] = None) -> list[Path]:
+    """The adapter checkpoint and the base under it, and that base's own base when it is an adapter checkpoint
+    too (a LoRA run started from another's adapters), and so on: every file or directory a merge reads."""
+    paths, ckpt = [Path(checkpoint)], read_checkpoint(checkpoint)
+    below = base or (ckpt.get("base") or {}).get("path")
+    while below:
+        paths.append(Path(below))
+        inner = read_checkpoint(below) if Path(below).is_file() else {}
+        below = (inner.get("base") or {}).get("path") if "lora" in inner else None
+    return paths
+
+
+def merge_command(checkpoint: str, base: Optional[str], out: str, overwrite: bool = False) -> Path:
+    """Adapters + base -> a plain project checkpoint (weights, shape, tokenizer fields). Never writes over what
+    it reads (a base written over would make every later resume or merge of the adapters fail), nor over any
+    other existing file unless `overwrite`."""
+    target = Path(out).resolve()
+    for read in weights_read_by_merge(checkpoint, base):
+        read = read.resolve()
+        if target == read or read.is_dir() and target.is_relative_to(read):
+            raise LoRAError(f"--out {out} would write over {read}, which this merge reads (the adapters or a base "
+                            f"under them); choose another file")
+    if Path(out).exists() and not overwrite:
+        raise LoRAError(f"--out {out} already exists; choose another file, or pass --overwrite to replace it")
     ckpt = read_checkpoint(checkpoint)
     model = merge_lora(load_adapter_checkpoint(checkpoint, base))
     extra = {k: ckpt[k] for k in ("tokenizer", "tokenizer_path") if k in ckpt}
@@ -486,9 +506,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     merge.add_argument("--checkpoint", required=True, help="adapter checkpoint written by a LoRA run")
     merge.add_argument("--base", default=None, help="base weights (default: the path the checkpoint records)")
     merge.add_argument("--out", required=True, help="merged checkpoint to write (.pt)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     try:
-        out = merge_command(args.checkpoint, args.base, args.out)
+        out = merge_command(args.checkpoint, args.base, args.out, args.overwrite)
     except (LoRAError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

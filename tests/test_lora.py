@@ -316,6 +316,26 @@ def test_merge_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert len(lines) == 2 and "missing.pt" in lines[0] and "not an adapter checkpoint" in lines[1]
 
 
+
+def test_merge_refuses_an_existing_out_unless_overwrite_and_never_writes_over_its_own_inputs(tmp_path, capsys):
+    base, model = adapted()
+    path = save_base(tmp_path / "base.pt", base)
+    adapters = tmp_path / "adapters.pt"
+    save_checkpoint(adapters, model, **adapter_checkpoint_fields(model, SETTINGS, path))
+    inputs = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (path, adapters)}
+    existing = tmp_path / "merged.pt"
+    existing.write_bytes(b"someone's file")
+    merge = ["merge", "--checkpoint", str(adapters), "--out"]
+    assert lora.main([*merge, str(existing)]) == 2 and existing.read_bytes() == b"someone's file"
+    for target in (path, adapters, tmp_path / "." / "base.pt"):  # with --overwrite too, however spelled
+        assert lora.main([*merge, str(target), "--overwrite"]) == 2
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs} == inputs
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and "--overwrite" in lines[0] and all("reads" in line for line in lines[1:])
+    assert lora.main([*merge, str(existing), "--overwrite"]) == 0
+    x = ids((2, 16), seed=9)
+    assert (logits(load_model(existing), x) - logits(model, x)).abs().max() <= 1e-5
+
 # ---- training setups -------------------------------------------------------------------------------------------
 def loss_and_adapter_grads(model, x, y) -> tuple[torch.Tensor, dict]:
     loss = model(x, y, loss_reduction="sum", return_logits=False)[1]
