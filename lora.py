@@ -493,7 +493,8 @@ def merge_command(checkpoint: str, base: Optional[str], out: str, overwrite: boo
         raise LoRAError(f"--out {out} already exists; choose another file, or pass --overwrite to replace it")
     ckpt = read_checkpoint(checkpoint)
     model = merge_lora(load_adapter_checkpoint(checkpoint, base))
-    extra = {k: ckpt[k] for k in ("tokenizer", "tokenizer_path") if k in ckpt}
+    # The stage it came from (a later run names it by its flag); no step or optimizer: it starts runs as weights.
+    extra = {k: ckpt[k] for k in ("stage", "tokenizer", "tokenizer_path") if k in ckpt}
     provenance = {"adapters": str(Path(checkpoint).resolve()), "base": ckpt.get("base"), "lora": ckpt["lora"]}
     save_checkpoint(Path(out), model, merged_from=provenance, **extra)
     return Path(out)

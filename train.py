@@ -201,7 +201,8 @@ def keep_freed_memory_on_cpu() -> bool:
 @dataclass(frozen=True)
 class Start:
     """What a run starts from: nothing, weights only (another stage's checkpoint, a Meta-format or Hugging Face
-    directory), or a checkpoint of this stage, resumed exactly."""
+    directory, a checkpoint without training state such as a merged one), or a checkpoint of this stage,
+    resumed exactly."""
     path: Optional[str] = None
     resume: bool = False
     flag: str = ""
@@ -217,12 +218,13 @@ class Start:
         if not Path(path).exists():
             raise CheckpointError(f"--{flag} {path}: not found (expected a checkpoint file of this project, a "
                                   f"Meta-format directory or a Hugging Face model directory)")
-        ckpt_stage = read_checkpoint(path).get("stage", "pretrain") if Path(path).is_file() else None
+        ckpt = read_checkpoint(path) if Path(path).is_file() else {}
+        ckpt_stage = ckpt.get("stage", "pretrain") if ckpt else None
         flag_stage = next(stage for stage, f in RESUME_FLAGS.items() if f == flag)
         if ckpt_stage is not None and ckpt_stage != flag_stage:
             raise SetupError(f"--{flag} {path}: this is a {ckpt_stage} checkpoint; pass it as "
                              f"--{RESUME_FLAGS[ckpt_stage]}")
-        return cls(path, resume=flag_stage == cfg.training_stage and ckpt_stage is not None, flag=flag)
+        return cls(path, resume=flag_stage == cfg.training_stage and "step" in ckpt, flag=flag)
 
 
 def shape_conflicts(cfg: Config, saved: ModelArgs, vocab_size: int) -> str:

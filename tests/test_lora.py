@@ -336,6 +336,24 @@ def test_merge_refuses_an_existing_out_unless_overwrite_and_never_writes_over_it
     x = ids((2, 16), seed=9)
     assert (logits(load_model(existing), x) - logits(model, x)).abs().max() <= 1e-5
 
+
+@pytest.mark.parametrize("stage, flag", [("sft", "--instruct_checkpoint"), ("pretrain", "--pretrain_checkpoint")])
+def test_a_merged_checkpoint_keeps_its_stage_and_starts_every_stage_as_weights_only(tmp_path, stage, flag):
+    import train
+    from config import load_config
+
+    base, model = adapted()
+    adapters = tmp_path / "adapters.pt"
+    save_checkpoint(adapters, model, **adapter_checkpoint_fields(model, SETTINGS, save_base(tmp_path / "base.pt", base)),
+                    stage=stage, step=4)  # as train.py writes a LoRA run's checkpoint
+    assert lora.main(["merge", "--checkpoint", str(adapters), "--out", str(tmp_path / "merged.pt")]) == 0
+    assert read_checkpoint(tmp_path / "merged.pt")["stage"] == stage
+    (tmp_path / "empty.env").write_text("")
+    for running in ("pretrain", "sft", "dpo"):
+        cfg = load_config(str(tmp_path / "empty.env"), {"TRAINING_STAGE": running})
+        start = train.Start.from_args(train.parse_args([flag, str(tmp_path / "merged.pt")]), cfg)
+        assert start.path == str(tmp_path / "merged.pt") and not start.resume, running  # no training state to resume
+
 # ---- training setups -------------------------------------------------------------------------------------------
 def loss_and_adapter_grads(model, x, y) -> tuple[torch.Tensor, dict]:
     loss = model(x, y, loss_reduction="sum", return_logits=False)[1]
