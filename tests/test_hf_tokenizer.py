@@ -198,6 +198,7 @@ def test_weights_with_the_same_tokenizer_pass_and_weights_without_one_get_a_note
     assert "\n" not in note and str(tmp_path / "bare") in note and "no tokenizer" in note and str(ref.path) in note
 
 
+@pytest.mark.e2e
 def test_train_refuses_a_teacher_whose_tokenizer_maps_ids_differently(tmp_path, swapped_json):
     """The run the review saw finish with no warning: distillation from such a teacher."""
     import subprocess
