@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tqdm import tqdm
-
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
     EMPTY, MALFORMED, SAMPLE_BY, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line, open_source,
@@ -171,14 +169,8 @@ def train_tokenizer(sources: list[Source], out_dir: str | Path, *, vocab_size: i
     if first is None:
         raise DataPrepError(f"no text to train on in {', '.join(s.label for s in sources)}: {stats.rows} rows read, "
                             f"{stats.empty} empty, {stats.malformed} not text")
-    with tqdm(total=max_bytes or None, unit="B", unit_scale=True, desc="reading", disable=not show_progress,
-              mininterval=0.5) as bar:
-        def counted(texts: Iterable[str]) -> Iterator[str]:
-            for text in texts:
-                bar.update(len(text.encode("utf-8")))
-                yield text
-
-        bpe = train_bpe(counted(itertools.chain([first], texts)), vocab_size, show_progress)
+    # the trainer's own progress bars: documents read, then words, pairs and merges
+    bpe = train_bpe(itertools.chain([first], texts), vocab_size, show_progress)
     write_tokenizer_directory(learned_ranks(bpe), out_dir, overwrite)
     return {"tokenizer": Tokenizer(out_dir / TOKENIZER_FILE), "corpus": stats, "seconds": time.perf_counter() - started}
 
