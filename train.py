@@ -227,12 +227,37 @@ class Start:
         return cls(path, resume=flag_stage == cfg.training_stage and "step" in ckpt, flag=flag)
 
 
+# The .env keys that build a dimension of a shape, and its name; every other dimension is its own key.
+_BUILT_BY = {"ffn_hidden_dim": ("MULTIPLE_OF", "FFN_DIM_MULTIPLIER")}
+_BUILT_NAME = {"ffn_hidden_dim": "an FFN hidden size of"}
+_ROPE_SCALING = ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
+
+
+def built_shape(args: ModelArgs, rope_scaling: bool) -> dict:
+    """The dimensions a shape builds: the FFN hidden size rather than the rule that rounds to it (a Hugging Face
+    import stores whatever multiple_of and multiplier give its intermediate_size), the rope scaling fields only
+    where scaling is on (`rope_scaling`), and no context length (a training setting, not shape)."""
+    shape = {k: v for k, v in asdict(args).items() if k not in ("multiple_of", "ffn_dim_multiplier", "max_seq_len")}
+    shape["ffn_hidden_dim"] = args.ffn_hidden_dim
+    return {k: v for k, v in shape.items() if rope_scaling or k not in _ROPE_SCALING}
+
+
 def shape_conflicts(cfg: Config, saved: ModelArgs, vocab_size: int) -> str:
-    """'DIM=128 (the .env) vs 64 (the checkpoint), ...' for the shape keys that the .env or the environment set
-    explicitly to another value than the checkpoint's; the context length is a training setting, not shape."""
-    wanted, theirs = asdict(model_args(cfg, vocab_size)), asdict(saved)
-    return ", ".join(f"{k.upper()}={wanted[k]} ({cfg.sources[k.upper()]}) vs {theirs[k]} (the checkpoint)"
-                     for k in wanted if k != "max_seq_len" and k.upper() in cfg.sources and wanted[k] != theirs[k])
+    """'DIM=128 (the .env) vs 64 (the checkpoint), ...' for the dimensions that keys the .env or the environment
+    set explicitly build differently from the checkpoint's."""
+    wanted, theirs = (built_shape(a, saved.use_scaled_rope) for a in (model_args(cfg, vocab_size), saved))
+    conflicts = []
+    for dim, value in wanted.items():
+        keys = [k for k in _BUILT_BY.get(dim, (dim.upper(),)) if k in cfg.sources]
+        if not keys or value == theirs[dim]:
+            continue
+        sources = ", ".join(sorted({cfg.sources[k] for k in keys}))
+        if dim in _BUILT_BY:
+            named = ", ".join(f"{k}={getattr(cfg, k.lower())}" for k in keys)
+            conflicts.append(f"{named} ({sources}) build {_BUILT_NAME[dim]} {value} vs {theirs[dim]} (the checkpoint)")
+        else:
+            conflicts.append(f"{keys[0]}={value} ({sources}) vs {theirs[dim]} (the checkpoint)")
+    return ", ".join(conflicts)
 
 
 @dataclass

@@ -249,6 +249,37 @@ def test_project_to_hf_to_project_is_bit_exact(tmp_path):
         assert roundtrip[name].dtype == torch.bfloat16 and torch.equal(roundtrip[name], t), name
 
 
+
+def llama_3_2_1b_config(directory):
+    """Meta's published Llama 3.2 1B shape as transformers writes its config.json (no weights needed)."""
+    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192},
+                max_position_embeddings=131072).save_pretrained(directory)
+    return directory
+
+
+def test_a_hugging_face_shape_matches_an_env_that_names_it_as_meta_does(tmp_path):
+    """A run started from a Hugging Face directory resumes with the .env naming the shape by Meta's FFN rule:
+    shapes compare by what they build. 2048 dims, multiple_of 256, ffn_dim_multiplier 1.5 build
+    256 * ceil(int(1.5 * int(8 * 2048 / 3)) / 256) = 256 * ceil(8191 / 256) = 8192 = intermediate_size."""
+    import train
+    from config import load_config
+
+    saved = model_args_for(llama_3_2_1b_config(tmp_path / "hf"))
+    (tmp_path / "empty.env").write_text("")
+    shape = dict(DIM="2048", N_LAYERS="16", N_HEADS="32", N_KV_HEADS="8", NORM_EPS="1e-5", TIE_WORD_EMBEDDINGS="true",
+                 USE_SCALED_ROPE="true", ROPE_SCALE_FACTOR="32", MULTIPLE_OF="256", FFN_DIM_MULTIPLIER="1.5")
+    assert train.shape_conflicts(load_config(str(tmp_path / "empty.env"), shape), saved, 128256) == ""
+    other = load_config(str(tmp_path / "empty.env"), {**shape, "FFN_DIM_MULTIPLIER": "1.3"})  # 7099 -> 7168
+    conflict = train.shape_conflicts(other, saved, 128256)
+    assert "FFN_DIM_MULTIPLIER=1.3" in conflict and "7168" in conflict and "8192" in conflict
+    scale = train.shape_conflicts(load_config(str(tmp_path / "empty.env"), {**shape, "ROPE_SCALE_FACTOR": "8"}),
+                                  saved, 128256)
+    assert "ROPE_SCALE_FACTOR=8" in scale and "32" in scale
+
 # ---- what is not a usable Llama ---------------------------------------------------------------------------
 def one_line_error(path, match: str) -> str:
     with pytest.raises(CheckpointError, match=match) as info:
