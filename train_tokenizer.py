@@ -34,8 +34,8 @@ from typing import Iterable, Iterator
 
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
-    EMPTY, MALFORMED, SAMPLE_BY, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line, open_source,
-    write_json_atomic,
+    EMPTY, MALFORMED, SAMPLE_BY, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line,
+    open_source, write_json_atomic,
 )
 from load_pretrain_dataset import sources_from_args
 from tokenizer import NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, Tokenizer
