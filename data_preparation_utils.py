@@ -763,6 +763,16 @@ MASK_DTYPE = np.uint8  # 1 where a token is a training target
 OFFSETS_DTYPE = np.int64
 
 
+def sequence_shard_sha256(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> str:
+    """A sequence shard's content hash, recorded as its manifest entry's "sha256": the bytes of its tokens, mask
+    and offsets as stored, in that order. What is derived from the data (DPO's precomputed reference
+    log-probabilities) is keyed by it, so data prepared again under the same names and counts is told apart."""
+    digest = hashlib.sha256()
+    for array in (tokens, mask, offsets):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def sequence_shard_files(split: str, index: int) -> dict[str, str]:
     stem = f"{split}_{index:06d}"
     return {"tokens": f"{stem}.tokens.npy", "mask": f"{stem}.mask.npy", "offsets": f"{stem}.offsets.npy"}
@@ -773,7 +783,8 @@ class SequenceShardWriter(SplitWriter):
     sequences of a preference pair, which a shard never splits) of at most `shard_size` tokens; a
     group larger than that gets a shard of its own. A shard is three files: the sequences' tokens
     concatenated (uint32), their loss mask (uint8, same length) and the offsets where each sequence
-    starts (int64, one more than the sequences: sequence j is tokens[offsets[j]:offsets[j+1]]).
+    starts (int64, one more than the sequences: sequence j is tokens[offsets[j]:offsets[j+1]]); its manifest
+    entry records their content hash (`sequence_shard_sha256`).
 
     At each checkpoint the sequences not yet in a finished shard are saved to `{split}_NNNNNN.pending`
     (an .npz of tokens, mask and lengths, NNNNNN being the shard they will become), rewritten whole
@@ -828,7 +839,8 @@ class SequenceShardWriter(SplitWriter):
         for key, array in (("tokens", tokens), ("mask", mask), ("offsets", offsets)):
             save_npy_atomic(self.directory / files[key], array)
         entry = {**files, "num_sequences": len(self._lengths), "num_tokens": int(len(tokens)),
-                 "num_trained_tokens": int(mask.sum()), "max_token_id": int(tokens.max())}
+                 "num_trained_tokens": int(mask.sum()), "max_token_id": int(tokens.max()),
+                 "sha256": sequence_shard_sha256(tokens, mask, offsets)}
         if self.group_size > 1:
             entry["num_pairs"] = len(self._lengths) // self.group_size
         self.shards.append(entry)

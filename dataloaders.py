@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data_preparation_utils import sequence_shard_sha256
+
 TOKEN_FORMAT = "llama3-token-shards"
 SEQUENCE_FORMAT = "llama3-sequence-shards"
 VERSION = 1
@@ -340,7 +342,8 @@ class SequenceShards:
         self.tokenizer_sha256 = manifest["tokenizer"].get("sha256")
         hint = MAKE_DATA[kind]
         entries = manifest["splits"][split]["shards"]
-        self.paths, self.tokens, self.masks, starts, lengths, shard_of = [], [], [], [], [], []
+        self.recorded_sha256 = [e.get("sha256") for e in entries]  # None in manifests written before it was
+        self.paths, self.tokens, self.masks, self.offsets, starts, lengths, shard_of = [], [], [], [], [], [], []
         for i, e in enumerate(entries):
             path = data_dir / e["tokens"]
             tokens = open_array(path, e["num_tokens"], np.uint32, hint)
@@ -354,6 +357,7 @@ class SequenceShards:
             self.paths.append(path)
             self.tokens.append(tokens)
             self.masks.append(mask)
+            self.offsets.append(offsets)
             starts.append(offsets[:-1])
             lengths.append(np.diff(offsets))
             shard_of.append(np.full(e["num_sequences"], i, dtype=np.int32))
@@ -364,6 +368,12 @@ class SequenceShards:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def content_sha256(self) -> list[str]:
+        """Each shard's content hash, as its manifest entry records it; for data prepared before entries
+        recorded one, computed here (reading every byte)."""
+        return [recorded or sequence_shard_sha256(tokens, mask, offsets) for recorded, tokens, mask, offsets
+                in zip(self.recorded_sha256, self.tokens, self.masks, self.offsets)]
 
     def read(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of sequence j: its tokens but the last, and the next-token targets (int64, masked)."""

@@ -29,13 +29,16 @@ never appears in both (SFT data made from the same conversations splits them the
 
 Output in --out_dir (default DPO_DATA_DIR): sequence shards as load_instruct_dataset.py writes them, with
 sequences 2i (chosen) and 2i+1 (rejected) a pair that no shard splits, and manifest.json (kind
-"preference"). An interrupted run resumes from its last finished shard when started again.
+"preference"). An interrupted run resumes from its last finished shard when started again. The trainer
+keeps precomputed reference log-probabilities beside the data, in reference_logps/; --overwrite removes
+them with the pairs they were computed from.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ from load_instruct_dataset import (
 
 FORMATS = ("auto", "pairs", "messages", "hh")
 DEFAULT_MIN_PROMPT_TOKENS = 32
+REFERENCE_LOGPS_DIR = "reference_logps"  # written by the trainer (stages.DPOStage), derived from these pairs
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -215,6 +219,9 @@ def prepare_dpo_dataset(sources: list[ChatSource], out_dir: str | Path, *, max_s
                       init_args=(pair_row, settings), settings={"min_prompt_tokens": min_prompt_tokens,
                                                                 "system_prompt": system_prompt, "formats": formats},
                       max_seq_len=max_seq_len, exact_answers=exact_answers)
+    derived = Path(out_dir) / REFERENCE_LOGPS_DIR
+    if overwrite and derived.exists():
+        shutil.rmtree(derived)
     return prepare_sequence_shards(job, sources, out_dir, tokenizer_path=tokenizer_path, shard_size=shard_size,
                                    val_fraction=val_fraction, max_tokens=max_tokens, num_workers=num_workers,
                                    overwrite=overwrite, show_progress=show_progress)

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +31,8 @@ from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataL
 from distributed import DistInfo, all_reduce_sum
 from generate import generate_tokens
 from hardware import autocast_context
+from load_dpo_dataset import REFERENCE_LOGPS_DIR
+from lora import is_adapter_key
 from losses import IGNORE_INDEX, chunked_cross_entropy, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
 from model import Transformer, document_attention_mask
 
@@ -174,7 +176,8 @@ class DPOStage(Stage):
 
     def __init__(self, s: Setting, initial_weights, lora_reference: bool, init_identity: str):
         """initial_weights(): a fresh copy of the weights the run started from (a resumed run's reference is
-        its starting point, not the resumed weights); init_identity names them, for the precomputed file."""
+        its starting point, not the resumed weights); init_identity names them (a content hash of their file),
+        for the precomputed file's key beside the weights' own hash."""
         super().__init__(s)
         self.initial_weights, self.lora_reference, self.init_identity = initial_weights, lora_reference, init_identity
         self.reference: Optional[Transformer] = None
@@ -246,15 +249,18 @@ class DPOStage(Stage):
     @torch.no_grad()
     def precomputed(self) -> torch.Tensor:
         """(pairs, 2) reference log-probs of every train and val pair, computed once by all ranks (each its
-        share) and kept beside the data, keyed by the starting weights, the data and the settings that change
-        the figures; a resumed run finds the file and reuses it."""
+        share) and kept beside the data (load_dpo_dataset.py --overwrite removes them with it), keyed by what
+        they depend on: the reference's shape and weights, the pairs' content (the shards' sha256), the
+        autocast precision and MAX_SEQ_LEN (which pairs fit). A resumed run finds the file and reuses it;
+        other weights or data prepared again under the same names get a table of their own."""
         loaders = (self.train_loader, self.val_loader)
-        key = hashlib.sha256(json.dumps([self.init_identity, [x.fingerprint for x in loaders], self.cfg.max_seq_len,
-                                         self.cfg.training_precision]).encode()).hexdigest()[:16]
-        path = Path(self.cfg.dpo_data_dir) / "reference_logps" / f"{key}.npy"
+        model = self.policy if self.lora_reference else self.initial_weights().eval()
+        key = hashlib.sha256(json.dumps([
+            self.init_identity, weights_sha256(model), [[x.split, x.data.content_sha256()] for x in loaders],
+            self.cfg.max_seq_len, self.cfg.training_precision]).encode()).hexdigest()[:16]
+        path = Path(self.cfg.dpo_data_dir) / REFERENCE_LOGPS_DIR / f"{key}.npy"
         if path.is_file():
             return torch.from_numpy(np.load(path))
-        model = self.policy if self.lora_reference else self.initial_weights().eval()
         device = model.tok_embeddings.weight.device
         table = torch.zeros(sum(x.num_pairs for x in loaders), 2, dtype=torch.float64, device=device)
         was_training, loader_batch = self.policy.training, self.train_loader.batch_size
@@ -278,6 +284,18 @@ class DPOStage(Stage):
                 np.save(f, table.numpy())
             os.replace(tmp, path)
         return table
+
+
+def weights_sha256(model: Transformer) -> str:
+    """What a reference computes with: its shape and every weight, by content (the LoRA adapters left out: the
+    reference runs with them off). Reads each byte once, about a second per GB."""
+    digest = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        if not is_adapter_key(name):
+            tensor = tensor.detach().contiguous().cpu()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def adapters_off(model: Transformer):

@@ -329,3 +329,24 @@ def test_the_pair_loader_puts_each_pairs_chosen_response_first_and_its_rejected_
         chosen, rejected = loader.next_batch()["targets"]  # (2, T): the pair's chosen row, then its rejected row
         got.append((tuple(chosen[chosen != -100].tolist()), tuple(rejected[rejected != -100].tolist())))
     assert sorted(got) == expected
+
+
+def test_pairs_prepared_before_shards_recorded_their_hash_load_alike_and_get_it_computed(tmp_path):
+    """The manifest's per-shard "sha256" is optional: an older manifest without it loads, resumes under the same
+    fingerprint, and its content hash is computed from the files instead."""
+    from dataloaders import PairDataLoader
+    from load_dpo_dataset import prepare_dpo_dataset
+    from load_instruct_dataset import ChatSource
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"answer {i}", "rejected": f"no {i}"} for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = prepare_dpo_dataset([ChatSource(files=[str(tmp_path / "pairs.jsonl")])], tmp_path / "dpo",
+                                   max_seq_len=64, val_fraction=0.0, shard_size=300, show_progress=False)["manifest"]
+    current = PairDataLoader(str(tmp_path / "dpo"), "train", 2, 64)
+    for shard in manifest["splits"]["train"]["shards"]:
+        del shard["sha256"]
+    (tmp_path / "dpo" / "manifest.json").write_text(json.dumps(manifest))
+    older = PairDataLoader(str(tmp_path / "dpo"), "train", 2, 64)
+    assert len(current.data.content_sha256()) > 1 and older.data.content_sha256() == current.data.content_sha256()
+    older.load_state_dict(current.state_dict())
+    assert torch.equal(older.next_batch()["tokens"], current.next_batch()["tokens"])

@@ -217,3 +217,34 @@ def test_default_split_matches_the_sft_default_and_the_cli_prepares_it(tmp_path)
     assert sorted(dpo["val"]) == sorted(rendered(m) for m in sft_val)
     assert not {json.dumps(p) for p in dpo["train"]} & {json.dumps(p) for p in dpo["val"]}
     assert sft["stats"]["val"] == manifest["stats"]["val"]
+
+
+# ---- what the trainer keeps beside the data ---------------------------------------------------------------
+
+
+def test_each_shard_records_the_sha256_of_its_tokens_mask_and_offsets(tmp_path):
+    """The content, not the names and counts, identifies the data: DPO's precomputed reference is keyed by it."""
+    import hashlib
+
+    import numpy as np
+
+    rows = list(chat_tasks.preference_rows(chat_tasks.generate(60)))
+    report = prepare([ChatSource(files=[str(write_jsonl(tmp_path / "a.jsonl", rows))])], tmp_path / "out",
+                     val_fraction=0.2)
+    shards = [s for split in ("train", "val") for s in report["manifest"]["splits"][split]["shards"]]
+    assert len(shards) > 2
+    for shard in shards:
+        content = b"".join(np.load(tmp_path / "out" / shard[key]).tobytes() for key in ("tokens", "mask", "offsets"))
+        assert shard["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_overwrite_removes_the_reference_log_probs_computed_from_the_old_pairs(tmp_path):
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}]
+    source = [ChatSource(files=[str(write_jsonl(tmp_path / "a.jsonl", rows))])]
+    prepare(source, tmp_path / "out")
+    table = tmp_path / "out" / ldd.REFERENCE_LOGPS_DIR / "0123456789abcdef.npy"  # as the trainer leaves one
+    table.parent.mkdir()
+    table.write_bytes(b"stale")
+    swapped = [{"prompt": "Capital of France?", "chosen": "Lyon.", "rejected": "Paris."}]
+    prepare([ChatSource(files=[str(write_jsonl(tmp_path / "a.jsonl", swapped))])], tmp_path / "out", overwrite=True)
+    assert not table.parent.exists()

@@ -193,9 +193,12 @@ def pair_loader(data, tok, batch_size=2) -> PairDataLoader:
                           tokenizer_identity=tok.identity(), vocab_size=tok.n_words)
 
 
-def dpo_stage(data, tok, model, **cfg) -> DPOStage:
+def dpo_stage(data, tok, model, reference_seed: int = 0, **cfg) -> DPOStage:
+    """The reference is tiny_model(seed=reference_seed); the caller names it the same whatever its seed, as
+    train.py names every start from scratch: the stage must tell the weights apart by their content."""
     stage = DPOStage(Setting(config(data, **cfg), CPU, 2, tok, tok.n_words),
-                     initial_weights=lambda: tiny_model(tok), lora_reference=False, init_identity="tiny-seed-0")
+                     initial_weights=lambda: tiny_model(tok, seed=reference_seed), lora_reference=False,
+                     init_identity="None")
     stage.loaders()
     stage.setup(model)
     return stage
@@ -301,6 +304,89 @@ def test_precomputed_reference_gives_the_live_references_losses(data, tok):
         with torch.no_grad():
             a, b = live.loss(model, batch), stored.loss(model, batch)
         assert a[0].item() == pytest.approx(b[0].item(), rel=1e-5, abs=1e-6)
+
+
+def prepare_pairs(root: Path, rows: list, **kw) -> Path:
+    (root / "pairs.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    prepare_dpo_dataset([ChatSource(files=[str(root / "pairs.jsonl")])], root / "dpo", max_seq_len=SEQ,
+                        val_fraction=0.1, show_progress=False, **kw)
+    return root / "dpo"
+
+
+def swapped(rows: list) -> list:
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+
+
+def loss_per_pair_with_the_policy_as_reference(data, tok, reference_seed: int = 0) -> tuple[float, float]:
+    """(loss, |chosen reward|) per pair of a precomputing stage whose policy is its own reference: log 2 and 0
+    when the table holds this reference's log-probs of these pairs."""
+    model = tiny_model(tok, seed=reference_seed)
+    stage = dpo_stage(data, tok, model, reference_seed=reference_seed, dpo_precompute_reference=True)
+    batch = stage.train_loader.next_batch()
+    with torch.no_grad():
+        loss, extras = stage.loss(model, batch)
+    pairs = batch["pair_index"].numel()
+    return loss.item() / pairs, abs(extras["reward_chosen"].item()) / pairs
+
+
+def test_re_prepared_pairs_get_their_own_reference_table_even_where_the_old_one_survives(data, tok, tmp_path):
+    """Chosen and rejected swapped: the same shard names and counts, other content."""
+    rows = list(chat_tasks.preference_rows(chat_tasks.generate(40)))
+    run = {"instruct": data["instruct"], "dpo": prepare_pairs(tmp_path, rows)}
+    assert loss_per_pair_with_the_policy_as_reference(run, tok) == pytest.approx((math.log(2), 0), abs=1e-6)
+    cache = run["dpo"] / "reference_logps"
+    old_tables = {p.name: p.read_bytes() for p in cache.glob("*.npy")}
+    assert len(old_tables) == 1
+
+    prepare_pairs(tmp_path, swapped(rows), overwrite=True)
+    assert not cache.exists()  # --overwrite takes the tables of the old pairs with them
+    cache.mkdir()
+    for name, table in old_tables.items():  # and were one left behind, it would not be used
+        (cache / name).write_bytes(table)
+    assert loss_per_pair_with_the_policy_as_reference(run, tok) == pytest.approx((math.log(2), 0), abs=1e-6)
+
+
+def test_a_reference_of_other_weights_on_the_same_pairs_gets_its_own_table(data, tok, tmp_path):
+    run = {"instruct": data["instruct"], "dpo": prepare_pairs(tmp_path, chat_tasks.preference_rows(chat_tasks.generate(40)))}
+    assert loss_per_pair_with_the_policy_as_reference(run, tok, reference_seed=0) == pytest.approx((math.log(2), 0), abs=1e-6)
+    assert loss_per_pair_with_the_policy_as_reference(run, tok, reference_seed=2) == pytest.approx((math.log(2), 0), abs=1e-6)
+    assert len(list((run["dpo"] / "reference_logps").glob("*.npy"))) == 2
+
+
+def test_the_same_reference_on_the_same_pairs_reuses_its_table(data, tok, tmp_path, monkeypatch):
+    """What the table is for: a second run (a resumed one) computes nothing."""
+    run = {"instruct": data["instruct"], "dpo": prepare_pairs(tmp_path, chat_tasks.preference_rows(chat_tasks.generate(40)))}
+    model = tiny_model(tok)
+    first = dpo_stage(run, tok, model, dpo_precompute_reference=True).table
+    monkeypatch.setattr(Transformer, "forward", lambda *a, **k: pytest.fail("the reference ran again"))
+    again = dpo_stage(run, tok, model, dpo_precompute_reference=True).table
+    assert torch.equal(first, again)
+
+
+@pytest.mark.e2e
+def test_train_py_on_re_prepared_pairs_starts_at_log_2(data, tok, tmp_path):
+    """As a user meets it: load_dpo_dataset.py, a DPO run with a precomputed reference, the pairs prepared again
+    with chosen and rejected swapped (--overwrite), another run: its first step is log 2 again, not the old
+    table's loss against the new pairs."""
+    from checkpoint import save_checkpoint
+    from prep_helpers import run_script
+    from trainer_runs import step_metric, train, write_env
+
+    start = tmp_path / "start.pt"
+    save_checkpoint(start, tiny_model(tok, dim=64), stage="sft", step=10, tokenizer=tok.identity(),
+                    tokenizer_path=str(tok.path))
+    rows = list(chat_tasks.preference_rows(chat_tasks.generate(40)))
+    for name, pairs in (("first", rows), ("swapped", swapped(rows))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in pairs))
+        prepared = run_script("load_dpo_dataset.py", tmp_path, "--files", str(tmp_path / f"{name}.jsonl"), "--out_dir",
+                              str(tmp_path / "dpo"), "--max_seq_len", str(SEQ), "--val_fraction", "0.1", "--overwrite")
+        assert prepared.returncode == 0, prepared.stderr
+        env = write_env(tmp_path / f"{name}.env", tmp_path / "no-pretrain-data", tmp_path / name, TRAINING_STAGE="dpo",
+                        DPO_DATA_DIR=str(tmp_path / "dpo"), DPO_PRECOMPUTE_REFERENCE="true", MAX_SEQ_LEN=str(SEQ),
+                        MAX_STEPS="1", WARMUP_STEPS="1", VALIDATION_STEPS="1", INSTRUCT_EVAL_EXAMPLES="0")
+        train(env, "--instruct_checkpoint", str(start))
+        assert step_metric(tmp_path / name)[1] == pytest.approx(math.log(2), abs=1e-5), name
+        assert step_metric(tmp_path / name, "reward_margin")[1] == pytest.approx(0, abs=1e-5), name
 
 
 # ---- distillation ------------------------------------------------------------------------------------------
