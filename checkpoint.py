@@ -1,5 +1,6 @@
 """Reading and writing weights: this project's training checkpoints, Meta's distribution format and
-Hugging Face Llama directories. `load_model(path)` takes any of the three.
+Hugging Face Llama directories. `load_model(path)` takes any of the three, and a LoRA run's adapter
+checkpoint (merged onto its base in memory).
 
 Project format: one `.pt` file holding the unwrapped model's state dict, the model shape, and
 (for training checkpoints) optimizer, step, data-loader and RNG state. Files are written to a
@@ -372,7 +373,11 @@ def rope_scaling_note(path: str | Path, rope_scale_factor: Optional[float] = Non
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
                max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
     """A project checkpoint file, a Meta-format directory or a Hugging Face Llama directory -> Transformer
-    in eval mode (dtype: as stored if None). Weights only: optimizer and training state are not read."""
+    in eval mode (dtype: as stored if None). Weights only: optimizer and training state are not read.
+
+    A LoRA adapter checkpoint gives its base (checked against the content hash it records) with the adapters
+    merged in memory, as PEFT's merge_and_unload does; a base that is itself an adapter checkpoint (a LoRA run
+    started from another's adapters) is read the same way, so every earlier update is merged in order."""
     kind = checkpoint_kind(path)
     if kind == "meta":
         return load_meta_checkpoint(path, device, dtype, max_seq_len or 8192, rope_scale_factor)
@@ -380,9 +385,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
         return load_hf_model_dir(path, device, dtype, max_seq_len, rope_scale_factor)
     ckpt = read_checkpoint(path)
     if "lora" in ckpt:
-        base = (ckpt.get("base") or {}).get("path", "none recorded")
-        raise CheckpointError(f"{path}: a LoRA adapter checkpoint (adapters for the base {base}); merge them first "
-                              f"(python lora.py merge --checkpoint {path} --out MERGED.pt)")
+        import lora  # here: lora.py builds on this module
+
+        try:
+            adapted = lora.load_adapter_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                                   rope_scale_factor=rope_scale_factor)
+        except lora.LoRAError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return lora.merge_lora(adapted).eval()
     with torch.device("meta"):
         model = Transformer(_project_model_args(ckpt, max_seq_len, rope_scale_factor))
     return _assign(model, dict(ckpt["model"]), device, dtype, f"{path}: weights do not fit its model_args")

@@ -1,4 +1,5 @@
-"""Sample from a Llama 3 model: a checkpoint written by train.py, a Meta-format or a Hugging Face directory.
+"""Sample from a Llama 3 model: a checkpoint written by train.py (a LoRA run's adapters are merged onto their
+base in memory), a Meta-format or a Hugging Face directory.
 
     python generate.py --checkpoint PATH --prompt "The capital of France is" --temperature 0
     python generate.py --checkpoint PATH --prompt FILE:prompt.txt --chat --top_p 0.9
@@ -200,7 +201,8 @@ def read_prompt(prompt: str) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a .pt checkpoint from train.py, a Meta-format or a Hugging Face model directory")
+                   help="a .pt checkpoint from train.py (LoRA adapters: merged onto their base), a Meta-format or "
+                        "a Hugging Face model directory")
     p.add_argument("--prompt", default=None,
                    help="prompt text, or FILE:path to read it from a file (with --chat and no prompt: interactive)")
     p.add_argument("--quiet", action="store_true", help="print the completion only, not the prompt before it")

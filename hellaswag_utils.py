@@ -308,7 +308,9 @@ def format_result(result: dict, skipped: int = 0) -> str:
 # ---- command line -------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Meta-format directory or a .pt checkpoint from train.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt checkpoint from train.py (LoRA adapters: merged onto their base), a Meta-format or a "
+                        "Hugging Face directory")
     p.add_argument("--path", default=None, help="local jsonl in HellaSwag's schema (default: the official split)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N well-formed items")
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward (4 rows each)")

@@ -5,8 +5,8 @@
 writes a directory that `transformers` loads with nothing else: `config.json`, `generation_config.json`,
 `model.safetensors` (or shards plus an index), and the tokenizer as `tokenizer.json` +
 `tokenizer_config.json` (Llama 3's chat template). CKPT is anything `checkpoint.load_model` reads: a
-project checkpoint, a Meta-format directory or a Hugging Face directory. With `--peft`, a LoRA adapter
-checkpoint becomes a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to load
+project checkpoint, a Meta-format directory, a Hugging Face directory, or a LoRA adapter checkpoint (exported
+as its base with the adapters merged). With `--peft`, a LoRA adapter checkpoint becomes a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to load
 with `PeftModel.from_pretrained` on the base model exported the same way.
 
 The two layouts differ in names and in one permutation: Meta rotates interleaved pairs of a head's
@@ -375,7 +375,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
-    e.add_argument("--checkpoint", required=True, help="project .pt, Meta-format directory or HF directory")
+    e.add_argument("--checkpoint", required=True,
+                   help="project .pt (a LoRA adapter checkpoint is merged onto its base), Meta-format or HF directory")
     e.add_argument("--out", required=True, help="new directory to write")
     e.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights' dtype (auto: as stored)")
     e.add_argument("--max_shard_size", type=parse_size, default="5GB",
@@ -426,7 +427,7 @@ def _export_adapters(args: argparse.Namespace, checkpoint) -> list[str]:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: not a LoRA adapter checkpoint; drop --peft")
     if ckpt.get("base") is None:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: trained from no base file, so it holds every weight; "
-                                         f"merge it (python lora.py merge) and export without --peft")
+                                         f"export it without --peft (the adapters merged)")
     base = args.base_hf or ckpt["base"]["path"]
     export_peft(ckpt["model"], ckpt["lora"], ModelArgs.from_dict(ckpt["model_args"]), args.out, base)
     lora = ckpt["lora"]

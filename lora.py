@@ -40,8 +40,9 @@ Errors are LoRAError (a ValueError) with a one-line message.
 An adapter checkpoint is a project checkpoint (checkpoint.save_checkpoint) whose "model" holds only
 the adapter tensors, with "lora" (settings.to_dict()) and "base" ({"path", "sha256", "files"}); when
 the base weights came from no file (LoRA from scratch), "base" is None and "model" holds every
-weight. `load_adapter_checkpoint` rebuilds the adapted model; `python lora.py merge` writes a plain
-checkpoint that every tool loads:
+weight. `load_adapter_checkpoint` rebuilds the adapted model; checkpoint.load_model (and so every tool)
+reads an adapter checkpoint as its base with the adapters merged in memory; `python lora.py merge` writes
+that merged model once, as a plain checkpoint:
 
     python lora.py merge --checkpoint ADAPTERS.pt [--base BASE] --out MERGED.pt [--overwrite]
 
@@ -423,23 +424,27 @@ def load_adapter_weights(model: nn.Module, ckpt: dict) -> None:
 
 
 def load_adapter_checkpoint(path: str | Path, base: Optional[str | Path] = None, device: str | torch.device = "cpu",
-                            dtype: Optional[torch.dtype] = None) -> Transformer:
+                            dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                            rope_scale_factor: Optional[float] = None) -> Transformer:
     """An adapter checkpoint -> the adapted Transformer in eval mode.
 
-    The base comes from `base` or the recorded path and must hash as recorded. `dtype` applies to the
-    base weights; adapters stay float32 (see LoRALinear)."""
+    The base comes from `base` or the recorded path and must hash as recorded; an adapter checkpoint as the base
+    is loaded with its own adapters merged (checkpoint.load_model). `dtype` applies to the base weights; adapters
+    stay float32 (see LoRALinear). `max_seq_len` and `rope_scale_factor` override the recorded shape's."""
     ckpt = read_checkpoint(path)
     if "lora" not in ckpt:
         raise LoRAError(f"{path}: not an adapter checkpoint (no 'lora' settings); load it with checkpoint.load_model")
     settings = LoRASettings.from_dict(ckpt["lora"])
-    args = ModelArgs.from_dict(ckpt["model_args"])
+    overrides = {"max_seq_len": max_seq_len, "rope_scale_factor": rope_scale_factor}
+    args = ModelArgs.from_dict(ckpt["model_args"], **{k: v for k, v in overrides.items() if v is not None})
     if ckpt.get("base") is None:
         if base is not None:
             raise LoRAError(f"{path}: holds its own base weights (trained from no base file); drop --base")
         model = _adapted_from_full_state(ckpt["model"], args, settings, device, dtype)
     else:
         base_path = verify_base(ckpt["base"], base)
-        model = load_model(base_path, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+        model = load_model(base_path, device=device, dtype=dtype, max_seq_len=args.max_seq_len,
+                           rope_scale_factor=rope_scale_factor)
         if model.args != args:
             diffs = [f"{k} {v} vs {getattr(model.args, k)}" for k, v in asdict(args).items()
                      if getattr(model.args, k) != v]

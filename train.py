@@ -271,12 +271,8 @@ class Initial:
 
 def starting_weights(path: str, device: torch.device, max_seq_len: int,
                      dtype: torch.dtype = torch.float32) -> Transformer:
-    """Any loadable weights (in float32 by default: master weights); a LoRA run's checkpoint gives its base with
-    the adapters merged in."""
-    if Path(path).is_file() and "lora" in read_checkpoint(path):
-        model = lora.merge_lora(lora.load_adapter_checkpoint(path, device=device, dtype=torch.float32)).to(dtype)
-        model.args = ModelArgs.from_dict(asdict(model.args), max_seq_len=max_seq_len)
-        return model
+    """Any loadable weights, in float32 by default (master weights); a LoRA run's checkpoint gives its base with
+    the adapters merged in (checkpoint.load_model)."""
     return load_model(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
 
 

@@ -183,3 +183,25 @@ def test_generate_refuses_a_tokenizer_other_than_the_checkpoints_with_one_line(t
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert str(altered) in out.stderr and "no longer there" in out.stderr and "--tokenizer" in out.stderr
+
+
+def test_generate_cli_reads_an_adapter_checkpoint_merged_onto_its_base_in_memory(tmp_path, capsys):
+    """As PEFT users do: no merged copy on disk. The reference is transformers' greedy decoding of the model the
+    adapters merge to."""
+    import generate
+    from lora_helpers import adapter_checkpoint_for
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    model = o1_random_(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words,
+                                             multiple_of=32, max_seq_len=64))).eval()
+    adapters = adapter_checkpoint_for(model, tmp_path, tokenizer=tok.identity(), tokenizer_path=str(tok.path))
+    ids = tok.encode("The capital of France is", bos=True, eos=False)
+    x = torch.tensor([ids])
+    out = to_hf(model).generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8,
+                                do_sample=False, pad_token_id=0)
+    expected = tok.decode(out[0, len(ids):].tolist())
+    assert generate.main(["--checkpoint", str(adapters), "--prompt", "The capital of France is", "--temperature", "0",
+                          "--max_new_tokens", "8", "--quiet", "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert capsys.readouterr().out == expected + "\n"

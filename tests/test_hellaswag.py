@@ -351,10 +351,16 @@ def _meta_dir(model: Transformer, tok: Tokenizer, root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("form", ["project checkpoint", "meta directory"])
+@pytest.mark.parametrize("form", ["project checkpoint", "meta directory", "LoRA adapter checkpoint"])
 def test_cli_prints_the_harness_accuracies(form, model, tok, project_checkpoint, fixture_path, examples,
                                                  reference, tmp_path, capsys):
-    path = project_checkpoint if form == "project checkpoint" else _meta_dir(model, tok, tmp_path / "meta")
+    """Adapters are merged onto their base in memory; together they are `model` (tests/lora_helpers.py)."""
+    from lora_helpers import adapter_checkpoint_for
+
+    path = {"project checkpoint": lambda: project_checkpoint,
+            "meta directory": lambda: _meta_dir(model, tok, tmp_path / "meta"),
+            "LoRA adapter checkpoint": lambda: adapter_checkpoint_for(model, tmp_path, tokenizer_path=str(tok.path))
+            }[form]()
     code = main(["--checkpoint", str(path), "--path", str(fixture_path), "--device", "cpu", "--dtype", "fp32",
                  "--batch_size", "4"])
     out = capsys.readouterr().out

@@ -346,8 +346,6 @@ def test_lora_adapters_export_as_peft_and_load_on_the_exported_base(tmp_path):
     lora = {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
     save_checkpoint(tmp_path / "adapters.pt", base, model_state=adapters, lora=lora,
                     base={"path": str(tmp_path / "base.pt"), "sha256": "not checked by the export"})
-    with pytest.raises(CheckpointError, match="a LoRA adapter checkpoint"):
-        load_model(tmp_path / "adapters.pt")
 
     hf_convert.export_hf(load_model(tmp_path / "base.pt"), tmp_path / "base_hf")
     assert hf_convert.main(["export", "--checkpoint", str(tmp_path / "adapters.pt"), "--out", str(tmp_path / "peft"),
@@ -361,3 +359,18 @@ def test_lora_adapters_export_as_peft_and_load_on_the_exported_base(tmp_path):
     adapted = ours_logits(base, tokens)
     assert (adapted - ours_logits(tiny_model(**LLAMA3_ROPE), tokens)).abs().max().item() > 0.1  # adapters matter
     assert (adapted - expected).abs().max().item() <= 1e-5
+
+
+def test_export_without_peft_writes_an_adapter_checkpoint_merged_onto_its_base(tmp_path):
+    """The reference: transformers reading the export, against the model the adapters merge to by hand."""
+    from lora_helpers import adapter_checkpoint_for
+
+    model = tiny_model(**LLAMA3_ROPE)
+    adapters = adapter_checkpoint_for(model, tmp_path)
+    assert hf_convert.main(["export", "--checkpoint", str(adapters), "--out", str(tmp_path / "hf"),
+                            "--no_tokenizer"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours_logits(model, tokens) - expected).abs().max().item() <= 1e-5
