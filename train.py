@@ -289,11 +289,15 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
         if model.args.vocab_size < tokenizer.n_words:
             raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
                                   f"tokenizer's {tokenizer.n_words}")
-        # A content hash where the run will need these weights again (LoRA's base, DPO's reference).
+        # A content hash where the run will need these weights again (LoRA's base, DPO's reference). An adapter
+        # checkpoint is recorded as it is: it records its own base by hash, and load_model merges the chain.
         init = (lora.base_reference(start.path) if settings or cfg.training_stage == "dpo"
                 else {"path": str(Path(start.path).resolve())})
         note = (f"starting from the weights of {start.path} (step 0, fresh optimizer, the data from its start"
                 f"{', best validation reset' if Path(start.path).is_file() else ''}); the model shape is theirs")
+        adapters = read_checkpoint(start.path) if Path(start.path).is_file() else {}
+        if "lora" in adapters:
+            note += f"; its LoRA adapters merged onto {(adapters['base'] or {}).get('path', 'the weights it holds')}"
         if shape_conflicts(cfg, model.args, vocab_size):
             note += f" ({shape_conflicts(cfg, model.args, vocab_size)}: ignored)"
         rope = rope_scaling_note(start.path)

@@ -288,6 +288,53 @@ def test_base_fingerprint_of_a_hugging_face_directory_hashes_its_safetensors(tmp
     assert files and base_fingerprint(tmp_path / "hf") == hashlib.sha256(listing.encode()).hexdigest()
 
 
+
+def test_a_lora_run_started_from_adapters_resumes_merges_and_loads_with_both_updates_merged(tmp_path):
+    """SFT with adapters, then DPO with adapters on it (the README's pipeline shape), through train.py's own
+    start-up functions. The DPO run's base is the SFT adapters, recorded by content hash (and they record
+    theirs): resume, merge and load_model all rebuild base + SFT update + DPO update, computed here by hand."""
+    import train
+    from config import load_config
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, multiple_of=32,
+                     max_seq_len=64)
+    base, sft = adapted(args=args)
+    named = dict(tokenizer=tok.identity(), tokenizer_path=str(tok.path))
+    base_path, sft_path, dpo_path = save_base(tmp_path / "base.pt", base, **named), tmp_path / "sft.pt", tmp_path / "dpo.pt"
+    save_checkpoint(sft_path, sft, **adapter_checkpoint_fields(sft, SETTINGS, base_path), stage="sft", step=4, **named)
+    (tmp_path / "dpo.env").write_text("TRAINING_STAGE=dpo\nLORA_ENABLED=true\nLORA_RANK=4\nLORA_ALPHA=12\n"
+                                      "LORA_DROPOUT=0\nMAX_SEQ_LEN=64\n")
+    cfg = load_config(str(tmp_path / "dpo.env"))
+    settings, cpu = LoRASettings.from_config(cfg), torch.device("cpu")
+    start = train.Start.from_args(train.parse_args(["--instruct_checkpoint", str(sft_path)]), cfg)
+    initial = train.initial_model(cfg, start, tok, tok.n_words, cpu, settings)
+    with torch.no_grad():  # "trained": the DPO adapters move away from zero
+        for _, m in lora.lora_modules(initial.model):
+            m.lora_b.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    # as train.save_training_checkpoint writes it
+    save_checkpoint(dpo_path, initial.model, **adapter_checkpoint_fields(initial.model, settings, initial.init),
+                    stage="dpo", step=1, init=initial.init, **named)
+    assert read_checkpoint(dpo_path)["base"]["sha256"] == hashlib.sha256(sft_path.read_bytes()).hexdigest()
+
+    expected = {k: v.clone() for k, v in base.state_dict().items()}
+    for path in (sft_path, dpo_path):  # W + 3 B A per adapter checkpoint, in order
+        state = read_checkpoint(path)["model"]
+        for key in [k for k in state if k.endswith(".lora_a.weight")]:
+            stem = key.removesuffix(".lora_a.weight")
+            expected[stem + ".weight"] += 3.0 * state[stem + ".lora_b.weight"] @ state[key]
+    x = ids((2, 16), seed=20, vocab=args.vocab_size)
+    base.load_state_dict(expected)
+    want = logits(base, x)
+
+    resume = train.Start.from_args(train.parse_args(["--dpo_checkpoint", str(dpo_path)]), cfg)
+    assert resume.resume
+    resumed = train.resumed_model(cfg, resume, tok, tok.n_words, cpu, settings).model
+    assert lora.main(["merge", "--checkpoint", str(dpo_path), "--out", str(tmp_path / "merged.pt")]) == 0
+    for model in (resumed.eval(), load_model(tmp_path / "merged.pt"), load_model(dpo_path)):
+        assert (logits(model, x) - want).abs().max() <= 1e-5
+
 # ---- merge CLI ----------------------------------------------------------------------------------------------
 def test_merge_cli_writes_a_plain_checkpoint_that_load_model_reads_with_the_adapted_logits(tmp_path):
     from tokenizer import load_tokenizer
