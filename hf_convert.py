@@ -128,6 +128,23 @@ def hf_rope(args: ModelArgs) -> Optional[dict]:
             "original_max_position_embeddings": args.rope_original_max_seq_len}
 
 
+# Meta publishes its Llama 3.1-style models (3.1, 3.2, 3.3: rope scaling from an original 8192) for this context.
+META_SCALED_CONTEXT = 131072
+
+
+def supported_context(args: ModelArgs) -> int:
+    """max_position_embeddings for an export: the context the model supports, not the window it was last trained
+    at (a Llama 3.2 fine-tuned at 64 tokens is still a long-context model). Llama 3.1-style rope scaling stretches
+    RoPE's long wavelengths by `factor` past the original context: original x factor, except for Meta's own
+    family (original 8192), published for 131072 whatever the factor (8 for 3.1, 32 for 3.2). Plain RoPE: only
+    the context it was trained at is known."""
+    if not args.use_scaled_rope:
+        return args.max_seq_len
+    original = args.rope_original_max_seq_len
+    stretched = META_SCALED_CONTEXT if original == 8192 else int(original * args.rope_scale_factor)
+    return max(args.max_seq_len, stretched)
+
+
 def hf_config_dict(args: ModelArgs, dtype: torch.dtype, bos_id: int = 128000,
                    eos_ids: Sequence[int] = (128001,), max_position_embeddings: Optional[int] = None) -> dict:
     """config.json for a `LlamaForCausalLM` of this shape.
@@ -293,7 +310,7 @@ def new_directory(out_dir: Path) -> Iterator[Path]:
 def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None,
               max_shard_bytes: int = 5 * 10**9, max_position_embeddings: Optional[int] = None) -> list[Path]:
     """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory `out_dir`; returns
-    the weight files written."""
+    the weight files written. max_position_embeddings: the model's supported context by default."""
     out_dir = Path(out_dir)
     with new_directory(out_dir) as tmp:
         state = to_hf_state_dict(model.state_dict(), model.args)
@@ -304,7 +321,7 @@ def export_hf(model: Transformer, out_dir: str | Path, tokenizer=None, dtype: Op
         files = save_sharded(state, tmp, max_shard_bytes)
         stop_ids = tokenizer.stop_tokens if tokenizer is not None else [128001, 128008, 128009]
         bos_id = tokenizer.bos_id if tokenizer is not None else 128000
-        max_len = max_position_embeddings or model.args.max_seq_len
+        max_len = max_position_embeddings or supported_context(model.args)
         config = hf_config_dict(model.args, dtype, bos_id, stop_ids, max_len)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")})
@@ -384,7 +401,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     e.add_argument("--tokenizer", default=None, help="tokenizer.model or HF tokenizer dir (default: the checkpoint's)")
     e.add_argument("--no_tokenizer", action="store_true", help="write the model only")
     e.add_argument("--max_seq_len", type=int, default=None,
-                   help="max_position_embeddings (default: the checkpoint's context; 131072 for Meta's 3.1/3.2)")
+                   help="max_position_embeddings (default: the context the model supports: a Hugging Face "
+                        "directory's own, 131072 for Meta's 3.1-3.3, else original x factor with rope scaling, "
+                        "else the context it was trained at)")
     e.add_argument("--rope_scale_factor", type=float, default=None,
                    help="Llama 3.1 rope scaling factor (default: the checkpoint's, or Meta's per family)")
     e.add_argument("--peft", action="store_true",
@@ -399,8 +418,10 @@ def _export_model(args: argparse.Namespace, checkpoint) -> list[str]:
     max_seq_len = args.max_seq_len
     if max_seq_len is None and checkpoint.is_meta_checkpoint_dir(args.checkpoint):
         scaled = checkpoint.model_args_for(args.checkpoint, 8192).use_scaled_rope
-        max_seq_len = 131072 if scaled else 8192  # what Meta's models are published for
+        max_seq_len = META_SCALED_CONTEXT if scaled else 8192  # what Meta's models are published for
     model = checkpoint.load_model(args.checkpoint, max_seq_len=max_seq_len, rope_scale_factor=args.rope_scale_factor)
+    if max_seq_len is None and checkpoint.is_hf_model_dir(args.checkpoint):
+        max_seq_len = model.args.max_seq_len  # its own config's: the base's context as published
     tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
     if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
         raise checkpoint.CheckpointError(

@@ -280,6 +280,29 @@ def test_a_hugging_face_shape_matches_an_env_that_names_it_as_meta_does(tmp_path
                                   saved, 128256)
     assert "ROPE_SCALE_FACTOR=8" in scale and "32" in scale
 
+
+@pytest.mark.parametrize("rope, expected", [
+    (LLAMA3_ROPE, 64 * 32),  # original_max_position_embeddings x factor: the context the scaling stretches to
+    ({**LLAMA3_ROPE, "rope_original_max_seq_len": 8192}, 131072),  # Meta's Llama 3.2 (factor 32): as Meta publishes it
+    ({**LLAMA3_ROPE, "rope_scale_factor": 8.0, "rope_original_max_seq_len": 8192}, 131072),  # and 3.1 (factor 8)
+    ({}, 64)])  # plain RoPE: nothing but the context it was trained at
+def test_export_writes_the_context_the_model_supports_not_the_training_window(tmp_path, rope, expected):
+    import logging
+
+    save_checkpoint(tmp_path / "step.pt", tiny_model(**rope))  # fine-tuned at 64 tokens
+    assert hf_convert.main(["export", "--checkpoint", str(tmp_path / "step.pt"), "--out", str(tmp_path / "hf"),
+                            "--no_tokenizer"]) == 0
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)  # its loggers do not propagate to pytest's
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert hf.config.max_position_embeddings == expected
+    assert not [r.getMessage() for r in records if "position" in r.getMessage()]
+
 # ---- what is not a usable Llama ---------------------------------------------------------------------------
 def one_line_error(path, match: str) -> str:
     with pytest.raises(CheckpointError, match=match) as info:
