@@ -1,16 +1,18 @@
 """Benchmark this project against Hugging Face `transformers` on the same model, weights and batch.
 
     python bench.py                                         # CPU, `small` preset: about 10 minutes on 2 cores
-    python bench.py --device cuda --preset 1b --json bench_gpu_1b.json
+    python bench.py --device cuda --preset 1b --precisions bf16 --skip variants,data_prep --decode_batches 1,16
     python bench.py --preset tiny --quick --json out.json   # seconds: checks that the tool works
 
 What is measured, printed as one table and written with the environment to --json:
 
 - training step (forward, backward, AdamW) of our `Transformer` and of `LlamaForCausalLM` holding the
   same weights, on the same batch, in fp32 and under bf16 autocast: tokens/s, ratio, peak memory, MFU;
-- generation: greedy decoding with our KV cache against `transformers`' `generate`, fp32 and bf16 weights;
+- generation: greedy decoding with our KV cache against `transformers`' `generate`, fp32 and bf16 weights,
+  batch 1 (generate.py's loop) and any --decode_batches (our KV-cache forward in a batched loop);
 - training variants of ours on the same shape against plain pretraining rows: packed SFT rows, LoRA, DPO with
-  a live and a precomputed reference, distillation from a wider teacher (tokens/s and peak memory);
+  a live and a precomputed reference, distillation from a wider teacher (tokens/s and peak memory), each
+  through its stage's own loss in stages.py, on a batch laid out as that stage's loader lays it out;
 - data preparation: the shard writer (`prepare_pretrain_dataset`) with 1 and 2 worker processes against
   a plain single-process tiktoken loop over the same documents, and that loop split over 2 processes
   (the most 2 processes get out of the machine: the ceiling for the writer's scaling).
@@ -29,7 +31,7 @@ Method
   (older `transformers` without it get a T+1 window and score T positions: see `hf_loss_positions`),
   and `use_cache=False`, as in any training loop. Ours runs `model(x, y, return_logits=False)`, the
   trainer's fused chunked output layer + cross-entropy. Both use the trainer's `build_optimizer`.
-- Generation: tokens/s = new tokens / wall time of the whole call, prompt included, batch 1, eager. The
+- Generation: tokens/s = new tokens (all rows) / wall time of the whole call, prompt included, eager. The
   first call is timed apart: ours reorders its weights for the CPU kernels then, once per set of weights.
 - Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock. Its
   "after start-up" ratio counts each writer run from the moment every worker has returned a batch.
@@ -66,13 +68,15 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from config import Config
-from generate import generate_tokens
+from dataloaders import trained_rows
+from distributed import DistInfo
+from generate import cpu_decode_kernels, generate_tokens
 from hf_convert import to_hf
 import lora
-from losses import chunked_distillation_loss, dpo_loss
+from losses import IGNORE_INDEX
 from model import PRESETS as MODEL_PRESETS
-from model import ModelArgs, Transformer, document_attention_mask
-from stages import reference_dtype, sequence_logps
+from model import ModelArgs, Transformer
+from stages import Distillation, DPOStage, Setting, SFTStage, Stage
 import hardware
 from hardware import datasheet_peak, plausible_mfu
 from train import build_optimizer
@@ -83,7 +87,7 @@ KINDS = ("ours", "hf")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DPO_REFERENCE_DTYPE = reference_dtype(Config().dpo_reference_dtype, Config())  # what a user's DPO run holds
+SECTIONS = ("generate", "variants", "data_prep")  # besides the training step, which every run measures
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class ModelRunner:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.peak_resettable = True
         self.first_loss: Optional[float] = None  # before any update: shows both start from the same point
+        self.generation_precision: Optional[str] = None
 
     def _build(self) -> torch.nn.Module:
         """The same weights in both processes: our seeded initialisation, converted for HF."""
@@ -268,28 +273,53 @@ class ModelRunner:
         return {"peak_bytes": peak, "includes_setup": not self.peak_resettable, "first_loss": first_loss}
 
     # ---- generation ----
-    def setup_generation(self, precision: str) -> None:
-        self.model = self._build().to(DTYPES[precision]).eval()
-        self.prompt = torch.randint(0, LLAMA3_VOCAB, (self.plan.prompt_len,),
-                                    generator=torch.Generator().manual_seed(SEED + 2)).to(self.device)
+    def setup_generation(self, precision: str, batch: int = 1) -> None:
+        if self.model is None or self.generation_precision != precision:  # a new batch size keeps the weights
+            self.model = None
+            gc.collect()
+            self.model, self.generation_precision = self._build().to(DTYPES[precision]).eval(), precision
+        self.prompts = torch.randint(0, LLAMA3_VOCAB, (batch, self.plan.prompt_len),
+                                     generator=torch.Generator().manual_seed(SEED + 2)).to(self.device)
 
     def generate(self) -> dict:
-        """Greedy decoding of exactly `new_tokens` tokens (no stop token) after the prompt."""
+        """Greedy decoding of exactly `new_tokens` tokens (no stop token) after each prompt. Ours: generate.py's
+        loop for one sequence; for a batch, the same KV-cache forward in a batched loop (`greedy_batch`)."""
         n = self.plan.new_tokens
         sync(self.device)
         start = time.perf_counter()
-        if self.kind == "ours":
-            ids = list(generate_tokens(self.model, self.prompt.tolist(), n, stop_ids=[]))
+        if self.kind == "ours" and len(self.prompts) == 1:
+            ids = [list(generate_tokens(self.model, self.prompts[0].tolist(), n, stop_ids=[]))]
+        elif self.kind == "ours":
+            ids = greedy_batch(self.model, self.prompts, n).tolist()
         else:
-            prompt = self.prompt[None]
-            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+            out = self.model.generate(self.prompts, attention_mask=torch.ones_like(self.prompts), max_new_tokens=n,
                                       min_new_tokens=n, do_sample=False, pad_token_id=0)
-            ids = out[0, prompt.shape[1]:].tolist()
+            ids = out[:, self.prompts.shape[1]:].tolist()
         sync(self.device)
-        return {"seconds": time.perf_counter() - start, "new_tokens": len(ids), "ids": ids}
+        return {"seconds": time.perf_counter() - start, "new_tokens": sum(map(len, ids)), "ids": ids}
 
 
-# Training variants of ours on the same shape, each against plain pretraining rows: what a stage costs.
+@torch.inference_mode()
+def greedy_batch(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(B, P) prompts -> (B, new_tokens) greedy ids through the model's KV cache, with no stop token: what a
+    server decoding B requests at once runs (generate.py decodes one sequence at a time)."""
+    B, P = prompts.shape
+    model.setup_cache(batch_size=B, max_seq_len=P + new_tokens)
+    try:
+        with cpu_decode_kernels(model):
+            logits, _ = model(prompts, start_pos=0, logits_to_keep=1)
+            ids = []
+            for pos in range(P, P + new_tokens):
+                ids.append(logits[:, -1].argmax(-1))  # (B,)
+                if len(ids) < new_tokens:
+                    logits, _ = model(ids[-1][:, None], start_pos=pos)
+        return torch.stack(ids, dim=1)
+    finally:
+        model.clear_cache()
+
+
+# Training variants of ours on the same shape, each against plain pretraining rows: what a stage costs. Each
+# runs its stage's own loss from stages.py (the trainer's code path) on a batch laid out as its loader lays it.
 VARIANTS = {
     "packed": "packed SFT rows (document mask)",
     "lora": "LoRA r=16, packed SFT rows",
@@ -298,74 +328,78 @@ VARIANTS = {
     "distill": "distillation, teacher 2x wider",
 }
 CONVERSATION_LENGTHS = (37, 90, 18, 111, 64, 25)  # packed into each row until it is full
+# The share of a conversation's positions that have a target (its answer and closing <|eot_id|>): the embedded
+# default data's, 19k of 173k tokens. Only these meet the output layer in SFT.
+ANSWER_SHARE = 0.11
 
 
-def packed_row(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, document ids) of one row of conversations of CONVERSATION_LENGTHS, cycled."""
-    positions, documents, lengths = [], [], itertools.cycle(CONVERSATION_LENGTHS)
+def packed_row(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions, document ids, trained) of one row of conversations of CONVERSATION_LENGTHS, cycled; each
+    conversation's last ANSWER_SHARE of positions is trained."""
+    positions, documents, trained, lengths = [], [], [], itertools.cycle(CONVERSATION_LENGTHS)
     doc = 0
     while len(positions) < seq_len:
         n = min(next(lengths), seq_len - len(positions))
+        answer = max(1, round(ANSWER_SHARE * n))
         positions += list(range(n))
         documents += [doc] * n
+        trained += [False] * (n - answer) + [True] * answer
         doc += 1
-    return torch.tensor(positions), torch.tensor(documents)
+    return torch.tensor(positions), torch.tensor(documents), torch.tensor(trained)
 
 
 class VariantRunner(ModelRunner):
-    """Ours, set up as one of VARIANTS ("ours:packed", ...): the same weights and batch, another stage's work."""
+    """Ours, set up as one of VARIANTS ("ours:packed", ...): the same weights, the batch that variant's loader
+    would make of the same shape, and its stage's loss (stages.py), divided by the stage's count as the
+    trainer divides it."""
 
     def setup_training(self, precision: str) -> dict:
         info = super().setup_training(precision)
         self.variant = self.kind.split(":", 1)[1]
         B, T = self.x.shape
-        positions, documents = packed_row(T)
-        self.inputs = {}
+        cfg = Config(training_precision=precision, instruct_eval_examples=0)  # no held-out prompts to read
+        setting = Setting(cfg, DistInfo(0, 0, 1, self.device), samples_per_step=B, tokenizer=None,
+                          vocab_size=LLAMA3_VOCAB)
+        batch, targets = {"tokens": self.x}, self.y.clone()
         if self.variant in ("packed", "lora"):
-            self.inputs = {"positions": positions.to(self.device),
-                           "attn_mask": document_attention_mask(documents.expand(B, T).to(self.device))}
+            positions, documents, trained = packed_row(T)
+            targets[:, ~trained.to(self.device)] = IGNORE_INDEX
+            batch |= {"positions": positions.expand(B, T), "document_ids": documents.expand(B, T)}
+            self.stage: Stage = SFTStage(setting)
+        elif self.variant.startswith("dpo"):
+            if B % 2:
+                raise ValueError(f"the DPO variants need an even batch (pairs: chosen rows, then rejected), not {B}")
+            targets[:, : T // 2] = IGNORE_INDEX  # the prompt half of each row is not scored
+            batch["pair_index"] = torch.arange(B // 2)
+            self.stage = DPOStage(setting, initial_weights=self._build, lora_reference=False, init_identity="bench")
+        else:
+            wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
+            with torch.device(self.device):
+                torch.manual_seed(SEED + 3)
+                teacher = Transformer(ModelArgs(**wide)).to(DTYPES[precision]).eval().requires_grad_(False)
+            self.stage = Distillation(Stage(setting), teacher)
+        if self.variant != "distill":  # SFT and DPO loaders list the positions that have a target
+            batch["trained_rows"] = trained_rows(targets.cpu().numpy())
+        self.batch = {k: v.to(self.device) for k, v in {**batch, "targets": targets}.items()}
         if self.variant == "lora":
             torch.manual_seed(SEED)
             lora.apply_lora(self.model, lora.LoRASettings(rank=16, alpha=32.0, dropout=0.05,
                                                           targets=list(lora.VALID_TARGETS)))
             self.optimizer = build_optimizer(self.model, Config(), self.device)
-        dtype = DTYPES[precision]
-        if self.variant.startswith("dpo"):
-            self.y = self.y.clone()
-            self.y[:, : T // 2] = -100  # the prompt half of each row is not scored
-            self.reference_logps = torch.zeros(B, device=self.device)
-            if self.variant == "dpo":
-                self.reference = self._build().to(DPO_REFERENCE_DTYPE).eval().requires_grad_(False)
-        if self.variant == "distill":
-            wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
-            with torch.device(self.device):
-                torch.manual_seed(SEED + 3)
-                self.teacher = Transformer(ModelArgs(**wide)).to(dtype).eval().requires_grad_(False)
+        if self.variant == "dpo_precomputed":  # what DPO_PRECOMPUTE_REFERENCE reads back for these pairs
+            self.stage.table = torch.zeros(B // 2, 2)
+        else:
+            self.stage.setup(self.model)  # DPO: its frozen reference copy, in the trainer's default dtype
+        if self.variant == "dpo":
+            info["reference_dtype"] = DTYPE_NAMES[self.stage.reference.tok_embeddings.weight.dtype]
         gc.collect()
         self.peak_resettable = reset_peak_memory(self.device)
         info["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return info
 
     def _loss(self) -> torch.Tensor:
-        if self.variant in ("packed", "lora"):
-            return self.model(self.x, self.y, return_logits=False, **self.inputs)[1]
-        if self.variant.startswith("dpo"):
-            head = sequence_logps(self.y)
-            if self.variant == "dpo":
-                with torch.no_grad():
-                    reference = self.reference(self.x, head=head).float()
-            else:
-                reference = self.reference_logps
-            policy = self.model(self.x, head=head)
-            half = policy.shape[0] // 2  # rows 0..half-1 chosen, the rest rejected
-            losses, _, _ = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=0.1)
-            return losses.mean()
-        with torch.no_grad():
-            teacher_h = self.teacher.hidden_states(self.x)
-        total, _, _ = self.model(self.x, head=lambda h, w: chunked_distillation_loss(
-            h.flatten(0, 1), w, teacher_h.flatten(0, 1), self.teacher.output.weight, self.y.flatten(),
-            temperature=2.0, alpha=0.5, kind="forward_kl"))
-        return total / self.y.numel()
+        loss, _ = self.stage.loss(self.step_model, self.batch)
+        return loss / self.stage.count(self.batch)
 
 
 def _serve(conn, kind: str, plan: Plan) -> None:
@@ -497,17 +531,19 @@ def bench_training(procs: dict[str, ModelProcess], plan: Plan, precision: str, r
     return out
 
 
-def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str, rounds: Rounds) -> dict:
-    call_both(procs, "setup_generation", precision)
+def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str, rounds: Rounds,
+                     batch: int = 1) -> dict:
+    call_both(procs, "setup_generation", precision, batch)
     # The first call is a warm-up, timed on its own: ours reorders its weights for the CPU kernels there
     # (generate.cpu_decode_kernels), a one-time cost that later calls on the same weights skip.
     first = {kind: p.call("generate") for kind, p in procs.items()}
     runs = alternate({kind: (lambda p=p: p.call("generate")) for kind, p in procs.items()},
                      rounds.generate_warmup - 1, rounds.generate)
-    out: dict = {"prompt_tokens": plan.prompt_len, "new_tokens": plan.new_tokens}
+    out: dict = {"prompt_tokens": plan.prompt_len, "new_tokens": plan.new_tokens, "batch": batch,
+                 "precision": precision}
     for kind in KINDS:
         seconds = [r["seconds"] for r in runs[kind]]
-        out[kind] = {"tokens_per_s": plan.new_tokens / statistics.median(seconds), "seconds": seconds,
+        out[kind] = {"tokens_per_s": batch * plan.new_tokens / statistics.median(seconds), "seconds": seconds,
                      "first_call_seconds": first[kind]["seconds"]}
     out["ratio"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     # Greedy on identical weights: identical ids in fp32 show both decoded the same thing.
@@ -515,10 +551,15 @@ def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str,
     return out
 
 
+def generation_key(precision: str, batch: int) -> str:
+    """report["generate"]'s key: the precision alone for batch 1 (as every saved report has it)."""
+    return precision if batch == 1 else f"{precision}_batch{batch}"
+
+
 def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
     """Each variant against plain pretraining rows of the same shape, alternated in a fresh pair of processes:
     tokens/s (of the rows' positions) and peak memory, each as a ratio to the pretraining rows."""
-    out: dict = {"precision": precision}
+    out: dict = {"precision": precision, "code_path": "stages.py"}
     tokens_per_step = plan.batch * plan.seq_len
     for variant in VARIANTS:
         with model_processes(plan, ("ours", f"ours:{variant}")) as procs:
@@ -535,7 +576,7 @@ def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
                         "trainable": info[f"ours:{variant}"]["trainable"], "params": info["ours"]["params"]}
         out[variant]["memory_ratio"] = out[variant]["peak_memory_mib"] / out[variant]["baseline_peak_memory_mib"]
         if variant == "dpo":
-            out[variant]["reference_dtype"] = DTYPE_NAMES[DPO_REFERENCE_DTYPE]
+            out[variant]["reference_dtype"] = info[f"ours:{variant}"]["reference_dtype"]
     return out
 
 
@@ -718,28 +759,32 @@ def format_table(report: dict) -> str:
         f"{p} ours {t['ours']['first_step_loss']:.4f}, HF {t['hf']['first_step_loss']:.4f}"
         for p, t in report["train"].items() if "not_run" not in t))
 
-    g0 = next(iter(report["generate"].values()))
-    gen_widths = widths[:4] + [13, 20]
-    lines += ["", _row(["generation", "ours tok/s", "HF tok/s", "ratio", "same tokens", "first call ours / HF"],
-                       gen_widths)
-              + f"    greedy, batch 1, {g0['prompt_tokens']}-token prompt + {g0['new_tokens']} new tokens, "
-                f"medians of {rounds['generate']} alternated runs after a first (cold) call"]
-    for precision, g in report["generate"].items():
-        if "not_run" in g:
-            lines.append(_row([f"{precision} weights", "not run"], gen_widths[:2]) + f"    {g['not_run']}")
-            continue
-        lines.append(_row([f"{precision} weights", f"{g['ours']['tokens_per_s']:,.1f}",
-                           f"{g['hf']['tokens_per_s']:,.1f}", f"{g['ratio']:.2f}x",
-                           "yes" if g["same_tokens"] else "no",
-                           f"{g['ours']['first_call_seconds']:.2f} s / {g['hf']['first_call_seconds']:.2f} s"],
-                          gen_widths))
+    generated = [g for g in report.get("generate", {}).values() if "not_run" not in g]
+    if generated:
+        g0, gen_widths = generated[0], widths[:4] + [13, 20]
+        batches = "batch 1, " if all(g.get("batch", 1) == 1 for g in generated) else ""
+        lines += ["", _row(["generation", "ours tok/s", "HF tok/s", "ratio", "same tokens", "first call ours / HF"],
+                           gen_widths)
+                  + f"    greedy, {batches}{g0['prompt_tokens']}-token prompt + {g0['new_tokens']} new tokens, "
+                    f"medians of {rounds['generate']} alternated runs after a first (cold) call"]
+        for key, g in report["generate"].items():
+            precision, _, batch = key.partition("_batch")  # generation_key's inverse
+            label = f"{precision} weights" + (f", batch {batch}" if batch else "")
+            if "not_run" in g:
+                lines.append(_row([label, "not run"], gen_widths[:2]) + f"    {g['not_run']}")
+                continue
+            lines.append(_row([label, f"{g['ours']['tokens_per_s']:,.1f}", f"{g['hf']['tokens_per_s']:,.1f}",
+                               f"{g['ratio']:.2f}x", "yes" if g["same_tokens"] else "no",
+                               f"{g['ours']['first_call_seconds']:.2f} s / {g['hf']['first_call_seconds']:.2f} s"],
+                              gen_widths))
 
     if "variants" in report:
         v = report["variants"]
         var_widths = [34, 10, 10, 7, 9, 9, 7]
         lines += ["", _row([f"training variants, {v['precision']}", "tok/s", "rows tok/s", "speed", "MiB",
                             "rows MiB", "memory"], var_widths)
-                  + "    ours, same weights and shape; each against plain pretraining rows, alternated"]
+                  + "    ours, same weights and shape; each against plain pretraining rows, alternated"
+                  + ("; each stage's own loss (stages.py)" if v.get("code_path") == "stages.py" else "")]
         for variant, label in VARIANTS.items():
             r = v[variant]
             if "reference_dtype" in r:  # runs before 592b83c held a copy in the training dtype, unrecorded
@@ -748,6 +793,8 @@ def format_table(report: dict) -> str:
                                f"{r['speed_ratio']:.2f}x", f"{r['peak_memory_mib']:,.0f}",
                                f"{r['baseline_peak_memory_mib']:,.0f}", f"{r['memory_ratio']:.2f}x"], var_widths))
 
+    if "data_prep" not in report:
+        return "\n".join(lines)
     d = report["data_prep"]
     lines += ["", _row(["data preparation", "tokens/s"], [24, 10])
               + f"    {d['corpus']['tokens']:,} tokens ({d['corpus']['documents']:,} documents), "
@@ -770,6 +817,26 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma-separated subset of `allowed`, for argparse."""
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated batch sizes, e.g. 1,16")
+    return batches
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -780,6 +847,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="torch.compile both models for training (default: on CUDA only)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--precisions", type=_names(PRECISIONS), default=list(PRECISIONS),
+                   help="training and generation precisions to measure (default: fp32,bf16)")
+    p.add_argument("--skip", type=_names(SECTIONS), default=[],
+                   help=f"sections to leave out, of {','.join(SECTIONS)} (the training step always runs)")
+    p.add_argument("--decode_batches", type=_batches, default=[1],
+                   help="generation batch sizes (default: 1); ours decodes a batch through its KV cache")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -799,7 +872,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
 
     skip = precisions_to_run(device)
+    for precision in PRECISIONS:
+        if precision not in args.precisions and skip[precision] is None:
+            skip[precision] = f"not asked for (--precisions {','.join(args.precisions)})"
     running = [p for p in PRECISIONS if skip[p] is None]
+    if not running:
+        print(f"error: no precision to measure: {'; '.join(f'{p}: {why}' for p, why in skip.items())}",
+              file=sys.stderr)
+        return 2
     for precision in PRECISIONS:  # a fresh pair of processes per precision: separate memory peaks
         if skip[precision]:
             print(f"training step, {precision}: not run ({skip[precision]})", file=sys.stderr)
@@ -808,18 +888,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         with model_processes(plan) as procs:
             print(f"training step, {precision} ...", file=sys.stderr)
             report["train"][precision] = bench_training(procs, plan, precision, rounds)
-            if precision == running[-1]:  # generation reuses the last pair: no memory is measured there
-                for gen_precision in PRECISIONS:
-                    if skip[gen_precision]:
-                        report["generate"][gen_precision] = {"not_run": skip[gen_precision]}
-                        continue
-                    print(f"generation, {gen_precision} ...", file=sys.stderr)
-                    report["generate"][gen_precision] = bench_generation(procs, plan, gen_precision, rounds)
-    report["variants"] = bench_variants(plan, running[-1], rounds)
-    print("data preparation ...", file=sys.stderr)
-    report["data_prep"] = bench_data_prep(rounds)
+            if precision == running[-1] and "generate" not in args.skip:  # no memory is measured there
+                bench_all_generation(procs, plan, skip, args.precisions, rounds, args.decode_batches,
+                                     report["generate"])
+    if "variants" not in args.skip:
+        report["variants"] = bench_variants(plan, running[-1], rounds)
+    if "data_prep" not in args.skip:
+        print("data preparation ...", file=sys.stderr)
+        report["data_prep"] = bench_data_prep(rounds)
 
-    train = report["train"]["fp32"]
+    train = report["train"][running[0]]
     report["config"] = {**asdict(plan), "model_args": asdict(plan.model_args()), "vocab_size": LLAMA3_VOCAB,
                         "params": train["ours"]["params"], "flops_per_token": train["flops_per_token"],
                         "rounds": asdict(rounds), "seconds": time.perf_counter() - started}
@@ -830,6 +908,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["table"] = table
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def bench_all_generation(procs: dict[str, ModelProcess], plan: Plan, skip: dict, asked: list[str], rounds: Rounds,
+                         batches: list[int], out: dict) -> None:
+    """Every precision at every batch size, in the pair of processes of the last training precision."""
+    for precision in PRECISIONS:
+        for batch in batches:
+            key = generation_key(precision, batch)
+            if skip[precision]:  # a precision not asked for is left out; one this machine cannot run says why
+                if precision in asked:
+                    out[key] = {"not_run": skip[precision]}
+                continue
+            print(f"generation, {precision}, batch {batch} ...", file=sys.stderr)
+            out[key] = bench_generation(procs, plan, precision, rounds, batch)
 
 
 if __name__ == "__main__":

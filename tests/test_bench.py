@@ -82,3 +82,37 @@ def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     steady = sorted(two / one for one, two in zip(data["writer_1_worker"]["after_start_up_tokens_per_s"],
                                                   data["writer_2_workers"]["after_start_up_tokens_per_s"]))
     assert data["steady_scaling_2_vs_1"] == pytest.approx(steady[len(steady) // 2])
+
+
+def variant(name: str) -> "bench.VariantRunner":
+    runner = bench.VariantRunner(f"ours:{name}", bench.Plan(preset="tiny", device="cpu", batch=2, seq_len=64,
+                                                            compile=False, prompt_len=8, new_tokens=8))
+    runner.setup_training("fp32")
+    return runner
+
+
+def test_packed_sft_variant_trains_only_the_answers_through_the_stage_loss(one_torch_thread):
+    """Independent of the chunked trained-rows head: cross-entropy of the plain forward's full logits, over the
+    positions that have a target."""
+    import torch
+    import torch.nn.functional as F
+
+    runner = variant("packed")
+    batch = runner.batch
+    trained = batch["targets"] != -100
+    assert 0.08 < trained.float().mean().item() < 0.2  # SFT trains the answers: about a tenth of the positions
+    assert torch.equal(batch["trained_rows"], trained.flatten().nonzero().squeeze(1))
+    with torch.no_grad():
+        logits, _ = runner.model(batch["tokens"], **runner.stage.inputs(batch))
+        expected = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+        assert runner._loss().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dpo_variant_scores_responses_only_and_starts_at_log_2(one_torch_thread):
+    import math
+
+    runner = variant("dpo")
+    batch = runner.batch
+    assert (batch["targets"][:, :32] == -100).all() and (batch["targets"][:, 32:] != -100).all()
+    assert batch["pair_index"].tolist() == [0]  # 2 rows: one pair, chosen then rejected
+    assert runner._loss().item() == pytest.approx(math.log(2), abs=1e-6)  # the policy is its own reference
