@@ -346,16 +346,21 @@ def test_re_prepared_pairs_get_their_own_reference_table_even_where_the_old_one_
     assert loss_per_pair_with_the_policy_as_reference(run, tok) == pytest.approx((math.log(2), 0), abs=1e-6)
 
 
+def pairs_run(data, tmp_path) -> dict:
+    return {"instruct": data["instruct"],
+            "dpo": prepare_pairs(tmp_path, list(chat_tasks.preference_rows(chat_tasks.generate(40))))}
+
+
 def test_a_reference_of_other_weights_on_the_same_pairs_gets_its_own_table(data, tok, tmp_path):
-    run = {"instruct": data["instruct"], "dpo": prepare_pairs(tmp_path, chat_tasks.preference_rows(chat_tasks.generate(40)))}
-    assert loss_per_pair_with_the_policy_as_reference(run, tok, reference_seed=0) == pytest.approx((math.log(2), 0), abs=1e-6)
-    assert loss_per_pair_with_the_policy_as_reference(run, tok, reference_seed=2) == pytest.approx((math.log(2), 0), abs=1e-6)
+    run = pairs_run(data, tmp_path)
+    for seed in (0, 2):
+        assert loss_per_pair_with_the_policy_as_reference(run, tok, seed) == pytest.approx((math.log(2), 0), abs=1e-6)
     assert len(list((run["dpo"] / "reference_logps").glob("*.npy"))) == 2
 
 
 def test_the_same_reference_on_the_same_pairs_reuses_its_table(data, tok, tmp_path, monkeypatch):
     """What the table is for: a second run (a resumed one) computes nothing."""
-    run = {"instruct": data["instruct"], "dpo": prepare_pairs(tmp_path, chat_tasks.preference_rows(chat_tasks.generate(40)))}
+    run = pairs_run(data, tmp_path)
     model = tiny_model(tok)
     first = dpo_stage(run, tok, model, dpo_precompute_reference=True).table
     monkeypatch.setattr(Transformer, "forward", lambda *a, **k: pytest.fail("the reference ran again"))
