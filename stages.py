@@ -171,7 +171,14 @@ def sequence_logps(targets: torch.Tensor, rows: Optional[torch.Tensor] = None):
 class DPOStage(Stage):
     """Direct preference optimisation. A batch of B pairs is 2B rows (chosen first) run in one forward;
     the reference is the frozen starting policy: the same model with its LoRA adapters off, a frozen
-    copy, or log-probabilities computed once before training (DPO_PRECOMPUTE_REFERENCE)."""
+    copy, or log-probabilities computed once before training (DPO_PRECOMPUTE_REFERENCE).
+
+    DPO_SFT_WEIGHT w (RPO, Pang et al. 2024) adds w * -log p(chosen | prompt) / (its tokens, <|eot_id|>
+    included) to each pair's loss: the chosen answer's negative log-likelihood averaged over its own tokens,
+    then over pairs like the DPO term, so it weighs the same however pairs split into micro-batches and
+    ranks. TRL's "sft" loss type averages over all chosen tokens of the batch it is given instead: the same
+    for one pair, or for chosen answers of one length; otherwise TRL weighs every token alike, so a long
+    answer counts for more."""
     name, unit, chat = "dpo", "pairs", True
 
     def __init__(self, s: Setting, initial_weights, lora_reference: bool, init_identity: str):
@@ -237,7 +244,7 @@ class DPOStage(Stage):
         logps = policy.detach().float()
         extras = {}
         if self.cfg.dpo_sft_weight:  # RPO: keep the chosen answers likely while pushing the rejected ones down
-            nll = -policy[:B] / lengths[:B].clamp(min=1)  # (B,) mean per chosen token
+            nll = -policy[:B] / lengths[:B].clamp(min=1)  # (B,) each pair's mean over its own chosen tokens
             losses = losses + self.cfg.dpo_sft_weight * nll
             extras["nll_chosen"] = nll.detach().sum()
         return losses.sum(), extras | {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),

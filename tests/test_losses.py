@@ -9,9 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from losses import (IGNORE_INDEX, chunked_cross_entropy, chunked_distillation_loss, chunked_token_logprobs,
                     dpo_loss)
+from trl_reference import trl_dpo_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -318,33 +317,11 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary():
 
 def trl_dpo_on_one_pair(loss_type: str, beta: float, label_smoothing: float, per_token_logps: torch.Tensor,
                         completion_mask: torch.Tensor, ref_chosen: float, ref_rejected: float):
-    """TRL 1.16's DPOTrainer._compute_loss on one pair, called unbound with a stub `self`.
-
-    Building a real DPOTrainer needs a Hugging Face model, a tokenizer, a dataset and accelerate; the
-    method reads only the attributes set on `stub` and, from the model's output, per-token log-probs
-    (2, L) (rows [chosen, rejected], zero outside the response) plus logging-only fields. So the loss,
-    rewards and accuracy below are computed by TRL's own code. One pair per call because TRL returns
-    the mean loss over pairs and logs mean rewards.
-    """
-    from trl import DPOTrainer
-
-    zeros = torch.zeros_like(per_token_logps)
-    outputs = SimpleNamespace(log_probs=per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-    same = lambda x: x
-    stub = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=same, gather_for_metrics=same),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False,
-        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )
-    inputs = dict(input_ids=torch.zeros(completion_mask.shape, dtype=torch.long),
-                  attention_mask=torch.ones_like(completion_mask), completion_mask=completion_mask,
-                  ref_chosen_logps=torch.tensor([ref_chosen], dtype=torch.float64),
-                  ref_rejected_logps=torch.tensor([ref_rejected], dtype=torch.float64))
-    loss = DPOTrainer._compute_loss(stub, lambda **_: outputs, inputs, return_outputs=False)
-    m = stub._metrics["train"]
-    return loss.item(), m["rewards/chosen"][0], m["rewards/rejected"][0], m["rewards/accuracies"][0]
+    """TRL's loss, rewards and accuracy on one pair (TRL returns the mean loss over pairs and logs mean rewards)."""
+    loss, m = trl_dpo_loss([loss_type], [1.0], beta, per_token_logps, completion_mask,
+                           torch.tensor([ref_chosen], dtype=torch.float64),
+                           torch.tensor([ref_rejected], dtype=torch.float64), label_smoothing=label_smoothing)
+    return loss, m["rewards/chosen"][0], m["rewards/rejected"][0], m["rewards/accuracies"][0]
 
 
 def dpo_pairs(P=6, L=9, seed=0):

@@ -499,3 +499,47 @@ def test_dpo_sft_weight_adds_the_chosen_responses_mean_negative_log_likelihood(d
     expected_nll = (-chosen / lengths).sum()
     assert extras["nll_chosen"].item() == pytest.approx(expected_nll.item(), rel=1e-5)
     assert total.item() == pytest.approx(base.item() + 0.7 * expected_nll.item(), rel=1e-5)
+
+
+def naive_token_logps(model, batch) -> torch.Tensor:
+    """(rows, T) log-probs of each target token from the full logits, 0 where there is none."""
+    logp = model(batch["tokens"])[0].float().log_softmax(-1)
+    targets = batch["targets"]
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+
+
+def test_dpo_sft_weight_is_trls_sft_term_on_each_pair_alone_averaged_over_pairs(data, tok):
+    """RPO's term as the RPO paper defines it, each pair's chosen negative log-likelihood over its own length,
+    so it weighs as the DPO term does however pairs split into micro-batches and ranks. TRL's "sft" loss type
+    averages over all chosen tokens of the batch it is given instead: the same on a batch of one pair, not
+    on pairs whose chosen answers differ in length."""
+    from trl_reference import trl_dpo_loss
+
+    loader = pair_loader(data, tok)
+    model = tiny_model(tok, seed=1)
+    # two pairs where the two averages differ: chosen answers of unequal lengths and unequal per-token likelihoods
+    candidates = loader.batch_of(loader.fitting_pairs[:40])
+    C = len(candidates["pair_index"])
+    trained = candidates["targets"][:C] != -100
+    with torch.no_grad():  # only to choose the pairs: the stage's chunked head is cheaper than 80 rows of logits
+        mean_nll = -model(candidates["tokens"], head=DPOStage.head(candidates))[:C] / trained.sum(-1)
+    lengths = trained.sum(-1)
+    short = [i for i in range(C) if lengths[i] == lengths.min()]
+    long = [i for i in range(C) if lengths[i] == lengths.max()]
+    a, b = max(((i, j) for i in short for j in long), key=lambda ij: abs(mean_nll[ij[0]] - mean_nll[ij[1]]))
+    batch = loader.batch_of(loader.fitting_pairs[[a, b]])
+    stage = dpo_stage(data, tok, model, dpo_sft_weight=0.7, dpo_beta=0.3)
+    with torch.no_grad():
+        loss, _ = stage.loss(model, batch)
+        per_token = naive_token_logps(model, batch).double()  # (4, T): chosen rows, then rejected
+        reference = naive_logps(stage.reference, batch).double()
+    mask = torch.cat([torch.zeros(4, 1), (batch["targets"] != -100).float()], dim=1)  # TRL's, prompt column first
+
+    def trl(rows: list[int]) -> float:
+        B = len(rows) // 2
+        return trl_dpo_loss(["sigmoid", "sft"], [1.0, 0.7], 0.3, per_token[rows], mask[rows],
+                            reference[rows[:B]], reference[rows[B:]])[0]
+
+    per_pair = [trl([0, 2]), trl([1, 3])]
+    assert loss.item() / 2 == pytest.approx(sum(per_pair) / 2, rel=1e-5)
+    assert abs(trl([0, 1, 2, 3]) - sum(per_pair) / 2) > 0.1  # TRL's token mean over the batch
