@@ -320,15 +320,14 @@ def print_summary(report: dict, out_dir: Path, num_workers: int) -> None:
 # ---- command line ----------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_source_arguments(parser: argparse.ArgumentParser, mix_help: str) -> None:
+    """The text sources, as this command and train_tokenizer.py take them."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--files", nargs="+", metavar="PATH",
                         help=".txt/.jsonl/.json/.parquet files, directories or globs (default: CPython's docs)")
     source.add_argument("--dataset", help="a Hugging Face dataset, e.g. HuggingFaceFW/fineweb-edu, "
                         "or a local dataset directory")
-    source.add_argument("--mix", metavar="FILE.json", help="a JSON list of sources, each with files or dataset, and "
-                        "optionally weight, max_tokens, text_column, config, split, streaming, sample_by")
+    source.add_argument("--mix", metavar="FILE.json", help=mix_help)
     parser.add_argument("--dataset_config", default=None, help="the dataset's configuration, e.g. sample-10BT")
     parser.add_argument("--split", default="train", help="the dataset's split to read")
     parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
@@ -336,6 +335,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text_column", default="text", help="the column holding the documents (json/parquet/hub)")
     parser.add_argument("--sample_by", choices=SAMPLE_BY, default="document",
                         help="one document per .txt file, per blank-line-separated paragraph, or per line")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser, "a JSON list of sources, each with files or dataset, and optionally weight, "
+                         "max_tokens, text_column, config, split, streaming, sample_by")
     parser.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0: no limit)")
     parser.add_argument("--out_dir", default=None, help="where shards go (default: PRETRAIN_DATA_DIR of the config)")
     parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")

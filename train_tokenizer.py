@@ -34,10 +34,10 @@ from typing import Iterable, Iterator
 
 from config import ConfigError, exit_on_config_error, load_config
 from data_preparation_utils import (
-    EMPTY, MALFORMED, SAMPLE_BY, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line,
+    EMPTY, MALFORMED, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line,
     open_source, write_json_atomic,
 )
-from load_pretrain_dataset import sources_from_args
+from load_pretrain_dataset import add_source_arguments, sources_from_args
 from tokenizer import NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, Tokenizer
 
 BYTE_TOKENS = 256
@@ -180,20 +180,8 @@ def train_tokenizer(sources: list[Source], out_dir: str | Path, *, vocab_size: i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--files", nargs="+", metavar="PATH",
-                        help=".txt/.jsonl/.json/.parquet files, directories or globs (default: CPython's docs)")
-    source.add_argument("--dataset", help="a Hugging Face dataset, e.g. HuggingFaceFW/fineweb-edu, "
-                        "or a local dataset directory")
-    source.add_argument("--mix", metavar="FILE.json", help="a JSON list of sources, as load_pretrain_dataset.py "
-                        "reads it (weights apply; max_tokens do not: there are no tokens yet)")
-    parser.add_argument("--dataset_config", default=None, help="the dataset's configuration, e.g. sample-10BT")
-    parser.add_argument("--split", default="train", help="the dataset's split to read")
-    parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
-                        help="stream the dataset instead of downloading it first")
-    parser.add_argument("--text_column", default="text", help="the column holding the documents (json/parquet/hub)")
-    parser.add_argument("--sample_by", choices=SAMPLE_BY, default="document",
-                        help="one document per .txt file, per blank-line-separated paragraph, or per line")
+    add_source_arguments(parser, "a JSON list of sources, as load_pretrain_dataset.py reads it (weights apply; "
+                         "max_tokens do not: there are no tokens yet)")
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help=f"all tokens: 256 bytes + learned + 256 special (at least {MIN_VOCAB_SIZE})")
     parser.add_argument("--max_bytes", type=int, default=0,
