@@ -159,6 +159,7 @@ def test_interactive_chat_keeps_the_history_resets_it_and_leaves_on_ctrl_d():
     assert "(history cleared)" in out.getvalue()
 
 
+@pytest.mark.e2e
 def test_generate_refuses_a_tokenizer_other_than_the_checkpoints_with_one_line(tmp_path):
     """The recorded tokenizer file is gone and Meta's default differs from it: no silent substitution."""
     import subprocess

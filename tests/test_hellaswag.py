@@ -324,6 +324,7 @@ def project_checkpoint(model, tok, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_two_torchrun_ranks_print_the_single_process_result(project_checkpoint, fixture_path, examples, reference):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(

@@ -336,6 +336,7 @@ def test_a_lora_run_started_from_adapters_resumes_merges_and_loads_with_both_upd
         assert (logits(model, x) - want).abs().max() <= 1e-5
 
 # ---- merge CLI ----------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_merge_cli_writes_a_plain_checkpoint_that_load_model_reads_with_the_adapted_logits(tmp_path):
     from tokenizer import load_tokenizer
 

@@ -132,6 +132,7 @@ def meta_greedy_continuation(ref: MetaTransformer, prompt: list[int], max_new_to
     return out
 
 
+@pytest.mark.e2e
 def test_generate_cli_prints_meta_reference_greedy_continuation(tmp_path, meta_weights):
     ckpt = write_meta_dir(tmp_path / "meta", meta_weights, 2)
     tok = MetaTokenizer.get_instance()
@@ -182,6 +183,7 @@ def reshard_with_meta_code(src: Path, out: Path, world: int) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_more_shards_than_kv_heads_load_like_metas_model(tmp_path, meta_weights):
     # Meta ships at model-parallel size = n_kv_heads (one kv head per shard) and reshards from there, as
     # for Llama 3.1 405B at MP 16: here 2 shards (2 kv heads) -> 4, each kv head on two consecutive shards.
