@@ -125,11 +125,14 @@ class BatchEngine:
             self.width_floor = self.probe_width_floor()
         self._thread.start()
 
-    def stop(self) -> None:
-        """End every sequence with an error event and stop the thread once the current step is done."""
+    def request_stop(self) -> None:
+        """After the current step, end every sequence with an error event and stop (safe in a signal handler)."""
+        self._stopping = True
         with self._wake:
-            self._stopping = True
             self._wake.notify()
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join()
 
