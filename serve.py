@@ -603,7 +603,8 @@ def parse_args(argv: Optional[Seq[str]] = None) -> argparse.Namespace:
     p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                         "(default: the SERVE_API_KEY environment variable; unset: no key)")
-    p.add_argument("--model_name", default=None, help="the model's id in /v1/models and answers (default: --checkpoint)")
+    p.add_argument("--model_name", default=None,
+                   help="the model's id in /v1/models and in answers (default: the --checkpoint path)")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together; more wait in a queue")
     p.add_argument("--max_queue", type=int, default=64, help="sequences that may wait; beyond, requests get 503")
     p.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens a request may ask for")

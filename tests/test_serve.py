@@ -21,58 +21,16 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model
 from generate import pick_dtype, stream_completion, stream_ids
-from model import ModelArgs, Transformer
-from reference_weights import o1_random_
 from serve import main as serve_main, warn_if_exposed
+from serve_helpers import CONTEXT, ROOT, Server, tiny_checkpoint
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
-CONTEXT = 1024
 QUESTION = "What is the capital of France?"
-
-
-def tiny_checkpoint(path: Path) -> Path:
-    tok = Tokenizer()
-    torch.manual_seed(0)
-    model = o1_random_(Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
-                                             multiple_of=32, max_seq_len=CONTEXT)))
-    save_checkpoint(path, model, tokenizer=tok.identity(), tokenizer_path=str(tok.path))
-    return path
-
-
-class Server:
-    """serve.py in its own process; the URL comes from its first line (it listens on --port 0)."""
-
-    def __init__(self, checkpoint: Path, log: Path, *args: str, env: dict | None = None):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(checkpoint),
-                                      "--port", "0", *args], stdout=subprocess.PIPE, stderr=open(log, "w"),
-                                     text=True, env={**os.environ, **(env or {})})
-        self.url = ""
-
-    def wait_ready(self) -> "Server":
-        first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=180)
-        if not first or " at http://" not in first[0]:
-            self.proc.kill()
-            raise RuntimeError(f"serve.py did not start: {first} {self.log.read_text()}")
-        self.url = first[0].split(" at ")[1].split("/ ")[0]
-        return self
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=30).json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +233,9 @@ BAD = {
     "unknown role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "'user'"),
     "content not text": ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "string"),
     "no messages": ({"temperature": 0}, 400, "messages", "required"),
-    "last turn not the user's": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-                                 400, "messages", "end with a user turn"),
+    "last turn not the user's": ({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "x"}]}, 400, "messages",
+                                 "end with a user turn"),
     "prompt longer than the context": ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "context"),
     "max_tokens beyond the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1015}, 400,
                                       "max_tokens", "at most 1013"),
