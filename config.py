@@ -104,8 +104,9 @@ class Config:
     dpo_beta: float = _f(0.1, "DPO beta: strength of the pull towards the reference model")
     dpo_loss: str = _f("sigmoid", "sigmoid (DPO) | ipo")
     dpo_label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability that a preference label is flipped")
-    dpo_sft_weight: float = _f(0.0, "Adds this times the chosen response's mean negative log-likelihood to each pair's "
-                                     "loss (RPO; TRL's 'sft' loss term), so the chosen answers stay likely")
+    dpo_sft_weight: float = _f(0.0, "RPO: adds this times -log p(chosen) / (its tokens) to each pair's loss, averaged "
+                                     "over pairs like the DPO loss, so the chosen answers stay likely (TRL's 'sft' "
+                                     "averages over all chosen tokens of a batch: the same only for equal lengths)")
     dpo_precompute_reference: bool = _f(False, "Compute the reference log-probs once before training (stored beside "
                                                "the data) instead of holding a reference model")
     dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: fp32, "
