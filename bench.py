@@ -707,14 +707,22 @@ def bench_data_prep(rounds: Rounds) -> dict:
 
 
 # ---- environment, table, command line ------------------------------------------------------------------
+def git_commit() -> Optional[str]:
+    """HEAD's short hash; GIT_COMMIT where the tree is a copy without git (a lent GPU machine)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        out = None
+    return (out.stdout.strip() if out and out.returncode == 0 else "") or os.environ.get("GIT_COMMIT") or None
+
+
 def environment(device: torch.device) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": hardware.cpu_model(), "cpu_native_bf16": hardware.cpu_has_native_bf16(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
-        "git_commit": commit.stdout.strip() or None, "load_average_start": os.getloadavg()[0],
+        "git_commit": git_commit(), "load_average_start": os.getloadavg()[0],
         # the allocator decides how often big tensors are page-faulted afresh: a large share of CPU step time
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD", "OMP_"))},
     }

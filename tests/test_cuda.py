@@ -236,8 +236,9 @@ def test_fp16_loss_scaling_skips_a_non_finite_step_and_recovers(data, tok):
 @pytest.fixture
 def one_rank(tmp_path):
     """A one-rank process group of the device's backend, in this process (train.py shards only from 2 ranks)."""
+    device_id = torch.device("cuda", torch.cuda.current_device()) if ON_CUDA else None  # NCCL binds an index
     dist.init_process_group("nccl" if ON_CUDA else "gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
-                            rank=0, world_size=1, device_id=DEVICE if ON_CUDA else None)
+                            rank=0, world_size=1, device_id=device_id)
     yield
     import gc
 
