@@ -66,7 +66,8 @@ def shapes(dry_run: bool) -> Shape:
                       "WARMUP_STEPS": "2", "VALIDATION_STEPS": "2"}, steps=8, resume_at=4)
     return Shape(("--device", "cuda", "--preset", "1b"),
                  {**_env_keys(PRESETS["llama3.2-1b"]), "MAX_SEQ_LEN": "2048", "MAX_BATCH_SIZE": "2",
-                  "TOTAL_BATCH_SIZE": "4096", "WARMUP_STEPS": "20", "VALIDATION_STEPS": "4"}, steps=200, resume_at=100)
+                  "TOTAL_BATCH_SIZE": "4096", "WARMUP_STEPS": "20", "MAX_LR": "3e-4", "MIN_LR": "3e-5",
+                  "VALIDATION_STEPS": "4"}, steps=200, resume_at=100)
 
 
 def _env_keys(model_args: dict) -> dict:
