@@ -32,16 +32,19 @@ from model import Attention, KVCache, Transformer, apply_rope, rope_cos_sin, rop
 
 
 # ---- product kernels --------------------------------------------------------------------------------------
-def onednn_kernel(weight: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """x -> x @ weight.T through oneDNN with a reordered copy of `weight` (bf16 or float32), or None.
+def onednn_kernel(weight: torch.Tensor, rows: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """x -> x @ weight.T through oneDNN with a copy of `weight` reordered for batches of about `rows` rows
+    (bf16 or float32), or None.
 
-    generate.py's decode kernels use the same oneDNN op for bf16 (so bf16 answers match it bit for bit)
-    but MKL for float32, which is fastest for one row and several times slower for 2-8 rows on AMD CPUs."""
+    generate.py's decode kernels use the same oneDNN op for bf16 (reordered for one row; on this project's
+    shapes the products come out bit for bit the same) but MKL for float32, fastest for one row and 4-5x
+    slower for 2-8 rows on an AMD EPYC. Reordered for 8 rows, oneDNN's float32 product took 12 ms for one
+    row or eight of the quick-start output layer (MKL: 8 and 38 ms), bf16 6 ms (reordered for one: 7 and 8)."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32) \
             or not torch.backends.mkldnn.is_available():
         return None
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         kernel = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
         probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         # PyTorch-internal ops (what inductor's weight prepacking emits): trusted only if they match F.linear.
@@ -53,12 +56,12 @@ def onednn_kernel(weight: torch.Tensor) -> Optional[Callable[[torch.Tensor], tor
 
 
 @torch.no_grad()
-def use_onednn_linears(model: nn.Module) -> int:
+def use_onednn_linears(model: nn.Module, rows: int) -> int:
     """Route every plain bias-free CPU nn.Linear of a model that serves (and never trains) through
     `onednn_kernel`, for good; returns how many. The copies cost one more copy of those weights."""
     patched = 0
     for m in model.modules():
-        if type(m) is nn.Linear and m.bias is None and (kernel := onednn_kernel(m.weight.detach())) is not None:
+        if type(m) is nn.Linear and m.bias is None and (kernel := onednn_kernel(m.weight.detach(), rows)) is not None:
             m.forward = kernel
             patched += 1
     return patched
@@ -72,6 +75,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None  # None: a fresh random seed
+    ignore_stop: bool = False  # run to max_new_tokens through stop ids (benchmarks: answers of known length)
 
 
 class Sequence:
@@ -106,7 +110,7 @@ class BatchEngine:
         self.model, self.stop_ids = model, set(stop_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_embeddings.weight.device
-        self.fast_linears = use_onednn_linears(model)
+        self.fast_linears = use_onednn_linears(model, max_batch)
         self.width_floor: Optional[int] = 1
         self.decode_steps = 0
         self.peak_batch = 0
@@ -240,7 +244,7 @@ class BatchEngine:
         sequence ends here (a stop id, not sent, or its last position)."""
         s = seq.sampling
         token = int(sample_next(logits, s.temperature, s.top_k, s.top_p, seq.generator).item())
-        if token in self.stop_ids:
+        if token in self.stop_ids and not s.ignore_stop:
             seq.caches = []
             seq.on_event("end", "stop")
             return False

@@ -121,6 +121,7 @@ class Generation(Body):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # not OpenAI's, but common (vLLM); 0 = off
+    ignore_eos: bool = False  # not OpenAI's either (vLLM's): decode max_tokens through stop tokens
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Any = Field(None, validate_default=True)
     seed: Optional[int] = None
@@ -362,7 +363,8 @@ class Service:
         prompt_param = "messages" if isinstance(body, ChatRequest) else "prompt"
         budgets = [self.budget(len(p), requested, prompt_param) for p in prompts]
         seeds = [None if body.seed is None else body.seed + k for k in range(body.n)]  # choice k: seed + k
-        sampling = [Sampling(b, body.temperature, body.top_p, body.top_k, seed) for b in budgets for seed in seeds]
+        sampling = [Sampling(b, body.temperature, body.top_p, body.top_k, seed, body.ignore_eos)
+                    for b in budgets for seed in seeds]
         run = Run(self.engine, self.tokenizer, [p for p in prompts for _ in range(body.n)], sampling, body.stop)
         run.prompt_tokens = sum(len(p) for p in prompts)
         run.start()

@@ -157,6 +157,16 @@ def test_a_stop_id_ends_the_sequence_unsent(engine_for):
     assert tokens[0] == free[:free.index(free[4])] and ends[0] == "end:stop"
 
 
+def test_ignore_stop_decodes_through_stop_ids_to_max_new_tokens(engine_for):
+    free = list(generate_tokens(build(torch.float32), prompts(1)[0], 20, stop_ids=[]))
+    engine = engine_for(build(torch.float32), max_batch=2)
+    engine.stop_ids = {free[4]}
+    c = Collector()
+    engine.submit([c.sequence(0, prompts(1)[0], Sampling(20, ignore_stop=True))])
+    tokens, ends = c.run(1)
+    assert tokens[0] == free and ends[0] == "end:length"
+
+
 def test_probe_pads_solo_rows_up_to_where_a_kernel_stops_depending_on_the_batch_size(engine_for):
     model = build(torch.float32)
     engine = BatchEngine(model, stop_ids=[], max_batch=4)
