@@ -24,11 +24,11 @@ from hf_convert import to_hf
 from model import PRESETS as MODEL_PRESETS
 from model import ModelArgs, Transformer, document_attention_mask
 from reference_weights import o1_random_
-from stages import Distillation, DPOStage, Setting, build_stage
-from test_stage_runs import SEQ, close_runs, data, same_run  # noqa: F401  (data is a fixture)
+from stages import Distillation, Setting, build_stage
+from test_stage_runs import SEQ, data  # noqa: F401  (data is a fixture)
 from tokenizer import Tokenizer
 from train import FULL_STATE, build_model, build_optimizer, lr_at, to_device, train_step
-from trainer_runs import make_token_data, train, write_env
+from trainer_runs import close_runs, make_token_data, same_run, train, write_env
 
 DEVICE = torch.device(os.environ.get("TEST_CUDA_DEVICE", "cuda"))
 CPU = torch.device("cpu")

@@ -77,3 +77,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(latest)["model"]
 
 
+def same_run(a: Path, b: Path) -> None:
+    """Bit for bit: every logged figure of every step, and the final weights."""
+    records = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s",
+                                                                                 "step_time_s", "data_share", "mfu")}
+                           for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records(a) == records(b)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def close_runs(a: Path, b: Path, tol: float = 1e-4) -> None:
+    """Equal up to float reassociation: losses, gradient norms and final weights (2 ranks vs 1 process)."""
+    for key in ("loss", "grad_norm"):
+        x, y = step_metric(a, key), step_metric(b, key)
+        assert x.keys() == y.keys() and all(abs(x[s] - y[s]) <= tol * max(1.0, abs(x[s])) for s in x), (key, x, y)
+    wa, wb = final_weights(a), final_weights(b)
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= tol
