@@ -42,7 +42,7 @@ from data_preparation_utils import (
     DataPrepError, EncodedBatch, Mixer, PrepStats, Row, ShardedRun, ShardWriter, Source, batch_rows, build_manifest,
     check_prep_settings, decode_errors_in, encode_documents, exit_on_prep_error, init_encoder,
     keep_datasets_from_importing_torch, load_mix_file, load_prep_tokenizer,
-    open_source, ordered_map, start_or_resume, worker_pool, write_jsonl_atomic,
+    open_source, ordered_map, start_or_resume, with_byte_counts, worker_pool, write_jsonl_atomic,
 )
 
 DEFAULT_SHARD_SIZE = 10_000_000  # 40 MB per shard
@@ -222,7 +222,8 @@ class Preparation(ShardedRun):
         if self.stats.documents == 0:
             raise DataPrepError(f"no usable documents: {sum(p.rows for p in self.progress)} rows read, "
                                 f"{self.stats.empty_documents} empty, {self.stats.malformed_rows} malformed")
-        splits = {split: writer.finish() for split, writer in self.writers.items()}
+        splits = with_byte_counts(self.out_dir, {split: writer.finish() for split, writer in self.writers.items()},
+                                  tokenizer)
         if splits["train"]["num_tokens"] == 0:
             raise DataPrepError(f"no training documents: all {self.stats.documents} went to validation; "
                                 "add data or lower --val_fraction")

@@ -6,6 +6,8 @@ The loop in train.py knows none of it. It asks a stage for
     count(batch)            how many units a micro-batch trains (target tokens; pairs for DPO)
     loss(model, batch)      (summed loss, {name: summed figure}): the loop divides both by the global count
                             over micro-batches and ranks, so every stage weighs its data correctly
+    validation_loss(...)    loss(...) at validation, plus the two sums of bits per byte where the stage's
+                            loss is a cross-entropy over text (`text_sums`)
     evaluate(model, step)   figures beyond the validation loss (exact match of SFT answers, ...)
     prompts / chat          what sample generations start from
 
@@ -35,8 +37,26 @@ from load_dpo_dataset import REFERENCE_LOGPS_DIR
 from lora import is_adapter_key
 from losses import IGNORE_INDEX, chunked_cross_entropy, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
 from model import Transformer, document_attention_mask
+from tokenizer import token_byte_lengths
 
 EXACT_MATCH_FILE = "eval.jsonl"  # written by load_instruct_dataset.py beside the shards
+TEXT_NATS, TEXT_BYTES = "text_nats", "text_bytes"  # validation's sums for bits per byte (train.validate)
+
+
+def text_sums(token_losses: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> dict:
+    """Bits per byte's two sums over a micro-batch: the cross-entropy (nats) of the targets that stand for text,
+    and the UTF-8 bytes of that text; bpb = nats / ln 2 / bytes over all of validation.
+
+    token_losses: (N,) each target's cross-entropy; targets: (N,) ids, IGNORE_INDEX where nothing is trained;
+    byte_lengths: (vocab,) tokenizer.token_byte_lengths. Special tokens (<|begin_of_text|>, <|end_of_text|>,
+    <|eot_id|>, ...) stand for no text: they count 0 bytes and their loss is left out of the nats as well, as
+    nanochat's `evaluate_bpb` (loss_eval.py) does and as lm-evaluation-harness's `bits_per_byte` does by
+    scoring only a document's text. Counting their loss over the text's bytes instead would charge a tokenizer
+    for framing tokens that every tokenizer has, one per document or turn, and the figure would no longer
+    measure how well the text itself is predicted."""
+    valid = targets != IGNORE_INDEX
+    nbytes = torch.where(valid, byte_lengths[targets.clamp(min=0)], 0)
+    return {TEXT_NATS: (token_losses.float() * (nbytes > 0)).sum(), TEXT_BYTES: nbytes.sum().float()}
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,23 @@ class Stage:
         _, loss = model(batch["tokens"], batch["targets"], loss_reduction="sum", return_logits=False,
                         **self.inputs(batch))
         return loss, {}
+
+    def validation_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The same summed cross-entropy from per-token losses (one forward), which also give bits per byte."""
+        rows = batch.get("trained_rows")
+        targets = batch["targets"].flatten() if rows is None else batch["targets"].flatten()[rows]
+        pick = (lambda h: h.flatten(0, 1)) if rows is None else (lambda h: h.flatten(0, 1)[rows])
+        head = lambda h, w: chunked_cross_entropy(pick(h), w, targets, reduction="none")  # noqa: E731
+        token_losses = model(batch["tokens"], head=head, **self.inputs(batch))  # (N,), 0 where ignored
+        return token_losses.sum(), text_sums(token_losses, targets, self.byte_lengths(targets.device))
+
+    def byte_lengths(self, device: torch.device) -> torch.Tensor:
+        """(vocab,) UTF-8 bytes of each id, built once (a pass over the vocabulary, 0.6 s for Meta's 128k)."""
+        table = getattr(self, "_byte_lengths", None)
+        if table is None or table.device != device:
+            table = torch.tensor(token_byte_lengths(self.s.tokenizer), dtype=torch.long, device=device)
+            self._byte_lengths = table
+        return table
 
     def setup(self, model: Transformer) -> None:
         """Extra models or precomputed figures, once the policy model exists (before it is wrapped)."""
@@ -180,6 +217,12 @@ class DPOStage(Stage):
     for one pair, or for chosen answers of one length; otherwise TRL weighs every token alike, so a long
     answer counts for more."""
     name, unit, chat = "dpo", "pairs", True
+
+    def validation_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """No bits per byte: the loss is a preference between two answers per pair, not a cross-entropy over
+        text, so it has no per-byte reading (nor does its RPO term alone: it averages over each answer's tokens,
+        then over pairs)."""
+        return self.loss(model, batch)
 
     def __init__(self, s: Setting, initial_weights, lora_reference: bool, init_identity: str):
         """initial_weights(): a fresh copy of the weights the run started from (a resumed run's reference is
@@ -343,7 +386,15 @@ class Distillation(Stage):
     def evaluate(self, model, step, sharded):
         return self.stage.evaluate(model, step, sharded)
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+    def validation_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.loss(model, batch, per_byte=True)
+
+    def byte_lengths(self, device: torch.device) -> torch.Tensor:
+        return self.stage.byte_lengths(device)
+
+    def loss(self, model, batch: dict, per_byte: bool = False) -> tuple[torch.Tensor, dict]:
+        """per_byte (validation): also bits per byte's sums of the student's own cross-entropy (`ce`), from one
+        more pass of the output layer over the same hidden states."""
         inputs = self.inputs(batch)
         rows = batch.get("trained_rows")  # only positions with a target count; None: all of them
         pick = (lambda x: x.flatten(0, 1)) if rows is None else (lambda x: x.flatten(0, 1)[rows])
@@ -354,12 +405,18 @@ class Distillation(Stage):
         cfg, targets = self.cfg, batch["targets"].flatten() if rows is None else batch["targets"].flatten()[rows]
 
         def head(h: torch.Tensor, weight: torch.Tensor):
-            return chunked_distillation_loss(
+            losses = chunked_distillation_loss(
                 pick(h), weight, teacher_h, teacher_weight, targets, temperature=cfg.distillation_temperature,
                 alpha=cfg.distillation_alpha, kind=cfg.distillation_loss, jsd_beta=cfg.distillation_jsd_beta)
+            if not per_byte:
+                return *losses, None
+            with torch.no_grad():
+                return *losses, chunked_cross_entropy(pick(h), weight, targets, reduction="none")
 
-        total, ce, kd = model(batch["tokens"], head=head, **inputs)
+        total, ce, kd, token_losses = model(batch["tokens"], head=head, **inputs)
         extras = {"ce": ce, "kd": kd}
+        if per_byte:
+            extras |= text_sums(token_losses, targets, self.byte_lengths(targets.device))
         if not torch.is_grad_enabled():  # validation: the teacher's own loss on the same tokens, for comparison
             extras["teacher_loss"] = chunked_cross_entropy(teacher_h, teacher_weight, targets, reduction="sum")
         return total, extras

@@ -319,6 +319,20 @@ class HFTokenizer:
     encode_chat = Tokenizer.encode_chat
 
 
+def token_byte_lengths(tokenizer: Tokenizer | HFTokenizer) -> list[int]:
+    """UTF-8 bytes of text each id stands for, by id (n_words,): a special token stands for no text and
+    counts 0, as nanochat's `token_bytes` table counts it (bits per byte leaves such tokens out). Ids the
+    vocabulary leaves unassigned count 0 too."""
+    special = set(tokenizer.special_tokens.values())
+    lengths = []
+    for token_id in range(tokenizer.n_words):
+        try:
+            lengths.append(0 if token_id in special else len(tokenizer.decode_token_bytes(token_id)))
+        except (KeyError, ValueError):
+            lengths.append(0)
+    return lengths
+
+
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer | HFTokenizer:
     """A `tokenizer.model` file (tiktoken) or a directory holding a Hugging Face `tokenizer.json`."""
     if path and Path(path).is_dir():

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -35,8 +35,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
-from checkpoint import (CheckpointError, check_trained_tokenizer, load_model, local_model_path, read_checkpoint,
-                        rope_scaling_note, save_checkpoint)
+from checkpoint import (CheckpointError, check_trained_tokenizer, load_model, local_model_path, model_args_for,
+                        read_checkpoint, rope_scaling_note, save_checkpoint)
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
@@ -46,7 +46,7 @@ from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
 from model import IGNORE_INDEX, ModelArgs, Transformer
-from stages import Distillation, Setting, Stage, build_stage, check_teacher
+from stages import TEXT_BYTES, TEXT_NATS, Distillation, Setting, Stage, build_stage, check_teacher
 from tokenizer import load_tokenizer
 
 RESUME_FLAGS = {"pretrain": "pretrain_checkpoint", "sft": "instruct_checkpoint", "dpo": "dpo_checkpoint"}
@@ -260,6 +260,33 @@ def shape_conflicts(cfg: Config, saved: ModelArgs, vocab_size: int) -> str:
     return ", ".join(conflicts)
 
 
+# The rotary settings a weights-only start takes from the .env or the environment where they are set there.
+_ROTARY_KEYS = ("ROPE_THETA", "USE_SCALED_ROPE", "ROPE_SCALE_FACTOR", "ROPE_LOW_FREQ_FACTOR", "ROPE_HIGH_FREQ_FACTOR",
+                "ROPE_ORIGINAL_MAX_SEQ_LEN")
+
+
+def rotary_changes(cfg: Config, saved: ModelArgs) -> dict:
+    """{field: the .env's value} for the rotary keys set explicitly (cfg.sources) that differ from `saved`; the
+    scaling keys only where scaling is on after the change (otherwise they compute nothing)."""
+    scaled = cfg.use_scaled_rope if "USE_SCALED_ROPE" in cfg.sources else saved.use_scaled_rope
+    keys = [k for k in _ROTARY_KEYS if k in cfg.sources and (scaled or k in ("ROPE_THETA", "USE_SCALED_ROPE"))]
+    return {k.lower(): getattr(cfg, k.lower()) for k in keys if getattr(cfg, k.lower()) != getattr(saved, k.lower())}
+
+
+def extend_context(model: Transformer, cfg: Config, saved_max_seq_len: Optional[int]) -> str:
+    """A weights-only start trains at MAX_SEQ_LEN with the rotary settings the .env or the environment set
+    explicitly (rotary_changes), in place of the checkpoint's: a model pretrained at 256 tokens fine-tuned at
+    1,024 with a larger ROPE_THETA, say. The frequencies are computed from model.args at every forward, so
+    changing them is all it takes, and the next checkpoint records them. Returns the line that says
+    old -> new ('' when nothing changed); `saved_max_seq_len`: the context the checkpoint records, if any."""
+    changes = rotary_changes(cfg, model.args)
+    parts = [f"MAX_SEQ_LEN {saved_max_seq_len} -> {cfg.max_seq_len}"] if saved_max_seq_len not in (None, cfg.max_seq_len) \
+        else []
+    parts += [f"{k.upper()} {getattr(model.args, k)} -> {v} ({cfg.sources[k.upper()]})" for k, v in changes.items()]
+    model.args = replace(model.args, **changes)
+    return f"context: {', '.join(parts)}" if parts else ""
+
+
 @dataclass
 class Initial:
     """The model to train and what it came from."""
@@ -286,6 +313,14 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     else:
         tokenizer_note = check_trained_tokenizer(start.path, tokenizer)
         model = starting_weights(start.path, device, cfg.max_seq_len).train()
+        changes = rotary_changes(cfg, model.args)
+        if settings and changes:
+            raise SetupError(f"{', '.join(k.upper() for k in changes)}: changing the rotary settings of a LoRA run "
+                             f"is not supported (its adapters are loaded onto the base's own); train without LoRA, "
+                             f"or unset them to keep the checkpoint's")
+        rope = rope_scaling_note(start.path) if "rope_scale_factor" not in changes else None
+        context = extend_context(model, cfg, model_args_for(start.path).max_seq_len if Path(start.path).is_file()
+                                 else None)
         if model.args.vocab_size < tokenizer.n_words:
             raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
                                   f"tokenizer's {tokenizer.n_words}")
@@ -300,8 +335,8 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
             note += f"; its LoRA adapters merged onto {(adapters['base'] or {}).get('path', 'the weights it holds')}"
         if shape_conflicts(cfg, model.args, vocab_size):
             note += f" ({shape_conflicts(cfg, model.args, vocab_size)}: ignored)"
-        rope = rope_scaling_note(start.path)
-        note += f"; {rope}" if rope else ""
+        note += f"; {rope}" if rope and model.args.use_scaled_rope else ""
+        note += f"\n{context}" if context else ""
         note += f"\n{tokenizer_note}" if tokenizer_note else ""
     if settings:
         torch.manual_seed(cfg.seed)  # adapters start identical on every rank
@@ -317,7 +352,13 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     saved_args = ModelArgs.from_dict(ckpt["model_args"], max_seq_len=cfg.max_seq_len)
     if shape_conflicts(cfg, saved_args, vocab_size):
         raise CheckpointError(f"{start.path}: model shape differs: {shape_conflicts(cfg, saved_args, vocab_size)}; "
-                              f"a resumed run keeps its checkpoint's shape")
+                              f"a resumed run keeps its checkpoint's shape and rotary settings (a later stage "
+                              f"started from its weights takes the .env's)")
+    saved_context = ckpt["model_args"].get("max_seq_len", cfg.max_seq_len)
+    if saved_context != cfg.max_seq_len:
+        raise CheckpointError(f"{start.path}: MAX_SEQ_LEN={cfg.max_seq_len} ({cfg.sources.get('MAX_SEQ_LEN', 'default')}"
+                              f") vs {saved_context} (the checkpoint); a resumed run keeps its context (a later "
+                              f"stage started from its weights takes the .env's)")
     if ("lora" in ckpt) != bool(settings):
         raise CheckpointError(f"{start.path}: {'a LoRA' if 'lora' in ckpt else 'not a LoRA'} run; set LORA_ENABLED="
                               f"{'true' if 'lora' in ckpt else 'false'} to resume it")
@@ -337,14 +378,16 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     return Initial(model, ckpt, ckpt.get("init"), "")
 
 
-def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, device: torch.device
-                       ) -> Callable[[], Transformer]:
-    """A fresh copy of the weights the run started from (DPO's reference without LoRA)."""
+def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, device: torch.device,
+                       policy: ModelArgs) -> Callable[[], Transformer]:
+    """A fresh copy of the weights the run started from (DPO's reference without LoRA), with the policy's rotary
+    settings: those of a context-extended start (extend_context) are not in the file it started from."""
     def load() -> Transformer:
-        if init is None:
-            return build_model(cfg, vocab_size, device)
-        path = lora.verify_base(init) if init.get("sha256") else init["path"]
-        return starting_weights(str(path), device, cfg.max_seq_len)
+        model = build_model(cfg, vocab_size, device) if init is None else \
+            starting_weights(str(lora.verify_base(init) if init.get("sha256") else init["path"]), device,
+                             cfg.max_seq_len)
+        model.args = replace(model.args, **{k.lower(): getattr(policy, k.lower()) for k in _ROTARY_KEYS})
+        return model
     return load
 
 
@@ -583,23 +626,33 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def validate(model, stage: Stage, loader: StepLoader, cfg: Config, d: DistInfo) -> dict:
-    """The stage's loss and figures over the same VALIDATION_STEPS micro-batches every time, summed over ranks."""
+    """The stage's loss and figures over the same VALIDATION_STEPS micro-batches every time, summed over ranks
+    (in float64) and divided by the global count of trained units.
+
+    Stages whose loss is a cross-entropy over text (pretraining, SFT, distillation's `ce`) also give `val_bpb`:
+    the summed loss of the targets that stand for text over all micro-batches and ranks, in bits, divided by
+    the UTF-8 bytes of those targets (stages.text_sums), so runs with different tokenizers compare."""
     loader.reset()
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), device=d.device)
+    count = torch.zeros((), dtype=torch.float64, device=d.device)
     for _ in range(cfg.validation_steps):
         batch = to_device(loader.next_batch(), d.device)
         with autocast_context(cfg.training_precision, d.device):
-            loss, extras = stage.loss(model, batch)
+            loss, extras = stage.validation_loss(model, batch)
         for name, value in {"loss": loss, **extras}.items():
-            sums[name] = sums.get(name, 0) + value.float()
-        count += stage.count(batch).float()
+            sums[name] = sums.get(name, 0) + value.double()
+        count += stage.count(batch).double()
     model.train(was_training)
     names = list(sums)
-    totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [count])).tolist()
-    return {f"val_{k}": v / max(totals[-1], 1.0) for k, v in zip(names, totals)}
+    totals = dict(zip(names + ["count"], all_reduce_sum(torch.stack([sums[k] for k in names] + [count])).tolist()))
+    nats, nbytes = totals.pop(TEXT_NATS, None), totals.pop(TEXT_BYTES, None)
+    count = max(totals.pop("count"), 1.0)
+    figures = {"val_loss": totals.pop("loss") / count}
+    if nbytes is not None:
+        figures["val_bpb"] = nats / math.log(2) / nbytes if nbytes else float("nan")
+    return figures | {f"val_{k}": v / count for k, v in totals.items()}
 
 
 def read_prompts(cfg: Config, tokenizer, chat: bool) -> list[str]:
@@ -717,7 +770,8 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     first_step = args.start_step if args.start_step is not None else int((initial.ckpt or {}).get("step", 0))
     removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
     setting = Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size)
-    stage = build_stage(setting, **({"initial_weights": initial_weights_fn(cfg, initial.init, vocab_size, d.device),
+    reference = initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args)
+    stage = build_stage(setting, **({"initial_weights": reference,
                                      "lora_reference": bool(settings),
                                      "init_identity": str((initial.init or {}).get("sha256") or initial.init)}
                                     if cfg.training_stage == "dpo" else {}))
@@ -854,9 +908,11 @@ def evaluate_and_check_patience(eval_model, model: Transformer, stage: Stage, va
         state.best_val_loss, state.validations_without_improvement = val, 0
     else:
         state.validations_without_improvement += 1
-    extra = "".join(f" | {k[4:]} {v:.4f}" for k, v in figures.items() if k != "val_loss" and isinstance(v, float))
+    bpb = f" | val_bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
+    extra = "".join(f" | {k[4:]} {v:.4f}" for k, v in figures.items()
+                    if k not in ("val_loss", "val_bpb") and isinstance(v, float))
     logger.log(state.step, figures | {"val_perplexity": math.exp(min(val, 50))},
-               f"validation | step {state.step} | val_loss {val:.4f} | best {state.best_val_loss:.4f}{extra}")
+               f"validation | step {state.step} | val_loss {val:.4f}{bpb} | best {state.best_val_loss:.4f}{extra}")
     return bool(cfg.early_stopping_patience) and state.validations_without_improvement >= cfg.early_stopping_patience
 
 
