@@ -224,7 +224,12 @@ class Run:
         self.completion_tokens = 0
 
     def _deliver(self, i: int):
-        return lambda kind, value: self.loop.call_soon_threadsafe(self.events.put_nowait, (i, kind, value))
+        def on_event(kind: str, value: Any) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, (i, kind, value))
+            except RuntimeError:  # the event loop has closed (the server is stopping): nobody is listening
+                pass
+        return on_event
 
     def start(self) -> None:
         try:
@@ -601,16 +606,21 @@ def parse_args(argv: Optional[Seq[str]] = None) -> argparse.Namespace:
                    help="weights' dtype; auto: bf16 where it is fast (GPUs, CPUs with native bf16), else fp32")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only; any other address is announced loudly)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (printed)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port to listen on (default: %(default)s); 0 picks a free one, printed")
     p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                         "(default: the SERVE_API_KEY environment variable; unset: no key)")
     p.add_argument("--model_name", default=None,
                    help="the model's id in /v1/models and in answers (default: the --checkpoint path)")
-    p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together; more wait in a queue")
-    p.add_argument("--max_queue", type=int, default=64, help="sequences that may wait; beyond, requests get 503")
-    p.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens a request may ask for")
-    p.add_argument("--max_body_bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    p.add_argument("--max_batch", type=int, default=8,
+                   help="sequences decoded together (default: %(default)s); more wait in a queue")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="sequences that may wait (default: %(default)s); beyond, requests get 503")
+    p.add_argument("--max_tokens_limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--max_body_bytes", type=int, default=1_000_000,
+                   help="larger request bodies get 413 (default: %(default)s)")
     p.add_argument("--access_log", action="store_true", help="log every request (uvicorn's access log)")
     args = p.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
@@ -634,6 +644,9 @@ def main(argv: Optional[Seq[str]] = None) -> int:
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while loading", file=sys.stderr)
+        return 130
     if note:
         print(note, file=sys.stderr)
     engine = BatchEngine(model, tokenizer.stop_tokens, args.max_batch, args.max_queue)
