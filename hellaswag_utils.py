@@ -31,6 +31,10 @@ of the logits at the previous position; context tokens are not scored. Three acc
     acc_norm         argmax of the sum / len(ending): Python characters of the cleaned ending,
                      without the delimiter (the harness's `len(choice)`; not UTF-8 bytes)
     acc_norm_tokens  argmax of the sum / the ending's token count (nanoGPT / llm.c "acc_norm")
+Beside them, `gold_bpb`: the right endings' negative log-likelihood in bits per UTF-8 byte of their scored
+tokens (the harness's `bits_per_byte` arithmetic, which it reports only for perplexity tasks). Unlike
+acc_norm_tokens and a log-likelihood per token it does not depend on the vocabulary, so models with different
+tokenizers compare, as train.py's val_bpb does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -289,9 +294,21 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], bat
     labels = torch.tensor([ex.label for ex in share], dtype=torch.long)
     chosen = predictions(loglik, n_tokens, n_chars)
     local = [len(share)] + [int((chosen[k] == labels).sum()) for k in ("acc", "acc_norm", "acc_norm_tokens")]
+    gold_nats = -loglik[torch.arange(len(share)), labels].sum().item() if share else 0.0
+    # float64 counts stay exact far beyond the 10,042 items; one all-reduce carries the counts and the sums
     device = next(model.parameters()).device
-    n, acc, acc_norm, acc_norm_tokens = all_reduce_sum(torch.tensor(local, dtype=torch.long, device=device)).tolist()
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_norm_tokens / n, "n": n}
+    totals = torch.tensor(local + [gold_nats, sum(gold_bytes(tokenizer, ex) for ex in share)], dtype=torch.float64,
+                          device=device)
+    n, acc, acc_norm, acc_norm_tokens, nats, nbytes = all_reduce_sum(totals).tolist()
+    n = int(n)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_norm_tokens / n,
+            "gold_bpb": nats / math.log(2) / nbytes, "n": n}
+
+
+def gold_bytes(tokenizer, example: Example) -> int:
+    """UTF-8 bytes of the right ending's scored tokens: the text its log-likelihood is the probability of."""
+    _, ending = encode_example(tokenizer, example)[example.label]
+    return sum(len(tokenizer.decode_token_bytes(t)) for t in ending)
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -300,9 +317,11 @@ def as_metrics(result: dict, skipped: int = 0) -> dict:
     return {f"hellaswag_{k}": v for k, v in result.items()} | {"hellaswag_skipped": skipped}
 
 
-def format_result(result: dict, skipped: int = 0) -> str:
+def format_result(result: dict, skipped: int = 0, speed: str = "") -> str:
+    """`speed` (' | N examples/s') goes after the accuracies, where scripts reading the line expect it."""
     return (f"hellaswag | {result['n']} examples ({skipped} skipped) | acc {result['acc']:.4f} | "
-            f"acc_norm {result['acc_norm']:.4f} | acc_norm_tokens {result['acc_norm_tokens']:.4f}")
+            f"acc_norm {result['acc_norm']:.4f} | acc_norm_tokens {result['acc_norm_tokens']:.4f}{speed} | "
+            f"gold_bpb {result['gold_bpb']:.4f}")
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -350,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         teardown_distributed()
     if d.is_main:
-        print(format_result(result, skipped) + f" | {result['n'] / elapsed:.1f} examples/s")
+        print(format_result(result, skipped, f" | {result['n'] / elapsed:.1f} examples/s"))
     return 0
 
 

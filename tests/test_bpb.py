@@ -153,3 +153,24 @@ def test_the_manifest_records_each_splits_utf8_bytes_and_bytes_per_token(tmp_pat
         text = tok.decode([t for t in tokens.tolist() if t not in (tok.bos_id, tok.eos_id)])
         assert entry["num_bytes"] == len(text.encode("utf-8"))
         assert entry["bytes_per_token"] == pytest.approx(entry["num_bytes"] / entry["num_tokens"], abs=1e-4)
+
+
+def test_hellaswag_gold_bpb_is_the_right_endings_loss_in_bits_over_their_utf8_bytes(tok):
+    from hellaswag_utils import Example, evaluate
+
+    examples = [Example("Cooking: She cracks the eggs into a bowl and", ("whisks them.", "sings loudly.",
+                                                                          "drives away.", "reads a café menu."), 3),
+                Example("Running: The runner ties his shoes. ", ("He starts to run — fast.", "He sleeps.",
+                                                                 "He eats 12 apples.", "He swims."), 0)]
+    model = tiny_model(tok).eval()
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            context = ex.context.rstrip()
+            prefix = tok.encode(context, bos=True, eos=False)
+            whole = tok.encode(ex.context + " " + ex.endings[ex.label], bos=True, eos=False)
+            logprobs = model(torch.tensor([whole]))[0][0].float().log_softmax(-1)
+            nats -= sum(logprobs[i - 1, whole[i]].item() for i in range(len(prefix), len(whole)))
+            nbytes += len(tok.decode(whole[len(prefix):]).encode("utf-8"))
+    result = evaluate(model, tok, examples, batch_size=2)
+    assert result["gold_bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-6)
