@@ -280,8 +280,8 @@ def extend_context(model: Transformer, cfg: Config, saved_max_seq_len: Optional[
     changing them is all it takes, and the next checkpoint records them. Returns the line that says
     old -> new ('' when nothing changed); `saved_max_seq_len`: the context the checkpoint records, if any."""
     changes = rotary_changes(cfg, model.args)
-    parts = [f"MAX_SEQ_LEN {saved_max_seq_len} -> {cfg.max_seq_len}"] if saved_max_seq_len not in (None, cfg.max_seq_len) \
-        else []
+    parts = [f"MAX_SEQ_LEN {saved_max_seq_len} -> {cfg.max_seq_len} ({cfg.sources.get('MAX_SEQ_LEN', 'default')})"] \
+        if saved_max_seq_len not in (None, cfg.max_seq_len) else []
     parts += [f"{k.upper()} {getattr(model.args, k)} -> {v} ({cfg.sources[k.upper()]})" for k, v in changes.items()]
     model.args = replace(model.args, **changes)
     return f"context: {', '.join(parts)}" if parts else ""

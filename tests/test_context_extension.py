@@ -60,11 +60,29 @@ def test_a_weights_only_start_takes_the_envs_context_and_theta_and_says_old_to_n
     torch.testing.assert_close(rope_frequencies(args).double(), hand_inverse_frequencies(NEW_THETA, args.head_dim),
                                rtol=1e-6, atol=0)
     lines = [line for line in initial.note.splitlines() if line.startswith("context:")]
-    assert lines == [f"context: MAX_SEQ_LEN {OLD_CONTEXT} -> {NEW_CONTEXT}, "
+    assert lines == [f"context: MAX_SEQ_LEN {OLD_CONTEXT} -> {NEW_CONTEXT} (the .env), "
                      f"ROPE_THETA {OLD_THETA} -> {NEW_THETA} (the .env)"]
     # the weights are the checkpoint's; only the rotation of positions > 0 changed
     before = torch.load(pretrained, weights_only=True)["model"]
     assert all(torch.equal(before[k], v) for k, v in initial.model.state_dict().items())
+
+
+def test_a_start_can_turn_on_llama3_scaling_as_transformers_computes_it(pretrained, tok):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = config("sft", MAX_SEQ_LEN=NEW_CONTEXT, USE_SCALED_ROPE=True, ROPE_SCALE_FACTOR=4.0,
+                 ROPE_ORIGINAL_MAX_SEQ_LEN=OLD_CONTEXT, ROPE_HIGH_FREQ_FACTOR=2.0)
+    initial = initial_model(cfg, Start(str(pretrained), flag="pretrain_checkpoint"), tok, tok.n_words, CPU, None)
+    args = initial.model.args
+    hf = LlamaConfig(hidden_size=args.dim, num_attention_heads=args.n_heads, max_position_embeddings=NEW_CONTEXT,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": OLD_THETA, "factor": 4.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                                      "original_max_position_embeddings": OLD_CONTEXT})
+    expected = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0]
+    torch.testing.assert_close(rope_frequencies(args), expected.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(rope_frequencies(args).double(), hand_inverse_frequencies(OLD_THETA, args.head_dim))
+    assert "USE_SCALED_ROPE False -> True (the .env), ROPE_SCALE_FACTOR 8.0 -> 4.0 (the .env)" in initial.note
 
 
 def test_a_weights_only_start_without_rotary_keys_keeps_the_checkpoints_theta(pretrained, tok):
@@ -114,3 +132,13 @@ def test_the_extended_model_exports_with_its_theta_and_context_as_transformers_r
     with torch.no_grad():
         assert not torch.allclose(old.eval()(tokens)[0][:, 1:], theirs[:, 1:], atol=1e-3)  # theta matters
     assert math.isclose(theta, NEW_THETA)
+
+
+def test_a_lora_start_refuses_other_rotary_settings_in_one_line(pretrained, tok):
+    import lora
+
+    cfg = config("sft", ROPE_THETA=NEW_THETA, LORA_ENABLED=True)
+    with pytest.raises(train.SetupError) as e:
+        initial_model(cfg, Start(str(pretrained), flag="pretrain_checkpoint"), tok, tok.n_words, CPU,
+                      lora.LoRASettings.from_config(cfg))
+    assert "\n" not in str(e.value) and str(e.value).startswith("ROPE_THETA: changing the rotary settings of a LoRA")
