@@ -24,6 +24,7 @@ def test_saved_full_run_renders_to_its_own_table(saved):
     assert bench.format_table(report) == report["table"]
 
 
+@pytest.mark.e2e
 def test_quick_run_prints_the_table_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--quick", "--json", str(out)],

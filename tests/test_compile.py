@@ -15,7 +15,8 @@ from reference_weights import o1_random_
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=64)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# inductor compiles in worker processes: tens of seconds a test, so out of the unit loop
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 def build() -> Transformer:

@@ -70,6 +70,7 @@ def test_bad_env_value_stops_train_with_one_line_naming_key_and_expectation(tmp_
     assert key in lines[0] and expected in lines[0] and str(env) in lines[0]
 
 
+@pytest.mark.e2e
 def test_bad_env_value_from_the_command_line_prints_one_line_without_traceback(tmp_path):
     env = tmp_path / "bad.env"
     env.write_text("N_LAYERS=abc\n")
@@ -79,6 +80,7 @@ def test_bad_env_value_from_the_command_line_prints_one_line_without_traceback(t
     assert result.stderr == f"config error: N_LAYERS='abc' is invalid: expected an integer (from {env})\n"
 
 
+@pytest.mark.e2e
 def test_missing_env_file_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", "nope.env"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)

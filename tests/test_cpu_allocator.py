@@ -35,6 +35,7 @@ def faults(mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_freed_big_buffers_are_reused_without_page_faults():
     default, tuned = faults("default"), faults("tuned")
     pages = 9 * 64 * 2**20 // 4096

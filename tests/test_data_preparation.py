@@ -375,6 +375,7 @@ def run_cli(tmp_path, *args):
                       *args)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["missing file", "empty glob", "unknown column", "bad mix file"])
 def test_bad_input_is_one_line_error_and_exit_2(tmp_path, case):
     write_jsonl(tmp_path / "a.jsonl", [{"content": "hello"}])
@@ -391,6 +392,7 @@ def test_bad_input_is_one_line_error_and_exit_2(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
 
 
+@pytest.mark.e2e
 def test_cli_prepares_files_and_prints_a_summary(tmp_path, tok):
     docs = make_docs(30)
     write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
@@ -401,6 +403,7 @@ def test_cli_prepares_files_and_prints_a_summary(tmp_path, tok):
     assert_matches_reference(tmp_path / "out", manifest, reference_shards(tok, docs, 300, 0.2))
 
 
+@pytest.mark.e2e
 def test_cli_does_not_import_torch(tmp_path):
     """`datasets` imports torch (about a second) whenever it is installed; preparing data never uses it."""
     write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(5)])

@@ -197,6 +197,7 @@ def test_resume_after_an_interruption_gives_identical_output(tmp_path):
     assert prompts["val"] and not prompts["train"] & prompts["val"]
 
 
+@pytest.mark.e2e
 def test_default_split_matches_the_sft_default_and_the_cli_prepares_it(tmp_path):
     """The DPO default is the SFT default's conversations: the same prompts held out, none of them trained."""
     result = run_script("load_dpo_dataset.py", tmp_path, "--out_dir", str(tmp_path / "dpo"))

@@ -100,6 +100,7 @@ def test_cpu_flags_are_read_from_the_kernel():
     assert flags == (set(out.split(":", 1)[1].split()) if out else set())  # ARM says "Features": none
 
 
+@pytest.mark.e2e
 def test_onednn_isa_cap_imitates_a_cpu_without_bf16():
     """What the tests and the README's non-bf16 figures rely on: oneDNN honours ONEDNN_MAX_CPU_ISA=AVX2."""
     code = "import hardware, torch; print(hardware.cpu_has_native_bf16(), " \

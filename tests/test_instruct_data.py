@@ -341,6 +341,7 @@ def run_cli(tmp_path, *args):
     return run_script("load_instruct_dataset.py", tmp_path, "--out_dir", str(tmp_path / "out"), *args)
 
 
+@pytest.mark.e2e
 def test_cli_prepares_files_prints_skips_and_refuses_bad_input_in_one_line(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", conversations(20) + [{"messages": [{"role": "bot", "content": "x"}]}])
     result = run_cli(tmp_path, "--files", "a.jsonl", "--num_workers", "0", "--max_seq_len", "128")

@@ -441,6 +441,7 @@ def test_bf16_autocast_trains_float32_adapters_close_to_float32():
     assert cos > 0.99
 
 
+@pytest.mark.e2e  # torch.compile: tens of seconds
 def test_compiled_forward_equals_eager_with_adapters_on_and_off():
     base, model = adapted(args=ModelArgs(**{**ARGS.__dict__, "n_layers": 1}))  # compiling costs ~10 s a graph
     model.eval()

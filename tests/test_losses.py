@@ -423,6 +423,7 @@ _PEAK_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_losses_never_hold_the_full_float32_logits_at_a_128k_vocabulary():
     rows, dim, vocab, chunk = 192, 16, 128_256, 2

@@ -69,6 +69,7 @@ def test_head_and_targets_together_are_refused():
         model(x, x, head=lambda h, w: h)
 
 
+@pytest.mark.e2e  # torch.compile: tens of seconds
 def test_compiled_model_runs_a_closure_head_like_eager():
     # As a DPO step would: per-sequence sums of token log-probs, weighted differently per sequence.
     model = build().train()

@@ -309,6 +309,7 @@ def test_micro_steps_reduce_gradients_only_once_per_step_end_to_end(tmp_path):
     assert once >= 1 and total == 2 * once
 
 
+@pytest.mark.e2e  # torch.compile: tens of seconds
 def test_micro_steps_skip_the_gradient_all_reduce_under_compile_too(one_rank_group):
     """COMPILE wraps the DDP model; the last micro-step alone must reduce gradients across ranks."""
     from torch.nn.parallel import DistributedDataParallel as DDP
