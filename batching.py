@@ -217,7 +217,7 @@ class BatchEngine:
             seq.caches = []
             seq.on_event("error", f"prefill failed: {type(e).__name__}: {e}")
             return
-        if self._advance(seq, logits):
+        if self._advance(seq, self._sample([seq], logits)[0]):
             self._active.append(seq)
 
     def _step(self) -> None:
@@ -233,17 +233,33 @@ class BatchEngine:
         self.decode_steps += 1
         self.peak_batch = max(self.peak_batch, len(seqs))
         keep = []
-        for j, seq in enumerate(seqs):
+        for seq, token in zip(seqs, self._sample(seqs, logits)):
             seq.pos += 1
-            if self._advance(seq, logits[j:j + 1]):
+            if self._advance(seq, token):
                 keep.append(seq)
         self._active = keep
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the token at seq.pos from logits (1, vocab), as generate_tokens does; False when the
-        sequence ends here (a stop id, not sent, or its last position)."""
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next tokens from logits (len(seqs), vocab) by generate.py's sample_next: the greedy rows in one
+        argmax (exact, so the same as row by row; over 128k bf16 logits one row costs ~0.5 ms), each
+        sampling row alone with its own generator, as generate_tokens draws."""
+        tokens = [0] * len(seqs)
+        greedy = [j for j, seq in enumerate(seqs) if seq.sampling.temperature <= 0]
+        if greedy:
+            rows = logits if len(greedy) == len(seqs) else logits[greedy]
+            for j, token in zip(greedy, sample_next(rows, 0.0, 0, 1.0, None).tolist()):
+                tokens[j] = token
+        for j, seq in enumerate(seqs):
+            if seq.sampling.temperature > 0:
+                s = seq.sampling
+                tokens[j] = int(sample_next(logits[j:j + 1], s.temperature, s.top_k, s.top_p, seq.generator).item())
+        return tokens
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Send the token sampled at seq.pos; False when the sequence ends here (a stop id, not sent,
+        or its last position)."""
         s = seq.sampling
-        token = int(sample_next(logits, s.temperature, s.top_k, s.top_p, seq.generator).item())
         if token in self.stop_ids and not s.ignore_stop:
             seq.caches = []
             seq.on_event("end", "stop")
