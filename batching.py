@@ -9,9 +9,10 @@ Greedy answers must not depend on who else is in the batch. Everything a decode 
 per row (each row attends to its own cache at its own length, with its own position's rotary angles) or
 is a matrix product, whose rows never mix. But whether a product kernel gives a row the same bits at
 every batch size is the kernel's business: MKL's float32 GEMM rounds a row differently below 4 rows,
-oneDNN's float32 GEMM at 1 row. So at start the engine measures it: the smallest batch width from which
-every width up to max_batch, and every row order, give each row bitwise the same logits; smaller batches
-are padded up to that width (a padding row costs one more row of a product that reads the same weights).
+oneDNN's (bf16 and float32) at 1 row for 1B-sized matrices, though not for the quick start's. So at
+start the engine measures it: the smallest batch width from which every width up to max_batch, and every
+row order, give each row bitwise the same logits; smaller batches are padded up to that width (a padding
+row costs one more row of a product that reads the same weights).
 """
 
 from __future__ import annotations
