@@ -1,5 +1,6 @@
 """Put the repository root on sys.path so tests can `import model`, `import tokenizer`, ..."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# pytest-xdist runs one worker per core (pytest.ini): each worker's torch gets its share of the cores, as
+# torchrun's ranks do, instead of every worker spinning a thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="module")
