@@ -31,10 +31,12 @@ def test_environment_beats_env_file_which_beats_defaults(tmp_path, monkeypatch):
 def test_env_example_documents_every_key_and_loads_to_the_defaults(monkeypatch):
     text = (ROOT / ".env.example").read_text().splitlines()
     for key in Config.keys():
-        line = next((i for i, l in enumerate(text) if l.startswith(f"{key}=")), None)
+        # set, or shown commented out (the rotary keys: set, they replace a starting checkpoint's)
+        line = next((i for i, l in enumerate(text) if l.startswith((f"{key}=", f"# {key}="))), None)
         assert line is not None, f"{key} missing from .env.example"
         assert text[line - 1].startswith("# ") and len(text[line - 1]) > 6, f"{key} has no comment"
         monkeypatch.delenv(key, raising=False)
+    assert not [l for l in text if l.startswith(("ROPE_", "USE_SCALED_ROPE"))]  # none switches a checkpoint's off
     loaded = load_config(str(ROOT / ".env.example"))
     for f in fields(Config):
         if not f.metadata.get("derived"):
