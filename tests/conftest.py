@@ -36,3 +36,11 @@ def one_rank_group(tmp_path):
     yield
     gc.collect()
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """Meta's Llama 3 tokenizer (from the llama-models package), read once per test process."""
+    from tokenizer import Tokenizer
+
+    return Tokenizer()

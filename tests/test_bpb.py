@@ -20,7 +20,6 @@ from data_preparation_utils import Source
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Distillation, Setting, SFTStage, Stage
-from tokenizer import Tokenizer
 from train import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,11 +30,6 @@ TEXTS = ["The café's naïve Straße: 日本語 and привет, mixed with cod
          "Numbers 1234567 and 3.14159; whitespace   runs\t\tand\n\n\nnewlines.",
          "Ünïcödé everywhere — “quotes”, ‘more’, and ellipses… with résumé, façade, jalapeño.",
          "plain ascii text about the python interpreter and its standard library modules " * 3]
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from checkpoint import save_checkpoint
 from config import Config
 from model import ModelArgs, Transformer, rope_frequencies
 from reference_weights import o1_random_
-from tokenizer import Tokenizer
 from train import Start, initial_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,11 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
 OLD_THETA, NEW_THETA, OLD_CONTEXT, NEW_CONTEXT = 10_000.0, 1_000_000.0, 32, 128
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
 
 
 @pytest.fixture(scope="module")

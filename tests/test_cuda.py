@@ -200,11 +200,6 @@ def assert_same_training(got: tuple[list, Transformer], expected: tuple[list, Tr
     assert worst <= tol, worst
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
-
-
 @pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
 def test_a_stage_trains_on_the_device_as_on_the_cpu(stage, data, tok):
     cfg = stage_config(data, stage)

@@ -93,11 +93,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
-
-
-@pytest.fixture(scope="module")
 def fixture_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hellaswag") / "val.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))

@@ -20,19 +20,13 @@ from load_dpo_dataset import prepare_dpo_dataset
 from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
-from stages import Distillation, DPOStage, Setting, SFTStage, Stage
-from tokenizer import Tokenizer
+from stages import Distillation, DPOStage, Setting, SFTStage
 from train import train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 SEQ = 64
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
 
 
 @pytest.fixture(scope="module")

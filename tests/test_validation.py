@@ -15,18 +15,12 @@ from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Setting, SFTStage
-from tokenizer import Tokenizer
 from train import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 SEQ = 64
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer()
 
 
 @pytest.fixture(scope="module")
