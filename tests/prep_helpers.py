@@ -7,7 +7,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pytest
@@ -52,3 +52,25 @@ def run_script(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedP
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
+
+
+def prepare_chat_tasks(root: Path, count: int, seq: int, val_fraction: float, exact_answers: bool = False,
+                       pairs: bool = False) -> tuple[Path, Optional[Path]]:
+    """The first `count` conversations of the embedded default prepared by the project's own scripts: SFT
+    shards in root/instruct and, with `pairs`, preference shards in root/dpo."""
+    import chat_tasks
+    from load_dpo_dataset import prepare_dpo_dataset
+    from load_instruct_dataset import ChatSource, prepare_instruct_dataset
+
+    examples = chat_tasks.generate(count)
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(examples)))
+    prepare_instruct_dataset([ChatSource(files=[str(chat)])], root / "instruct", max_seq_len=seq,
+                             val_fraction=val_fraction, exact_answers=exact_answers, show_progress=False)
+    if not pairs:
+        return root / "instruct", None
+    rows = root / "pairs.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.preference_rows(examples)))
+    prepare_dpo_dataset([ChatSource(files=[str(rows)])], root / "dpo", max_seq_len=seq, val_fraction=val_fraction,
+                        show_progress=False)
+    return root / "instruct", root / "dpo"

@@ -10,17 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import chat_tasks
 from config import Config
 from dataloaders import ChatDataLoader, PretrainDataLoader
 from distributed import DistInfo
-from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from load_pretrain_dataset import prepare_pretrain_dataset
 from data_preparation_utils import Source
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Distillation, Setting, SFTStage, Stage
 from train import validate
+from prep_helpers import prepare_chat_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,11 +112,7 @@ def test_val_bpb_of_distillation_is_the_students_own_cross_entropy_per_byte(pret
 @pytest.fixture(scope="module")
 def instruct_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpb-instruct")
-    rows = root / "chat.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(chat_tasks.generate(40))))
-    prepare_instruct_dataset([ChatSource(files=[str(rows)])], root / "instruct", max_seq_len=SEQ, val_fraction=0.1,
-                             show_progress=False)
-    return root / "instruct"
+    return prepare_chat_tasks(root, 40, SEQ, 0.1)[0]
 
 
 def test_val_bpb_of_sft_covers_the_trained_answers_without_their_eot(instruct_data, tok):

@@ -3,23 +3,20 @@ those (stopped and resumed) -> lora.py merge -> generate.py -> hf_convert.py exp
 an independent reference: the adapters merged by hand from the checkpoints' own tensors, and transformers
 reading the export."""
 
-import json
 import math
 
 import pytest
 import torch
 
-import chat_tasks
 import generate
 import hf_convert
 import lora
 from checkpoint import load_model, read_checkpoint
-from load_dpo_dataset import prepare_dpo_dataset
-from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from tokenizer import Tokenizer
 from trainer_runs import step_metric, train, write_env
+from prep_helpers import prepare_chat_tasks
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +36,7 @@ ROPE = dict(use_scaled_rope=True, rope_scale_factor=4.0, rope_original_max_seq_l
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lora-pipeline")
-    examples = chat_tasks.generate(80)
-    chat, pairs = root / "chat.jsonl", root / "pairs.jsonl"
-    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(examples)))
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.preference_rows(examples)))
-    prepare_instruct_dataset([ChatSource(files=[str(chat)])], root / "instruct", max_seq_len=SEQ, val_fraction=0.2,
-                             exact_answers=True, show_progress=False)
-    prepare_dpo_dataset([ChatSource(files=[str(pairs)])], root / "dpo", max_seq_len=SEQ, val_fraction=0.2,
-                        show_progress=False)
+    prepare_chat_tasks(root, 80, SEQ, 0.2, exact_answers=True, pairs=True)
     torch.manual_seed(0)
     base = o1_random_(Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
                                             multiple_of=32, max_seq_len=SEQ, tie_word_embeddings=True, **ROPE)))

@@ -2,19 +2,16 @@
 prepared by the project's own scripts, from checkpoints on disk. For every stage: a stage change takes the
 weights only, a resumed run equals the uninterrupted one bit for bit, and 2 ranks equal 1 process."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-import chat_tasks
 from checkpoint import read_checkpoint, save_checkpoint
-from load_dpo_dataset import prepare_dpo_dataset
-from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from trainer_runs import close_runs, make_token_data, same_run, step_metric, train, write_env
+from prep_helpers import prepare_chat_tasks
 
 pytestmark = pytest.mark.e2e
 
@@ -28,16 +25,8 @@ RUN = dict(MAX_BATCH_SIZE="2", TOTAL_BATCH_SIZE=str(2 * SEQ * 2), MAX_STEPS="4",
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs-data")
-    examples = chat_tasks.generate(200)
-    chat, pairs = root / "chat.jsonl", root / "pairs.jsonl"
-    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(examples)))
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.preference_rows(examples)))
-    prepare_instruct_dataset([ChatSource(files=[str(chat)])], root / "instruct", max_seq_len=SEQ, val_fraction=0.1,
-                             exact_answers=True, show_progress=False)
-    prepare_dpo_dataset([ChatSource(files=[str(pairs)])], root / "dpo", max_seq_len=SEQ, val_fraction=0.1,
-                        show_progress=False)
-    return {"pretrain": make_token_data(root / "pretrain", documents=14), "instruct": root / "instruct",
-            "dpo": root / "dpo"}
+    instruct, dpo = prepare_chat_tasks(root, 200, SEQ, 0.1, exact_answers=True, pairs=True)
+    return {"pretrain": make_token_data(root / "pretrain", documents=14), "instruct": instruct, "dpo": dpo}
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,19 @@
 """train.validate() on real prepared data: the validation loss is the mean over every trained unit of all its
 micro-batches (tokens for SFT, pairs for DPO), checked against plain full-logits computations."""
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import chat_tasks
 from config import Config
 from dataloaders import ChatDataLoader
 from distributed import DistInfo
-from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Setting, SFTStage
 from train import validate
+from prep_helpers import prepare_chat_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,11 +24,7 @@ SEQ = 64
 @pytest.fixture(scope="module")
 def instruct_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("validation-data")
-    rows = root / "chat.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in chat_tasks.chat_rows(chat_tasks.generate(60))))
-    prepare_instruct_dataset([ChatSource(files=[str(rows)])], root / "instruct", max_seq_len=SEQ, val_fraction=0.1,
-                             show_progress=False)
-    return root / "instruct"
+    return prepare_chat_tasks(root, 60, SEQ, 0.1)[0]
 
 
 def loader(data, tok) -> ChatDataLoader:
