@@ -1,10 +1,12 @@
-"""Reading and writing weights: this project's training checkpoints, Meta's distribution format and
-Hugging Face Llama directories. `load_model(path)` takes any of the three, and a LoRA run's adapter
-checkpoint (merged onto its base in memory).
+"""Reading and writing weights: this project's checkpoints, Meta's distribution format and Hugging Face Llama
+directories. `WeightSource.open(path)` takes any of them, and a LoRA run's adapter checkpoint (merged onto its base
+in memory), identifies it once and loads it; `load_model(path)` does both at once.
 
-Project format: one `.pt` file holding the unwrapped model's state dict, the model shape, and
-(for training checkpoints) optimizer, step, data-loader and RNG state. Files are written to a
-temporary name and renamed, so a crash while saving leaves the previous checkpoint intact.
+Project format: a `Checkpoint` record (weights, model shape, stage, tokenizer identity, provenance, and for step
+checkpoints the training state), written by `Checkpoint.write` and read by `Checkpoint.read`, the one writer and
+the one reader. On disk it is a torch.save'd dict with a format name and a version: files of a version this code
+does not read are refused, naming it. Files are written to a temporary name and renamed, so a crash while saving
+leaves the previous checkpoint intact.
 
 Meta format: a directory with `params.json`, `consolidated.00.pth ... consolidated.NN.pth`
 (model-parallel shards) and `tokenizer.model`. Shards are opened memory-mapped and merged one
@@ -13,7 +15,7 @@ of the weights in memory.
 
 Hugging Face format: a directory with `config.json` (a `LlamaForCausalLM`) and `model.safetensors`
 or shards with `model.safetensors.index.json`; weights only, memory-mapped, converted from HF's
-names and rotary row order by hf_convert.py.
+names and rotary row order by hf_names.py.
 
 Files may come from anywhere, so nothing here unpickles arbitrary objects: `.pt` files load with
 `weights_only=True`, Hugging Face weights only from safetensors. A file that cannot be used stops
@@ -25,18 +27,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from hf_convert import from_hf_state_dict, hf_name
+from hf_names import from_hf_state_dict, hf_name
 from model import ModelArgs, Transformer
 from safetensors_io import SafetensorsError, load_sharded, write_atomically
 from tokenizer import load_tokenizer
 
 CHECKPOINT_FORMAT = "llama3-trainer-checkpoint"
+FORMAT_VERSION = 1  # what this code writes
+READABLE_VERSIONS = (1,)  # what it reads
 EXPECTED = ("expected a checkpoint .pt written by train.py, a Meta-format directory (params.json + "
             "consolidated.NN.pth) or a Hugging Face Llama directory (config.json + model.safetensors)")
 
@@ -266,7 +270,7 @@ def load_hf_model_dir(directory: str | Path, device: str | torch.device = "cpu",
     return _assign(model, state, device, dtype, f"{directory}: weights do not fit config.json")
 
 
-# ---- project format -----------------------------------------------------------------------------
+# ---- project format: writing ----------------------------------------------------------------------
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare Transformer under DDP (`module`) and torch.compile (`_orig_mod`) wrappers."""
     while True:
@@ -289,18 +293,128 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, model_state: Optional[dict] = None, **extra) -> None:
-    """Save the model's shape and weights plus any training state passed in `extra`.
+# ---- project format: the record -----------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    """What resuming a run needs besides the weights; a step checkpoint of train.py holds all of it."""
+    step: int  # optimizer steps completed
+    optimizer: Optional[dict] = None  # full (unsharded) optimizer state dict
+    scaler: Optional[dict] = None  # the loss scaler's state
+    dataloader: Optional[dict] = None  # the training loader's position
+    rng: Optional[dict] = None  # train.rng_state()
+    best_val_loss: float = float("inf")
+    validations_without_improvement: int = 0
+    wandb_run_id: Optional[str] = None
+    config: Optional[dict] = None  # the run's Config.to_dict(), for the record
+    world_size: Optional[int] = None
+    tokens_per_step: Optional[int] = None
+
+
+@dataclass
+class Adapters:
+    """A LoRA run's: `settings` as lora.LoRASettings.to_dict(); `base` the content reference of the weights the
+    adapters go onto ({"path", "sha256", "files"}), None when there was no base file and the weights hold every
+    tensor, the frozen base included."""
+    settings: dict
+    base: Optional[dict]
+
+
+@dataclass
+class Provenance:
+    """Where the weights came from."""
+    init: Optional[dict] = None  # the run's starting weights: {"path"} or a content reference; None: from scratch
+    adapters: Optional[Adapters] = None  # a LoRA run: the weights are its adapters (see Adapters)
+    merged_from: Optional[dict] = None  # `lora.py merge`: the adapters, base and settings merged into these weights
+
+
+@dataclass
+class Checkpoint:
+    """This project's checkpoint. On disk: a flat dict (version 1), torch.save'd, whose keys are these fields'
+    (`model` for the weights; the provenance's and training state's at the top level, `lora` and `base` for the
+    adapters'); files written before the record existed are version 1 too, so they load as they are."""
+    weights: dict[str, torch.Tensor]  # the unwrapped model's state dict (a LoRA run's: see Adapters)
+    model_args: ModelArgs
+    stage: str = "pretrain"  # the TRAINING_STAGE that wrote it (files without one are pretraining's)
+    tokenizer: Optional[dict] = None  # Tokenizer.identity(): name, sha256, ...
+    tokenizer_path: Optional[str] = None
+    provenance: Provenance = field(default_factory=Provenance)
+    training: Optional[TrainingState] = None  # None: weights only (merged, exported, hand-made)
+
+    @property
+    def resumable(self) -> bool:
+        return self.training is not None
+
+    def to_dict(self) -> dict:
+        """The on-disk layout: every field present, so a resume restores exactly what was saved."""
+        out = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "model_args": asdict(self.model_args),
+               "model": self.weights, "stage": self.stage}
+        out |= {k: v for k, v in (("tokenizer", self.tokenizer), ("tokenizer_path", self.tokenizer_path)) if v is not None}
+        p = self.provenance
+        if p.adapters is not None:
+            out |= {"lora": p.adapters.settings, "base": p.adapters.base}
+        if p.merged_from is not None:
+            out["merged_from"] = p.merged_from
+        if self.training is not None or p.init is not None:
+            out["init"] = p.init
+        if self.training is not None:  # not asdict: that deep-copies the optimizer's tensors
+            out |= {f.name: getattr(self.training, f.name) for f in fields(TrainingState)}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path = "checkpoint") -> "Checkpoint":
+        """A version-1 dict (as read_checkpoint returns it) -> the record."""
+        missing = [k for k in ("model", "model_args") if k not in d]
+        if missing:
+            raise CheckpointError(f"{where}: a checkpoint of this project without {' or '.join(missing)}")
+        training = TrainingState(**{f.name: d[f.name] for f in fields(TrainingState) if f.name in d}) \
+            if "step" in d else None
+        adapters = Adapters(d["lora"], d.get("base")) if "lora" in d else None
+        return cls(weights=d["model"], model_args=ModelArgs.from_dict(d["model_args"]), stage=d.get("stage", "pretrain"),
+                   tokenizer=d.get("tokenizer"), tokenizer_path=d.get("tokenizer_path"),
+                   provenance=Provenance(d.get("init"), adapters, d.get("merged_from")), training=training)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Checkpoint":
+        return cls.from_dict(read_checkpoint(path), path)
+
+    def write(self, path: str | Path) -> None:
+        """Atomically: a crash while saving leaves the previous file at `path` intact."""
+        atomic_torch_save(self.to_dict(), Path(path))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The file's dict as stored (Checkpoint.read gives the record), after checking it is this project's
+    checkpoint in a version this code reads."""
+    path = Path(path)
+    if checkpoint_kind(path) != "project":
+        raise CheckpointError(f"{path}: a directory; expected a checkpoint .pt written by train.py")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        hint = " (a bare state dict: pass the Meta directory holding it and params.json)" \
+            if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) else ""
+        raise CheckpointError(f"{path}: a PyTorch file, but not a checkpoint written by this project{hint}")
+    if ckpt.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')!r}; this code reads version "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (a newer llama3-trainer wrote it?)")
+    return ckpt
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, model_state: Optional[dict] = None, **fields_) -> None:
+    """Save the model's shape and weights plus any Checkpoint field given by its on-disk key (stage, tokenizer,
+    step, optimizer, lora, base, ...): the record's writer for callers that hold a model.
 
     `model_state`: a full (unsharded) state dict gathered beforehand, as FSDP needs; by default
     the unwrapped model's own state_dict(), without `module.` or `_orig_mod.` prefixes.
     """
     bare = unwrap(model)
-    atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "version": 1, "model_args": asdict(bare.args),
-         "model": model_state if model_state is not None else bare.state_dict(), **extra},
-        path,
-    )
+    known = {"stage", "tokenizer", "tokenizer_path", "init", "lora", "base", "merged_from",
+             *(f.name for f in fields(TrainingState))}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise TypeError(f"save_checkpoint: {', '.join(unknown)} is not a checkpoint field ({', '.join(sorted(known))})")
+    d = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "model_args": asdict(bare.args),
+         "model": model_state if model_state is not None else bare.state_dict(), **fields_}
+    Checkpoint.from_dict(d, path).write(path)
 
 
 def _torch_load(path: Path):
@@ -320,83 +434,207 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: damaged or truncated ({type(e).__name__}: {first_line})") from None
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if checkpoint_kind(path) != "project":
-        raise CheckpointError(f"{path}: a directory; expected a checkpoint .pt written by train.py")
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        hint = " (a bare state dict: pass the Meta directory holding it and params.json)" \
-            if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) else ""
-        raise CheckpointError(f"{path}: a PyTorch file, but not a checkpoint written by this project{hint}")
-    return ckpt
+# ---- any format: a weight source ----------------------------------------------------------------------------
+_KIND_NAMES = {"meta": "a Meta-format directory", "hf": "a Hugging Face directory"}
 
 
-def _project_model_args(ckpt: dict, max_seq_len: Optional[int], rope_scale_factor: Optional[float]) -> ModelArgs:
-    overrides = {"max_seq_len": max_seq_len, "rope_scale_factor": rope_scale_factor}
-    return ModelArgs.from_dict(ckpt["model_args"], **{k: v for k, v in overrides.items() if v is not None})
+class WeightSource:
+    """Weights to start from, opened and identified once: a project checkpoint (its record read once), a LoRA
+    adapter checkpoint, a Meta-format directory or a Hugging Face Llama directory. Everything a start asks (shape,
+    stage, tokenizer, rope scaling, adapters) is answered from what was read at `open`."""
+
+    def __init__(self, path: Path, kind: str, record: Optional[Checkpoint]):
+        self.path, self.kind, self.record = path, kind, record
+        self._handed_out = False  # the record's tensors went to a model: later models get copies
+        self._meta_tied: Optional[bool] = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "WeightSource":
+        kind = checkpoint_kind(path)
+        return cls(Path(path), kind, Checkpoint.read(path) if kind == "project" else None)
+
+    @property
+    def stage(self) -> Optional[str]:
+        """The stage that wrote a project checkpoint; None for Meta and Hugging Face directories."""
+        return self.record.stage if self.record else None
+
+    @property
+    def resumable(self) -> bool:
+        return self.record is not None and self.record.resumable
+
+    @property
+    def adapters(self) -> Optional[Adapters]:
+        return self.record.provenance.adapters if self.record else None
+
+    def describe(self) -> str:
+        """'a sft checkpoint', 'a Meta-format directory', ...: what it is, for the start-up line."""
+        return _KIND_NAMES.get(self.kind) or f"a {self.stage} checkpoint"
+
+    def model_args(self, max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> ModelArgs:
+        """The shape (no weights read). max_seq_len: the context to build for (default: the source's; 8192 for
+        Meta directories); rope_scale_factor: overrides whatever the source says or implies."""
+        if self.kind == "meta":
+            args = meta_model_args(self.path, max_seq_len or 8192, rope_scale_factor)
+            if self._meta_tied is None:
+                self._meta_tied = "output.weight" not in _torch_load(_meta_shard_paths(self.path)[0])
+            args.tie_word_embeddings = self._meta_tied
+            return args
+        if self.kind == "hf":
+            return hf_model_args(self.path, max_seq_len, rope_scale_factor)
+        overrides = {"max_seq_len": max_seq_len, "rope_scale_factor": rope_scale_factor}
+        return replace(self.record.model_args, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def saved_max_seq_len(self) -> Optional[int]:
+        """The context a project checkpoint was trained at; None for directories (theirs is a publication's)."""
+        return self.record.model_args.max_seq_len if self.record else None
+
+    def rope_note(self, rope_scale_factor: Optional[float] = None) -> Optional[str]:
+        """One line saying which rope scaling factor load_model(rope_scale_factor=...) uses and why, for callers
+        to print; None when the model has no rope scaling."""
+        if self.kind == "meta":  # from params.json alone: the shards need not be opened
+            params = _read_json(self.path / "params.json")
+            factor, source = meta_rope_scale_factor(params, rope_scale_factor)
+            scaled = bool(params.get("use_scaled_rope"))
+        else:
+            args = self.model_args(rope_scale_factor=rope_scale_factor)
+            factor, scaled = args.rope_scale_factor, args.use_scaled_rope
+            source = "given explicitly" if rope_scale_factor is not None else \
+                "from config.json" if self.kind == "hf" else "from the checkpoint"
+        return f"rope scaling factor {factor:g} ({source})" if scaled else None
+
+    def load_model(self, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                   max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+        """The Transformer in eval mode (dtype: as stored if None), weights only.
+
+        A LoRA adapter checkpoint gives its base (checked against the content hash it records) with the adapters
+        merged in memory, as PEFT's merge_and_unload does; a base that is itself an adapter checkpoint (a LoRA run
+        started from another's adapters) is read the same way, so every earlier update is merged in order."""
+        if self.kind == "meta":
+            return load_meta_checkpoint(self.path, device, dtype, max_seq_len or 8192, rope_scale_factor)
+        if self.kind == "hf":
+            return load_hf_model_dir(self.path, device, dtype, max_seq_len, rope_scale_factor)
+        record = self.record
+        if self._handed_out:  # the first model may train its tensors in place
+            record = replace(record, weights={k: v.clone() for k, v in record.weights.items()})
+        self._handed_out = True
+        if record.provenance.adapters is not None:
+            import lora  # here: lora.py builds on this module
+
+            try:
+                adapted = lora.adapted_model(record, self.path, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                             rope_scale_factor=rope_scale_factor)
+            except lora.LoRAError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
+            return lora.merge_lora(adapted).eval()
+        with torch.device("meta"):
+            model = Transformer(self.model_args(max_seq_len, rope_scale_factor))
+        return _assign(model, dict(record.weights), device, dtype, f"{self.path}: weights do not fit its model_args")
+
+    # -- the tokenizer the weights were trained with --
+    def tokenizer_path(self) -> Optional[str]:
+        """Meta directories carry their own tokenizer.model, Hugging Face directories a tokenizer.json; project
+        checkpoints record the one used (None when that file no longer exists)."""
+        if self.kind == "meta":
+            return str(self.path / "tokenizer.model") if (self.path / "tokenizer.model").is_file() else None
+        if self.kind == "hf":
+            return str(self.path) if (self.path / "tokenizer.json").is_file() else None
+        recorded = self.record.tokenizer_path or None
+        return recorded if recorded and Path(recorded).exists() else None
+
+    def check_tokenizer(self, tokenizer, where: Optional[str] = None) -> Optional[str]:
+        """Weights only mean something with the tokenizer they were trained with: same ids for the same text.
+
+        A project checkpoint records its tokenizer's sha256, which must be `tokenizer`'s; a Meta or Hugging Face
+        directory carries its tokenizer file, which must give every id of `tokenizer` the same bytes (its sha256
+        may differ: a tokenizer.json exported from a tokenizer.model reads ids the same way). CheckpointError (one
+        line, starting with `where`, default the path) when they differ; a one-line note when it carries none."""
+        where = where or str(self.path)
+        fix = "set TOKENIZER_PATH to the tokenizer these weights were trained with (and prepare the data with it)"
+        if self.record is not None:
+            recorded = (self.record.tokenizer or {}).get("sha256")
+            if recorded is None:
+                return f"{where} records no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
+            if recorded != tokenizer.identity()["sha256"]:
+                raise CheckpointError(f"{where}: trained with another tokenizer ({self.record.tokenizer_path or '?'}, "
+                                      f"sha256 {recorded[:12]}) than the run's ({tokenizer.path}, sha256 "
+                                      f"{tokenizer.identity()['sha256'][:12]}); {fix}")
+            return None
+        carried = self.tokenizer_path()
+        if carried is None:
+            return f"{where} carries no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
+        try:
+            theirs = load_tokenizer(carried)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{where}: its tokenizer {carried} cannot be read as a Llama 3 tokenizer "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if theirs.identity()["sha256"] == tokenizer.identity()["sha256"]:
+            return None
+        ours, other = _token_bytes(tokenizer), _token_bytes(theirs)
+        other += [None] * (len(ours) - len(other))
+        differ = [i for i, b in enumerate(ours) if other[i] != b]
+        if differ:
+            i = differ[0]
+            raise CheckpointError(f"{where}: its tokenizer ({theirs.path}) gives {len(differ)} of the run's "
+                                  f"{len(ours)} token ids other bytes than the run's ({tokenizer.path}), e.g. id {i}: "
+                                  f"{other[i]!r} there, {ours[i]!r} here; {fix}")
+        return None
+
+    def checked_tokenizer(self, tokenizer_override: Optional[str | Path] = None):
+        """The tokenizer for these weights: `tokenizer_override`, else the one it records or carries, else Meta's
+        default. A project checkpoint records the sha256 of the tokenizer it was trained with; whichever one is
+        picked must match it, or CheckpointError names both."""
+        tokenizer = load_tokenizer(tokenizer_override or self.tokenizer_path())
+        if self.record is None:
+            return tokenizer  # Meta and HF directories record no tokenizer hash
+        want, got = (self.record.tokenizer or {}).get("sha256"), tokenizer.identity()["sha256"]
+        if want and want != got:
+            recorded = self.record.tokenizer_path or self.record.tokenizer.get("name", "?")
+            gone = "" if Path(recorded).exists() else ", no longer there"
+            raise CheckpointError(f"{self.path} was trained with tokenizer {recorded} (sha256 {want[:12]}{gone}) but "
+                                  f"{tokenizer.path} has sha256 {got[:12]}; pass the original with --tokenizer")
+        return tokenizer
 
 
-# ---- any format ---------------------------------------------------------------------------------
+def _token_bytes(tokenizer) -> list[Optional[bytes]]:
+    """Each id's bytes (None for an id the tokenizer lacks): two tokenizers with equal tables read the same ids
+    as the same text."""
+    table = []
+    for i in range(tokenizer.n_words):
+        try:
+            table.append(tokenizer.decode_token_bytes(i))
+        except (KeyError, ValueError):
+            table.append(None)
+    return table
+
+
+# The same questions for callers that ask one of them once (generate.py, serve.py, hf_convert.py, tests).
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+               max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """A project checkpoint file, a LoRA adapter checkpoint, a Meta-format directory or a Hugging Face Llama
+    directory -> Transformer in eval mode (WeightSource.load_model)."""
+    return WeightSource.open(path).load_model(device, dtype, max_seq_len, rope_scale_factor)
+
+
 def model_args_for(path: str | Path, max_seq_len: Optional[int] = None,
                    rope_scale_factor: Optional[float] = None) -> ModelArgs:
-    """The shape of the model at `path` (any format load_model reads) without loading its weights.
-
-    max_seq_len: the context to build for (default: the checkpoint's; 8192 for Meta directories);
-    rope_scale_factor: overrides whatever the checkpoint says or implies."""
-    kind = checkpoint_kind(path)
-    if kind == "meta":
-        args = meta_model_args(Path(path), max_seq_len or 8192, rope_scale_factor)
-        args.tie_word_embeddings = "output.weight" not in _torch_load(_meta_shard_paths(Path(path))[0])
-        return args
-    if kind == "hf":
-        return hf_model_args(Path(path), max_seq_len, rope_scale_factor)
-    return _project_model_args(read_checkpoint(path), max_seq_len, rope_scale_factor)
+    return WeightSource.open(path).model_args(max_seq_len, rope_scale_factor)
 
 
 def rope_scaling_note(path: str | Path, rope_scale_factor: Optional[float] = None) -> Optional[str]:
-    """One line saying which rope scaling factor `load_model(path, rope_scale_factor=...)` uses and why,
-    for callers to print; None when the model has no rope scaling."""
-    kind = checkpoint_kind(path)
-    if kind == "meta":  # from params.json alone: the shards need not be opened
-        params = _read_json(Path(path) / "params.json")
-        factor, source = meta_rope_scale_factor(params, rope_scale_factor)
-        scaled = bool(params.get("use_scaled_rope"))
-    else:
-        args = model_args_for(path, rope_scale_factor=rope_scale_factor)
-        factor, scaled = args.rope_scale_factor, args.use_scaled_rope
-        source = "given explicitly" if rope_scale_factor is not None else \
-            "from config.json" if kind == "hf" else "from the checkpoint"
-    return f"rope scaling factor {factor:g} ({source})" if scaled else None
+    return WeightSource.open(path).rope_note(rope_scale_factor)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-               max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
-    """A project checkpoint file, a Meta-format directory or a Hugging Face Llama directory -> Transformer
-    in eval mode (dtype: as stored if None). Weights only: optimizer and training state are not read.
+def tokenizer_path_for(path: str | Path) -> Optional[str]:
+    return WeightSource.open(path).tokenizer_path()
 
-    A LoRA adapter checkpoint gives its base (checked against the content hash it records) with the adapters
-    merged in memory, as PEFT's merge_and_unload does; a base that is itself an adapter checkpoint (a LoRA run
-    started from another's adapters) is read the same way, so every earlier update is merged in order."""
-    kind = checkpoint_kind(path)
-    if kind == "meta":
-        return load_meta_checkpoint(path, device, dtype, max_seq_len or 8192, rope_scale_factor)
-    if kind == "hf":
-        return load_hf_model_dir(path, device, dtype, max_seq_len, rope_scale_factor)
-    ckpt = read_checkpoint(path)
-    if "lora" in ckpt:
-        import lora  # here: lora.py builds on this module
 
-        try:
-            adapted = lora.load_adapter_checkpoint(path, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                                   rope_scale_factor=rope_scale_factor)
-        except lora.LoRAError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        return lora.merge_lora(adapted).eval()
-    with torch.device("meta"):
-        model = Transformer(_project_model_args(ckpt, max_seq_len, rope_scale_factor))
-    return _assign(model, dict(ckpt["model"]), device, dtype, f"{path}: weights do not fit its model_args")
+def check_trained_tokenizer(path: str | Path, tokenizer, where: Optional[str] = None) -> Optional[str]:
+    return WeightSource.open(path).check_tokenizer(tokenizer, where)
 
+
+def checked_tokenizer(path: str | Path, tokenizer_override: Optional[str | Path] = None):
+    return WeightSource.open(path).checked_tokenizer(tokenizer_override)
 
 # ---- hub names -----------------------------------------------------------------------------------
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -415,87 +653,3 @@ def local_model_path(name_or_path: str) -> str:
     except Exception as e:  # offline, unknown repository, gated without a token
         raise CheckpointError(f"{name_or_path}: not a local path, and downloading it from the Hugging Face hub "
                               f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-# ---- tokenizer ----------------------------------------------------------------------------------
-def tokenizer_path_for(path: str | Path) -> Optional[str]:
-    """Meta directories carry their own tokenizer.model, Hugging Face directories a tokenizer.json;
-    project checkpoints record the one used (None when that file no longer exists)."""
-    path = Path(path)
-    if is_meta_checkpoint_dir(path) and (path / "tokenizer.model").is_file():
-        return str(path / "tokenizer.model")
-    if is_hf_model_dir(path) and (path / "tokenizer.json").is_file():
-        return str(path)
-    if path.is_file():
-        recorded = read_checkpoint(path).get("tokenizer_path") or None
-        return recorded if recorded and Path(recorded).exists() else None
-    return None
-
-
-def _token_bytes(tokenizer) -> list[Optional[bytes]]:
-    """Each id's bytes (None for an id the tokenizer lacks): two tokenizers with equal tables read the same ids
-    as the same text."""
-    table = []
-    for i in range(tokenizer.n_words):
-        try:
-            table.append(tokenizer.decode_token_bytes(i))
-        except (KeyError, ValueError):
-            table.append(None)
-    return table
-
-
-def check_trained_tokenizer(path: str | Path, tokenizer, where: Optional[str] = None) -> Optional[str]:
-    """Weights only mean something with the tokenizer they were trained with: same ids for the same text.
-
-    A project checkpoint records its tokenizer's sha256, which must be `tokenizer`'s; a Meta or Hugging Face
-    directory carries its tokenizer file, which must give every id of `tokenizer` the same bytes (its sha256 may
-    differ: a tokenizer.json exported from a tokenizer.model reads ids the same way). CheckpointError (one line,
-    starting with `where`, default the path) when they differ; a one-line note when the source carries none."""
-    where = where or str(path)
-    fix = "set TOKENIZER_PATH to the tokenizer these weights were trained with (and prepare the data with it)"
-    if checkpoint_kind(path) == "project":
-        ckpt = read_checkpoint(path)
-        recorded = (ckpt.get("tokenizer") or {}).get("sha256")
-        if recorded is None:
-            return f"{where} records no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
-        if recorded != tokenizer.identity()["sha256"]:
-            raise CheckpointError(f"{where}: trained with another tokenizer ({ckpt.get('tokenizer_path') or '?'}, "
-                                  f"sha256 {recorded[:12]}) than the run's ({tokenizer.path}, sha256 "
-                                  f"{tokenizer.identity()['sha256'][:12]}); {fix}")
-        return None
-    carried = tokenizer_path_for(path)
-    if carried is None:
-        return f"{where} carries no tokenizer; assuming it was trained with the run's ({tokenizer.path})"
-    try:
-        theirs = load_tokenizer(carried)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{where}: its tokenizer {carried} cannot be read as a Llama 3 tokenizer "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if theirs.identity()["sha256"] == tokenizer.identity()["sha256"]:
-        return None
-    ours, other = _token_bytes(tokenizer), _token_bytes(theirs)
-    other += [None] * (len(ours) - len(other))
-    differ = [i for i, b in enumerate(ours) if other[i] != b]
-    if differ:
-        i = differ[0]
-        raise CheckpointError(f"{where}: its tokenizer ({theirs.path}) gives {len(differ)} of the run's "
-                              f"{len(ours)} token ids other bytes than the run's ({tokenizer.path}), e.g. id {i}: "
-                              f"{other[i]!r} there, {ours[i]!r} here; {fix}")
-    return None
-
-
-def checked_tokenizer(path: str | Path, tokenizer_override: Optional[str | Path] = None):
-    """The tokenizer for the checkpoint at `path`: `tokenizer_override`, else the one it records or
-    carries (tokenizer_path_for), else Meta's default. A project checkpoint records the sha256 of the
-    tokenizer it was trained with; whichever one is picked must match it, or CheckpointError names both."""
-    tokenizer = load_tokenizer(tokenizer_override or tokenizer_path_for(path))
-    if checkpoint_kind(path) != "project":
-        return tokenizer  # Meta and HF directories record no tokenizer hash
-    ckpt = read_checkpoint(path)
-    want, got = (ckpt.get("tokenizer") or {}).get("sha256"), tokenizer.identity()["sha256"]
-    if want and want != got:
-        recorded = ckpt.get("tokenizer_path") or ckpt["tokenizer"].get("name", "?")
-        gone = "" if Path(recorded).exists() else ", no longer there"
-        raise CheckpointError(f"{path} was trained with tokenizer {recorded} (sha256 {want[:12]}{gone}) but "
-                              f"{tokenizer.path} has sha256 {got[:12]}; pass the original with --tokenizer")
-    return tokenizer

@@ -9,10 +9,9 @@ project checkpoint, a Meta-format directory, a Hugging Face directory, or a LoRA
 as its base with the adapters merged). With `--peft`, a LoRA adapter checkpoint becomes a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to load
 with `PeftModel.from_pretrained` on the base model exported the same way.
 
-The two layouts differ in names and in one permutation: Meta rotates interleaved pairs of a head's
-dimensions, HF rotates its two halves, so the rows of wq/wk are reordered on the way out and back.
-Reading HF directories (checkpoint.py) uses the inverse here; nothing in this file needs `transformers`
-except `to_hf`, which builds a `LlamaForCausalLM` for the tests and bench.py.
+The names and the rotary row order of the two layouts are hf_names.py's (checkpoint.py reads HF directories
+with the same table); nothing in this file needs `transformers` except `to_hf`, which builds a
+`LlamaForCausalLM` for the tests and bench.py.
 """
 
 from __future__ import annotations
@@ -29,88 +28,15 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+import checkpoint
+from hf_names import hf_name, permute_for_rotate_half, rotary_heads, to_hf_state_dict
 from model import ModelArgs, Transformer
 from safetensors_io import save_file, save_sharded, write_atomically
 from tokenizer import PAT_STR, HFTokenizer, load_bpe_ranks
 
 # ---- weights ----------------------------------------------------------------------------------------------
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {  # ours after "layers.N." -> HF's after "model.layers.N."
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 _PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",  # lora.py's target names
                  "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}            # -> HF's module names
-_HF_TOP = {v: k for k, v in _TOP_NAMES.items()}
-_HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_LAYER_KEY = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
-
-
-def hf_name(name: str) -> str:
-    """Our parameter name -> HF's (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _LAYER_KEY.match(name)
-    if m is None or m[3] not in _LAYER_NAMES:
-        raise KeyError(f"no Hugging Face name for {name!r}")
-    return f"model.layers.{m[2]}.{_LAYER_NAMES[m[3]]}"
-
-
-def meta_name(name: str) -> Optional[str]:
-    """HF's name -> ours, or None for a name that is not part of a Llama."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    m = _LAYER_KEY.match(name)
-    if m is None or m[1] is None or m[3] not in _HF_LAYER:
-        return None
-    return f"layers.{m[2]}.{_HF_LAYER[m[3]]}"
-
-
-def permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of wq/wk (n_heads*head_dim, in): Meta's order (pairs (0,1), (2,3)... of each head) -> HF's
-    (the first halves of the pairs, then the second halves), so HF's rotate-half computes Meta's rotation."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def unpermute_from_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `permute_for_rotate_half`: HF's row order -> Meta's."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _rotary_heads(name: str, args: ModelArgs) -> Optional[int]:
-    """The number of heads whose rows `permute_for_rotate_half` reorders in this weight, else None."""
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    if name.endswith("attention.wk.weight"):
-        return args.n_kv_heads
-    return None
-
-
-def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Our names and row order -> HF's (the tensors not permuted are shared, not copied)."""
-    out = {}
-    for name, t in state.items():
-        heads = _rotary_heads(name, args)
-        out[hf_name(name)] = t if heads is None else permute_for_rotate_half(t, heads)
-    return out
-
-
-def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF's names and row order -> ours; names that are not part of a Llama are left out (the caller checks)."""
-    out = {}
-    for name, t in state.items():
-        ours = meta_name(name)
-        if ours is None:
-            continue
-        heads = _rotary_heads(ours, args)
-        out[ours] = t if heads is None else unpermute_from_rotate_half(t, heads)
-    return out
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -342,7 +268,7 @@ def peft_adapter_state_dict(adapters: dict[str, torch.Tensor], args: ModelArgs) 
         linear, sep, part = name.rpartition(".lora_")  # "layers.0.attention.wq", "a.weight"
         if not sep or part not in ("a.weight", "b.weight"):
             raise KeyError(f"{name!r} is not a LoRA adapter tensor (expected ...lora_a.weight / ...lora_b.weight)")
-        heads = _rotary_heads(linear + ".weight", args) if part == "b.weight" else None
+        heads = rotary_heads(linear + ".weight", args) if part == "b.weight" else None
         hf_linear = hf_name(linear + ".weight").removesuffix(".weight")  # model.layers.0.self_attn.q_proj
         out[f"base_model.model.{hf_linear}.lora_{part[0].upper()}.weight"] = \
             t if heads is None else permute_for_rotate_half(t, heads)
@@ -414,20 +340,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _export_model(args: argparse.Namespace, checkpoint) -> list[str]:
+def _export_model(args: argparse.Namespace) -> list[str]:
+    source = checkpoint.WeightSource.open(args.checkpoint)
     max_seq_len = args.max_seq_len
-    if max_seq_len is None and checkpoint.is_meta_checkpoint_dir(args.checkpoint):
-        scaled = checkpoint.model_args_for(args.checkpoint, 8192).use_scaled_rope
+    if max_seq_len is None and source.kind == "meta":
+        scaled = source.model_args(8192).use_scaled_rope
         max_seq_len = META_SCALED_CONTEXT if scaled else 8192  # what Meta's models are published for
-    model = checkpoint.load_model(args.checkpoint, max_seq_len=max_seq_len, rope_scale_factor=args.rope_scale_factor)
-    if max_seq_len is None and checkpoint.is_hf_model_dir(args.checkpoint):
+    model = source.load_model(max_seq_len=max_seq_len, rope_scale_factor=args.rope_scale_factor)
+    if max_seq_len is None and source.kind == "hf":
         max_seq_len = model.args.max_seq_len  # its own config's: the base's context as published
-    tokenizer = None if args.no_tokenizer else checkpoint.checked_tokenizer(args.checkpoint, args.tokenizer)
+    tokenizer = None if args.no_tokenizer else source.checked_tokenizer(args.tokenizer)
     if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
         raise checkpoint.CheckpointError(
             f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only "
             f"{model.args.vocab_size}; pass --no_tokenizer to export the weights alone")
-    note = checkpoint.rope_scaling_note(args.checkpoint, args.rope_scale_factor)
+    note = source.rope_note(args.rope_scale_factor)
     files = export_hf(model, args.out, tokenizer, DTYPES[args.dtype], args.max_shard_size, max_seq_len)
     dtype = DTYPES[args.dtype] or model.tok_embeddings.weight.dtype
     weights = [f for f in files if f.suffix == ".safetensors"]
@@ -442,31 +369,30 @@ def _export_model(args: argparse.Namespace, checkpoint) -> list[str]:
                     f"AutoTokenizer.from_pretrained(...)"]
 
 
-def _export_adapters(args: argparse.Namespace, checkpoint) -> list[str]:
-    ckpt = checkpoint.read_checkpoint(args.checkpoint)
-    if "lora" not in ckpt:
+def _export_adapters(args: argparse.Namespace) -> list[str]:
+    record = checkpoint.Checkpoint.read(args.checkpoint)
+    adapters = record.provenance.adapters
+    if adapters is None:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: not a LoRA adapter checkpoint; drop --peft")
-    if ckpt.get("base") is None:
+    if adapters.base is None:
         raise checkpoint.CheckpointError(f"{args.checkpoint}: trained from no base file, so it holds every weight; "
                                          f"export it without --peft (the adapters merged)")
-    base = args.base_hf or ckpt["base"]["path"]
-    export_peft(ckpt["model"], ckpt["lora"], ModelArgs.from_dict(ckpt["model_args"]), args.out, base)
-    lora = ckpt["lora"]
+    base = args.base_hf or adapters.base["path"]
+    export_peft(record.weights, adapters.settings, record.model_args, args.out, base)
+    lora = adapters.settings
     return [f"exported {args.checkpoint} -> {args.out} (PEFT LoRA adapters)",
-            f"  {len(ckpt['model'])} adapter tensors, rank {lora['rank']}, alpha {lora['alpha']:g}, "
+            f"  {len(record.weights)} adapter tensors, rank {lora['rank']}, alpha {lora['alpha']:g}, "
             f"targets {', '.join(lora['targets'])}",
-            f"  base: {base} (export it with: python hf_convert.py export --checkpoint {ckpt['base']['path']} "
+            f"  base: {base} (export it with: python hf_convert.py export --checkpoint {adapters.base['path']} "
             f"--out BASE_DIR)",
             f"  load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), "
             f"{str(args.out)!r})"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import checkpoint  # here, not at the top: checkpoint.py imports this module to read HF directories
-
     args = parse_args(argv)
     try:
-        lines = _export_adapters(args, checkpoint) if args.peft else _export_model(args, checkpoint)
+        lines = _export_adapters(args) if args.peft else _export_model(args)
     except (checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,35 +14,23 @@ the forward pass (that would build an (out, in) matrix per call); `merge_lora` f
 Targets are the block linears by Meta's names: wq, wk, wv, wo (attention), w1, w2, w3 (SwiGLU).
 The output layer takes no adapter: the chunked loss reads `output.weight` directly.
 
-Using it from the trainer, in this order (`cfg` is config.Config):
+From the trainer, three calls that each do their whole part (`settings = LoRASettings.from_config(cfg)`):
 
-    settings = LoRASettings.from_config(cfg)              # LoRAError on a bad LORA_TARGET_MODULES
-    model = ...                                           # base weights loaded, on its device, RNG seeded
-    base = base_reference(path) if path else None         # hash once: base files can be many GB
-    apply_lora(model, settings)                           # before DDP / fully_shard / compile / optimizer
-    # resuming an adapter checkpoint (before wrapping or sharding, as train.py loads weights today):
-    ckpt = read_checkpoint(p)
-    check_settings_match(ckpt["lora"], settings)          # changed rank/alpha/targets: one line
-    if ckpt["base"]: verify_base(ckpt["base"], path)      # the base must hash as recorded
-    load_adapter_weights(model, ckpt)                     # adapters (or every weight, when base is None)
-    trainable, total = count_parameters(model)            # for the start-up line
-    optimizer over [p for p in model.parameters() if p.requires_grad]   # the adapters only
-    # saving, instead of gathering the full model (under FSDP on every rank: adapters are gathered
-    # collectively; rank 0 writes):
-    save_checkpoint(path, model, **adapter_checkpoint_fields(model, settings, base), optimizer=...,
-                    tokenizer=..., tokenizer_path=..., ...)   # merge copies the tokenizer fields
-    # DPO's reference model: the same module with adapters off, no second copy of the weights. Under
-    # no_grad: a graph-building forward without the adapters would leave DDP waiting for their gradients.
-    with adapters_disabled(model), torch.no_grad(): ref = ...
+    model = with_new_adapters(base_model, settings, seed)      # a start: fresh adapters on loaded weights
+    model = resumed_adapted_model(record, settings, device, n)  # a resume: base checked by hash, adapters loaded
+    weights, adapters = adapter_weights(model, settings, base)  # saving: the record's weights and Adapters
 
-Errors are LoRAError (a ValueError) with a one-line message.
+Each is called on the bare model before DDP / fully_shard / compile / the optimizer; the optimizer then takes
+the parameters that require grad (the adapters). DPO's reference is the same module with adapters off (no second
+copy of the weights), under no_grad: `with adapters_disabled(model), torch.no_grad(): ...`. Errors are LoRAError
+(a ValueError) with a one-line message.
 
-An adapter checkpoint is a project checkpoint (checkpoint.save_checkpoint) whose "model" holds only
-the adapter tensors, with "lora" (settings.to_dict()) and "base" ({"path", "sha256", "files"}); when
-the base weights came from no file (LoRA from scratch), "base" is None and "model" holds every
-weight. `load_adapter_checkpoint` rebuilds the adapted model; checkpoint.load_model (and so every tool)
-reads an adapter checkpoint as its base with the adapters merged in memory; `python lora.py merge` writes
-that merged model once, as a plain checkpoint:
+An adapter checkpoint is a project checkpoint (checkpoint.Checkpoint) whose weights are only the adapter
+tensors and whose provenance carries `Adapters(settings, base)`, the base recorded by content hash; when the
+base weights came from no file (LoRA from scratch), base is None and the weights hold every tensor.
+`adapted_model` rebuilds the adapted model from such a record; checkpoint.load_model (and so every tool) reads
+an adapter checkpoint as its base with the adapters merged in memory; `python lora.py merge` writes that merged
+model once, as a plain checkpoint:
 
     python lora.py merge --checkpoint ADAPTERS.pt [--base BASE] --out MERGED.pt [--overwrite]
 
@@ -59,7 +47,7 @@ import math
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -68,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint, unwrap
+from checkpoint import Adapters, Checkpoint, CheckpointError, Provenance, load_model, unwrap
 from model import ModelArgs, Transformer
 
 VALID_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -390,9 +378,37 @@ def verify_base(recorded: dict, path: Optional[str | Path] = None) -> Path:
                     f"{recorded['sha256'][:16]}... recorded, {now['sha256'][:16]}... now)")
 
 
-# ---- adapter checkpoints ---------------------------------------------------------------------------------
-def adapter_checkpoint_fields(model: nn.Module, settings: LoRASettings, base: str | Path | dict | None) -> dict:
-    """Keyword arguments for checkpoint.save_checkpoint(path, model, **fields, ...other state).
+# ---- the trainer's three calls, and adapter checkpoints ----------------------------------------------------
+def with_new_adapters(model: Transformer, settings: LoRASettings, seed: int) -> Transformer:
+    """Fresh adapters on a model holding its starting weights, drawn from `seed` so every rank gets the same."""
+    torch.manual_seed(seed)
+    apply_lora(model, settings)
+    return model
+
+
+def resumed_adapted_model(record: Checkpoint, settings: LoRASettings, device: torch.device,
+                          max_seq_len: int) -> Transformer:
+    """The model an adapter checkpoint of a run being resumed trains, in float32 (master weights), train mode:
+    its base, which must hash as recorded (or the weights it holds when there was no base file), with its
+    adapters. Refuses other settings than the checkpoint's (rank, alpha, targets) in one line."""
+    adapters = record.provenance.adapters
+    if adapters is None:
+        raise LoRAError("not a LoRA run's checkpoint: it holds no adapters")
+    check_settings_match(adapters.settings, settings)
+    if adapters.base is not None:
+        model = load_model(verify_base(adapters.base), device=device, dtype=torch.float32,
+                           max_seq_len=max_seq_len).train()
+    else:
+        with torch.device(device):  # its init is overwritten by the weights the checkpoint holds
+            model = Transformer(replace(record.model_args, max_seq_len=max_seq_len))
+    apply_lora(model, settings)
+    load_adapter_weights(model, record)
+    return model
+
+
+def adapter_weights(model: nn.Module, settings: LoRASettings, base: str | Path | dict | None
+                    ) -> tuple[dict[str, torch.Tensor], Adapters]:
+    """What a LoRA run's checkpoint records: (weights, Adapters).
 
     base: the base weights' path, or base_reference(path) computed once (saves re-hashing), or None
     when the base came from no file: then every weight is saved, the frozen base included.
@@ -400,60 +416,73 @@ def adapter_checkpoint_fields(model: nn.Module, settings: LoRASettings, base: st
     """
     layers = lora_modules(model)
     if not layers:
-        raise LoRAError("adapter_checkpoint_fields: the model has no adapters")
+        raise LoRAError("adapter_weights: the model has no adapters")
     if any(m.rank != settings.rank or m.alpha != settings.alpha for _, m in layers):
-        raise LoRAError("adapter_checkpoint_fields: the settings differ from those the model's adapters were made with")
+        raise LoRAError("adapter_weights: the settings differ from those the model's adapters were made with")
     if base is None:
         # every weight: not copied on CPU (the caller saves it at once), as state_dict() does
         state, ref = {k: _full_cpu(v, copy=False) for k, v in unwrap(model).state_dict().items()}, None
     else:
         state, ref = lora_state_dict(model), base if isinstance(base, dict) else base_reference(base)
-    return {"model_state": state, "lora": settings.to_dict(), "base": ref}
+    return state, Adapters(settings.to_dict(), ref)
 
 
-def load_adapter_weights(model: nn.Module, ckpt: dict) -> None:
+def adapter_checkpoint_fields(model: nn.Module, settings: LoRASettings, base: str | Path | dict | None) -> dict:
+    """adapter_weights as keyword arguments for checkpoint.save_checkpoint(path, model, **fields, ...)."""
+    state, adapters = adapter_weights(model, settings, base)
+    return {"model_state": state, "lora": adapters.settings, "base": adapters.base}
+
+
+def load_adapter_weights(model: nn.Module, record: Checkpoint) -> None:
     """An adapter checkpoint's weights into a model that apply_lora wrapped with the same settings:
     the adapters, or every weight when the checkpoint has no base file. Load before sharding."""
-    if ckpt.get("base") is not None:
-        load_lora_state_dict(model, ckpt["model"])
+    if record.provenance.adapters.base is not None:
+        load_lora_state_dict(model, record.weights)
         return
     try:
-        unwrap(model).load_state_dict(ckpt["model"], strict=True)
+        unwrap(model).load_state_dict(record.weights, strict=True)
     except RuntimeError as e:
         raise LoRAError(f"weights do not fit the model: {str(e).splitlines()[1].strip()}") from None
 
 
-def load_adapter_checkpoint(path: str | Path, base: Optional[str | Path] = None, device: str | torch.device = "cpu",
-                            dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
-                            rope_scale_factor: Optional[float] = None) -> Transformer:
-    """An adapter checkpoint -> the adapted Transformer in eval mode.
+def adapted_model(record: Checkpoint, where: str | Path, base: Optional[str | Path] = None,
+                  device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                  max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> Transformer:
+    """An adapter checkpoint's record (read from `where`) -> the adapted Transformer in eval mode.
 
     The base comes from `base` or the recorded path and must hash as recorded; an adapter checkpoint as the base
     is loaded with its own adapters merged (checkpoint.load_model). `dtype` applies to the base weights; adapters
     stay float32 (see LoRALinear). `max_seq_len` and `rope_scale_factor` override the recorded shape's."""
-    ckpt = read_checkpoint(path)
-    if "lora" not in ckpt:
-        raise LoRAError(f"{path}: not an adapter checkpoint (no 'lora' settings); load it with checkpoint.load_model")
-    settings = LoRASettings.from_dict(ckpt["lora"])
+    adapters = record.provenance.adapters
+    if adapters is None:
+        raise LoRAError(f"{where}: not an adapter checkpoint (no 'lora' settings); load it with checkpoint.load_model")
+    settings = LoRASettings.from_dict(adapters.settings)
     overrides = {"max_seq_len": max_seq_len, "rope_scale_factor": rope_scale_factor}
-    args = ModelArgs.from_dict(ckpt["model_args"], **{k: v for k, v in overrides.items() if v is not None})
-    if ckpt.get("base") is None:
+    args = replace(record.model_args, **{k: v for k, v in overrides.items() if v is not None})
+    if adapters.base is None:
         if base is not None:
-            raise LoRAError(f"{path}: holds its own base weights (trained from no base file); drop --base")
-        model = _adapted_from_full_state(ckpt["model"], args, settings, device, dtype)
+            raise LoRAError(f"{where}: holds its own base weights (trained from no base file); drop --base")
+        model = _adapted_from_full_state(record.weights, args, settings, device, dtype)
     else:
-        base_path = verify_base(ckpt["base"], base)
+        base_path = verify_base(adapters.base, base)
         model = load_model(base_path, device=device, dtype=dtype, max_seq_len=args.max_seq_len,
                            rope_scale_factor=rope_scale_factor)
         if model.args != args:
             diffs = [f"{k} {v} vs {getattr(model.args, k)}" for k, v in asdict(args).items()
                      if getattr(model.args, k) != v]
-            raise LoRAError(f"{path}: trained on a model of another shape than {base_path}: {'; '.join(diffs)}")
+            raise LoRAError(f"{where}: trained on a model of another shape than {base_path}: {'; '.join(diffs)}")
         # A's random init is overwritten at once: keep the caller's RNG stream as it was.
         with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
             apply_lora(model, settings)
-        load_lora_state_dict(model, ckpt["model"])
+        load_lora_state_dict(model, record.weights)
     return model.eval()
+
+
+def load_adapter_checkpoint(path: str | Path, base: Optional[str | Path] = None, device: str | torch.device = "cpu",
+                            dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                            rope_scale_factor: Optional[float] = None) -> Transformer:
+    """adapted_model for the adapter checkpoint at `path`."""
+    return adapted_model(Checkpoint.read(path), path, base, device, dtype, max_seq_len, rope_scale_factor)
 
 
 def _adapted_from_full_state(state: dict, args: ModelArgs, settings: LoRASettings, device, dtype) -> Transformer:
@@ -475,13 +504,17 @@ def _adapted_from_full_state(state: dict, args: ModelArgs, settings: LoRASetting
 def weights_read_by_merge(checkpoint: str | Path, base: Optional[str | Path] = None) -> list[Path]:
     """The adapter checkpoint and the base under it, and that base's own base when it is an adapter checkpoint
     too (a LoRA run started from another's adapters), and so on: every file or directory a merge reads."""
-    paths, ckpt = [Path(checkpoint)], read_checkpoint(checkpoint)
-    below = base or (ckpt.get("base") or {}).get("path")
+    paths, record = [Path(checkpoint)], Checkpoint.read(checkpoint)
+    below = base or _recorded_base_path(record)
     while below:
         paths.append(Path(below))
-        inner = read_checkpoint(below) if Path(below).is_file() else {}
-        below = (inner.get("base") or {}).get("path") if "lora" in inner else None
+        below = _recorded_base_path(Checkpoint.read(below)) if Path(below).is_file() else None
     return paths
+
+
+def _recorded_base_path(record: Checkpoint) -> Optional[str]:
+    adapters = record.provenance.adapters
+    return (adapters.base or {}).get("path") if adapters else None
 
 
 def merge_command(checkpoint: str, base: Optional[str], out: str, overwrite: bool = False) -> Path:
@@ -496,12 +529,13 @@ def merge_command(checkpoint: str, base: Optional[str], out: str, overwrite: boo
                             f"under them); choose another file")
     if Path(out).exists() and not overwrite:
         raise LoRAError(f"--out {out} already exists; choose another file, or pass --overwrite to replace it")
-    ckpt = read_checkpoint(checkpoint)
-    model = merge_lora(load_adapter_checkpoint(checkpoint, base))
+    record = Checkpoint.read(checkpoint)
+    model = merge_lora(adapted_model(record, checkpoint, base))
+    adapters = record.provenance.adapters
     # The stage it came from (a later run names it by its flag); no step or optimizer: it starts runs as weights.
-    extra = {k: ckpt[k] for k in ("stage", "tokenizer", "tokenizer_path") if k in ckpt}
-    provenance = {"adapters": str(Path(checkpoint).resolve()), "base": ckpt.get("base"), "lora": ckpt["lora"]}
-    save_checkpoint(Path(out), model, merged_from=provenance, **extra)
+    merged_from = {"adapters": str(Path(checkpoint).resolve()), "base": adapters.base, "lora": adapters.settings}
+    Checkpoint(model.state_dict(), model.args, record.stage, record.tokenizer, record.tokenizer_path,
+               Provenance(merged_from=merged_from)).write(out)
     return Path(out)
 
 
