@@ -38,8 +38,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from checkpoint import meta_rope_scale_factor
-from hf_convert import (hf_config_dict, hf_name, parse_size, permute_for_rotate_half, supported_context,
-                        write_tokenizer_files)
+from hf_convert import hf_config_dict, parse_size, supported_context, write_tokenizer_files
+from hf_names import hf_name, permute_for_rotate_half
 from model import PRESETS, ModelArgs, Transformer
 from safetensors_io import INDEX_NAME, save_file, write_atomically
 
