@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import os
 import sys
-import weakref
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.distributed.tensor import DTensor
 
 from checkpoint import CheckpointError, checked_tokenizer, load_model, rope_scaling_note
 from hardware import weights_dtype
 from model import Transformer
+from speedups import reordered_linears
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -49,74 +44,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ---- CPU decode kernels --------------------------------------------------------------------------------
-# A decode step multiplies one row by every weight matrix, so on a CPU it is bound by reading the weights,
-# and the output layer (128k x dim) is most of them in a small Llama 3. PyTorch's default linear reads
-# them in the layout of a wide GEMM. Reordered once into the layout the CPU kernels stream best (oneDNN's
-# blocked layout for bf16, MKL's packed GEMM for fp32), the same products run 1.5-2.5x faster (bench.py).
-# The reordered copies cost one more copy of the linear weights; they are kept while the weights are
-# unchanged (a tensor's _version counts in-place updates such as optimizer steps).
-_packed: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _reordered_kernel(weight: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """x -> x @ weight.T with a reordered copy of `weight`, or None where this build has no such kernel."""
-    try:
-        if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            kernel = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
-        elif weight.dtype == torch.float32 and torch.backends.mkl.is_available():
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
-            kernel = lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, None, 1)  # noqa: E731
-        else:
-            return None
-        probe = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        # These are PyTorch's internal ops (what inductor's weight prepacking emits): trust them only
-        # after they reproduce F.linear here.
-        if not torch.allclose(kernel(probe).float(), F.linear(probe, weight).float(), rtol=1e-2, atol=1e-3):
-            return None
-        return kernel
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _fits_in_memory(nbytes: int) -> bool:
-    """True when `nbytes` is under half of MemAvailable (Linux) or of free memory (other POSIX)."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return False
-    return nbytes < available // 2
-
-
-@contextmanager
-def cpu_decode_kernels(model: nn.Module) -> Iterator[None]:
-    """While inside, every plain nn.Linear of a CPU model computes with a reordered copy of its weight.
-    Does nothing on other devices, under autocast (which picks its own dtype per op), for a torch.compile'd
-    model (inductor packs weights itself), or when the copies would take over half the free memory."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None and m.weight.device.type == "cpu"
-               and not isinstance(m.weight, DTensor)]  # FSDP shards: each forward gathers them anew
-    if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
-        linears = []
-    stale = [m for m in linears if m not in _packed or _packed[m][:2] != (m.weight.data_ptr(), m.weight._version)]
-    if not _fits_in_memory(sum(m.weight.nbytes for m in stale)):
-        linears = []
-    for m in stale if linears else []:
-        _packed[m] = (m.weight.data_ptr(), m.weight._version, _reordered_kernel(m.weight.detach()))
-    patched = [m for m in linears if _packed[m][2] is not None]
-    for m in patched:
-        m.forward = _packed[m][2]
-    try:
-        yield
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)  # an inner call on the same model may have restored it already
-
-
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int],
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -128,25 +55,27 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], max_new_tokens: i
         raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {model.args.max_seq_len}")
     model.setup_cache(batch_size=1, max_seq_len=total)
     try:
-        with cpu_decode_kernels(model):
-            tokens = torch.tensor([list(prompt)], device=device)
-            logits, _ = model(tokens, start_pos=0, logits_to_keep=1)
-            for pos in range(len(prompt), total):
-                next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-                token = int(next_id.item())
-                if token in stop_ids:
-                    return
-                yield token
-                if pos + 1 < total:
-                    logits, _ = model(next_id.view(1, 1), start_pos=pos)
+        tokens = torch.tensor([list(prompt)], device=device)
+        logits, _ = model(tokens, start_pos=0, logits_to_keep=1)
+        for pos in range(len(prompt), total):
+            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            token = int(next_id.item())
+            if token in stop_ids:
+                return
+            yield token
+            if pos + 1 < total:
+                logits, _ = model(next_id.view(1, 1), start_pos=pos)
     finally:
         model.clear_cache()
 
 
 def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None) -> str:
-    """Prompt text -> completion text (used for sample generations during training)."""
-    return "".join(stream_completion(model, tokenizer, prompt, max_new_tokens, chat, temperature, top_k, top_p, seed))
+    """Prompt text -> completion text (used for sample generations during training), with the CPU's
+    reordered decode kernels made from the weights as they are now and dropped on return."""
+    with reordered_linears(model):
+        return "".join(stream_completion(model, tokenizer, prompt, max_new_tokens, chat, temperature, top_k, top_p,
+                                         seed))
 
 
 def stream_completion(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False,
@@ -289,15 +218,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.compile:
         model = torch.compile(model, dynamic=True)  # attribute access (args, setup_cache) passes through
-    if prompt is None:
-        chat_loop(model, tokenizer, args)
-        return 0
-    if not args.quiet:
-        show_prompt(prompt)
-    for piece in stream_completion(model, tokenizer, prompt, args.max_new_tokens, args.chat, args.temperature,
-                                   args.top_k, args.top_p, args.seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with reordered_linears(model):  # the CPU decodes faster with them (speedups.py)
+        if prompt is None:
+            chat_loop(model, tokenizer, args)
+            return 0
+        if not args.quiet:
+            show_prompt(prompt)
+        for piece in stream_completion(model, tokenizer, prompt, args.max_new_tokens, args.chat, args.temperature,
+                                       args.top_k, args.top_p, args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 

@@ -1,0 +1,129 @@
+"""The speed tricks that go beyond plain PyTorch, all in one place, each switched on by an explicit call
+from an entry point (generate.py's main and complete, serve.py's start-up, train.py's main, bench.py).
+model.py, generate.py's decode loop and batching.py compute with plain nn.Linear: without these calls
+they give the same answers, only slower (or, for the allocator, with more page faults).
+
+Figures are from the 2-core AMD EPYC (Zen 4, AVX-512 BF16) this project is developed on. Which precision
+`auto` picks (bf16 only where the CPU runs it natively) is a decision, not a trick, and lives with the
+other facts about the machine in hardware.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---- the CPU allocator ---------------------------------------------------------------------------------
+def keep_freed_memory_on_cpu() -> bool:
+    """Ask glibc to serve big buffers from its heap and keep them when freed (up to 2 GiB).
+
+    By default glibc maps every buffer over its mmap threshold (at most 32 MiB) afresh and unmaps it when
+    freed, so each CPU training step page-faults its activations and logits chunks in again. Measured when
+    this was added: 12 steps of the default `.env` went from 524 to 1,379 tok/s, peak RSS 2.09 -> 2.89 GB
+    (BENCHMARKS.md, "The CPU allocator"). The cost is that higher resident set: freed memory stays with the
+    process. Skipped when the user set any MALLOC_* variable (theirs win) and off glibc. Returns whether
+    the setting took."""
+    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+# ---- reordered linear weights for decoding -------------------------------------------------------------
+def reordered_linear(weight: torch.Tensor, rows: int) -> Optional[Kernel]:
+    """x -> x @ weight.T from a copy of `weight` reordered for products of about `rows` rows, or None where
+    this build or dtype has no such kernel.
+
+    A decode step multiplies one row (or one per sequence) by every weight matrix, so on a CPU it is bound
+    by reading the weights, and the 128k x dim output layer is most of them in a small Llama 3. Reordered
+    once into the layout the CPU kernels stream best, the same products run faster. Measured on the quick
+    start's output layer (128,256 x 256), one thread, milliseconds per product of 1 / 8 rows:
+      float32: plain F.linear 11.6 / 39.6; MKL packed for 1 row 7.0 / 38.4; oneDNN reordered for 8 rows 11.1 / 11.6
+      bf16:    plain F.linear  7.6 /  7.8; oneDNN reordered for 1 row 3.9 / 4.2, for 8 rows 3.9 / 4.2
+    So one row in float32 goes through MKL (fastest for one row, 3.3x slower than oneDNN's at 8), every
+    other case through oneDNN; the reordering costs 51 ms (float32, MKL) or 14 ms (bf16) for this matrix,
+    paid once per `reordered_linears` block. In bf16 on this project's shapes oneDNN's reordered product
+    gives the plain linear's bits (tests/test_speedups.py)."""
+    if weight.device.type != "cpu":
+        return None
+    try:
+        if weight.dtype == torch.float32 and rows == 1:
+            if not torch.backends.mkl.is_available():
+                return None
+            mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
+            kernel: Kernel = lambda x: torch.ops.mkl._mkl_linear(x, mkl_packed, weight, None, 1)  # noqa: E731
+        elif weight.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            kernel = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+        else:
+            return None
+        probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        # PyTorch's internal ops (what inductor's weight prepacking emits): trusted only after they
+        # reproduce F.linear here.
+        if not torch.allclose(kernel(probe).float(), F.linear(probe, weight).float(), rtol=1e-2, atol=1e-3):
+            return None
+        return kernel
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """True when `nbytes` is under half of MemAvailable (Linux) or of free memory (other POSIX)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return False
+    return nbytes < available // 2
+
+
+def _reorderable_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain bias-free CPU linears not already routed elsewhere (an outer block, a test's own forward)."""
+    if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
+        return []  # autocast picks its own dtype per op; inductor packs weights itself
+    return [m for m in model.modules() if type(m) is nn.Linear and m.bias is None and m.weight.device.type == "cpu"
+            and not isinstance(m.weight, DTensor)  # FSDP shards: each forward gathers them anew
+            and "forward" not in m.__dict__]
+
+
+@contextmanager
+def reordered_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
+    """While inside, every plain bias-free CPU nn.Linear of `model` multiplies by a copy of its weight
+    reordered for `rows` rows (`reordered_linear`); yields how many. Leaving restores the plain linears
+    and frees the copies.
+
+    The copies are made from the weights as they are on entering and die on leaving, so none can outlive
+    an optimizer step (the fused AdamW updates weights in place without bumping their version counters,
+    so nothing cheaper could tell a copy is stale): enter it around generation, never around training.
+    Does nothing on other devices, under autocast, for a torch.compile'd model, or when the copies would
+    take over half the free memory (they cost one more copy of the linear weights). Linears an outer
+    block already routes are left to it."""
+    linears = _reorderable_linears(model)
+    if not _fits_in_memory(sum(m.weight.nbytes for m in linears)):
+        linears = []
+    patched = []
+    with torch.no_grad():
+        for m in linears:
+            if (kernel := reordered_linear(m.weight.detach(), rows)) is not None:
+                m.forward = kernel
+                patched.append(m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
