@@ -26,46 +26,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from generate import sample_next
 from model import Attention, KVCache, Transformer, apply_rope, rope_cos_sin, rope_frequencies
-
-
-# ---- product kernels --------------------------------------------------------------------------------------
-def onednn_kernel(weight: torch.Tensor, rows: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """x -> x @ weight.T through oneDNN with a copy of `weight` reordered for batches of about `rows` rows
-    (bf16 or float32), or None.
-
-    generate.py's decode kernels use the same oneDNN op for bf16 (reordered for one row; on this project's
-    shapes the products come out bit for bit the same) but MKL for float32, fastest for one row and 4-5x
-    slower for 2-8 rows on an AMD EPYC. Reordered for 8 rows, oneDNN's float32 product took 12 ms for one
-    row or eight of the quick-start output layer (MKL: 8 and 38 ms), bf16 6 ms (reordered for one: 7 and 8)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32) \
-            or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        kernel = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
-        probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        # PyTorch-internal ops (what inductor's weight prepacking emits): trusted only if they match F.linear.
-        if not torch.allclose(kernel(probe).float(), F.linear(probe, weight).float(), rtol=1e-2, atol=1e-3):
-            return None
-        return kernel
-    except (AttributeError, RuntimeError):
-        return None
-
-
-@torch.no_grad()
-def use_onednn_linears(model: nn.Module, rows: int) -> int:
-    """Route every plain bias-free CPU nn.Linear of a model that serves (and never trains) through
-    `onednn_kernel`, for good; returns how many. The copies cost one more copy of those weights."""
-    patched = 0
-    for m in model.modules():
-        if type(m) is nn.Linear and m.bias is None and (kernel := onednn_kernel(m.weight.detach(), rows)) is not None:
-            m.forward = kernel
-            patched += 1
-    return patched
 
 
 # ---- sequences --------------------------------------------------------------------------------------------
@@ -103,15 +66,15 @@ class EngineStopped(RuntimeError):
 
 # ---- the engine -------------------------------------------------------------------------------------------
 class BatchEngine:
-    """Owns the model (its CPU linears go through oneDNN for good) on one thread: prefills newcomers, runs
-    batched decode steps, runs other jobs (embeddings) between steps. `start` probes the width floor;
-    `submit` and `call` may be used from any thread."""
+    """Owns the model on one thread: prefills newcomers, runs batched decode steps, runs other jobs
+    (embeddings) between steps. `start` probes the width floor of the product kernels the model has then
+    (serve.py routes its linears through speedups.reordered_linears first); `submit` and `call` may be
+    used from any thread."""
 
     def __init__(self, model: Transformer, stop_ids: list[int], max_batch: int = 8, max_queue: int = 64):
         self.model, self.stop_ids = model, set(stop_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_embeddings.weight.device
-        self.fast_linears = use_onednn_linears(model, max_batch)
         self.width_floor: Optional[int] = 1
         self.decode_steps = 0
         self.peak_batch = 0

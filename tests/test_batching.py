@@ -4,16 +4,18 @@ the probe finds kernels whose rows depend on the batch, and a cancelled sequence
 
 import queue
 import threading
+from contextlib import ExitStack
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from batching import BatchEngine, Sampling, Sequence
-from generate import cpu_decode_kernels, generate_tokens
+from generate import generate_tokens
 from hardware import cpu_has_native_bf16
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
+from speedups import reordered_linears
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=96)
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -51,12 +53,21 @@ class Collector:
         return tokens, ends
 
 
+def solo(dtype: torch.dtype, prompt: list[int], n: int, *sampling) -> list[int]:
+    """generate.py's answer: generate_tokens on a fresh model under the kernels generate.py's main switches on."""
+    model = build(dtype)
+    with reordered_linears(model):
+        return list(generate_tokens(model, prompt, n, [], *sampling))
+
+
 @pytest.fixture
 def engine_for():
-    engines = []
+    """Started engines whose models have the kernels serve.py's start-up gives them; stopped after the test."""
+    engines, kernels = [], ExitStack()
 
-    def make(model, **kw):
-        engine = BatchEngine(model, stop_ids=[], **kw)
+    def make(model, max_batch: int = 8, **kw):
+        kernels.enter_context(reordered_linears(model, rows=max_batch))
+        engine = BatchEngine(model, stop_ids=[], max_batch=max_batch, **kw)
         engine.start()
         engines.append(engine)
         return engine
@@ -64,6 +75,7 @@ def engine_for():
     yield make
     for engine in engines:
         engine.stop()
+    kernels.close()
 
 
 def prefilled(engine: BatchEngine, n: int) -> list[Sequence]:
@@ -79,8 +91,9 @@ def prefilled(engine: BatchEngine, n: int) -> list[Sequence]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_rows_logits_are_bitwise_the_same_alone_and_in_any_batch(dtype):
-    engine = BatchEngine(build(dtype), stop_ids=[], max_batch=6)
-    with torch.inference_mode():
+    model = build(dtype)
+    engine = BatchEngine(model, stop_ids=[], max_batch=6)
+    with reordered_linears(model, rows=6), torch.inference_mode():
         engine.width_floor = engine.probe_width_floor()
         assert engine.width_floor is not None, "this CPU's kernels give rows batch-dependent results"
         seqs = prefilled(engine, 6)
@@ -93,17 +106,17 @@ def test_a_rows_logits_are_bitwise_the_same_alone_and_in_any_batch(dtype):
 @pytest.mark.parametrize("dtype, bitwise", [(torch.float32, False), pytest.param(torch.bfloat16, True, marks=(
     pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")))])
 def test_batched_logits_are_a_one_token_forwards_bf16_bit_for_bit_float32_to_rounding(dtype, bitwise):
-    """The reference is Transformer.forward with its own KV cache under generate.py's decode kernels
-    (oneDNN for bf16, as the engine; MKL for float32, which rounds in another order)."""
-    engine = BatchEngine(build(dtype), stop_ids=[], max_batch=6)
-    reference = build(dtype)
-    with torch.inference_mode():
+    """The engine under serve.py's kernels; the reference is Transformer.forward with its own KV cache under
+    generate.py's (oneDNN for bf16, as the engine's; MKL for one float32 row, which rounds in another order)."""
+    model, reference = build(dtype), build(dtype)
+    engine = BatchEngine(model, stop_ids=[], max_batch=6)
+    with reordered_linears(model, rows=6), torch.inference_mode():
         engine.width_floor = engine.probe_width_floor()
         seqs = prefilled(engine, 6)
         batch = engine.decode(seqs)
         for j, seq in enumerate(seqs):
             reference.setup_cache(1, seq.total)
-            with cpu_decode_kernels(reference):
+            with reordered_linears(reference):
                 reference(torch.tensor([seq.prompt]), start_pos=0, logits_to_keep=1)
                 expected, _ = reference(torch.tensor([[seq.next_token]]), start_pos=seq.pos)
             reference.clear_cache()
@@ -119,14 +132,14 @@ def test_sequences_joining_a_running_batch_get_their_solo_greedy_tokens(dtype, e
     assert engine.width_floor is not None, "this CPU's kernels give rows batch-dependent results"
     ps = prompts(6)
     lengths = [30, 12, 25, 40, 7, 33]
-    solo = [list(generate_tokens(build(dtype), p, n, stop_ids=[])) for p, n in zip(ps, lengths)]
+    alone = [solo(dtype, p, n) for p, n in zip(ps, lengths)]
     c = Collector()
     engine.submit([c.sequence(i, ps[i], Sampling(lengths[i])) for i in range(3)])
     while engine.decode_steps < 5:  # the rest join a batch that is already decoding
         threading.Event().wait(0.005)
     engine.submit([c.sequence(i, ps[i], Sampling(lengths[i])) for i in range(3, 6)])
     tokens, ends = c.run(6)
-    assert [tokens[i] for i in range(6)] == solo
+    assert [tokens[i] for i in range(6)] == alone
     assert all(end == "end:length" for end in ends.values())
     assert engine.peak_batch >= 4
 
@@ -135,30 +148,26 @@ def test_seeded_sampling_draws_what_generate_tokens_draws_with_that_seed(engine_
     engine = engine_for(build(torch.float32), max_batch=4)
     ps = prompts(4)
     sampling = [Sampling(20, temperature=0.9, top_p=0.8, top_k=50, seed=100 + i) for i in range(4)]
-    solo = [list(generate_tokens(build(torch.float32), p, 20, [], s.temperature, s.top_k, s.top_p,
-                                 torch.Generator().manual_seed(s.seed))) for p, s in zip(ps, sampling)]
+    alone = [solo(torch.float32, p, 20, s.temperature, s.top_k, s.top_p, torch.Generator().manual_seed(s.seed))
+             for p, s in zip(ps, sampling)]
     c = Collector()
     engine.submit([c.sequence(i, ps[i], sampling[i]) for i in range(4)])
     tokens, _ = c.run(4)
-    assert [tokens[i] for i in range(4)] == solo
+    assert [tokens[i] for i in range(4)] == alone
 
 
 def test_a_stop_id_ends_the_sequence_unsent(engine_for):
-    model = build(torch.float32)
-    free = list(generate_tokens(build(torch.float32), prompts(1)[0], 20, stop_ids=[]))
-    engine = BatchEngine(model, stop_ids=[free[4]], max_batch=2)
-    engine.start()
-    try:
-        c = Collector()
-        engine.submit([c.sequence(0, prompts(1)[0], Sampling(20))])
-        tokens, ends = c.run(1)
-    finally:
-        engine.stop()
+    free = solo(torch.float32, prompts(1)[0], 20)
+    engine = engine_for(build(torch.float32), max_batch=2)
+    engine.stop_ids = {free[4]}
+    c = Collector()
+    engine.submit([c.sequence(0, prompts(1)[0], Sampling(20))])
+    tokens, ends = c.run(1)
     assert tokens[0] == free[:free.index(free[4])] and ends[0] == "end:stop"
 
 
 def test_ignore_stop_decodes_through_stop_ids_to_max_new_tokens(engine_for):
-    free = list(generate_tokens(build(torch.float32), prompts(1)[0], 20, stop_ids=[]))
+    free = solo(torch.float32, prompts(1)[0], 20)
     engine = engine_for(build(torch.float32), max_batch=2)
     engine.stop_ids = {free[4]}
     c = Collector()
@@ -174,7 +183,7 @@ def test_probe_pads_solo_rows_up_to_where_a_kernel_stops_depending_on_the_batch_
     # One or two rows round differently from three or more, as MKL's float32 GEMV and GEMM do.
     rowwise = lambda x: torch.cat([F.linear(row, w) for row in x.split(1)])  # noqa: E731
     model.output.forward = lambda x: rowwise(x) + (1e-3 if x.shape[0] < 3 else 0.0)
-    with torch.inference_mode():
+    with reordered_linears(model, rows=4), torch.inference_mode():  # the other linears as serve.py runs them
         assert engine.probe_width_floor() == 3
 
 
