@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -70,7 +70,7 @@ import torch
 from config import Config
 from dataloaders import trained_rows
 from distributed import DistInfo
-from generate import cpu_decode_kernels, generate_tokens
+from generate import generate_tokens
 from hf_convert import to_hf
 import lora
 from losses import IGNORE_INDEX
@@ -79,6 +79,7 @@ from model import ModelArgs, Transformer
 from stages import Distillation, DPOStage, Setting, SFTStage, Stage
 import hardware
 from hardware import datasheet_peak, plausible_mfu
+from speedups import reordered_linears
 from train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent
@@ -200,6 +201,7 @@ class ModelRunner:
         self.peak_resettable = True
         self.first_loss: Optional[float] = None  # before any update: shows both start from the same point
         self.generation_precision: Optional[str] = None
+        self.decode_kernels: Optional[ExitStack] = None  # ours: the generation model's reordered weights, while held
 
     def _build(self) -> torch.nn.Module:
         """The same weights in both processes: our seeded initialisation, converted for HF."""
@@ -211,6 +213,7 @@ class ModelRunner:
     # ---- training ----
     def setup_training(self, precision: str) -> dict:
         self.precision = precision
+        self._drop_decode_kernels()
         self.model = self._build().train()
         self.step_model = torch.compile(self.model) if self.plan.compile else self.model
         self.optimizer = build_optimizer(self.model, Config(), self.device)
@@ -275,11 +278,17 @@ class ModelRunner:
     # ---- generation ----
     def setup_generation(self, precision: str, batch: int = 1) -> None:
         if self.model is None or self.generation_precision != precision:  # a new batch size keeps the weights
+            self._drop_decode_kernels()
             self.model = None
             gc.collect()
             self.model, self.generation_precision = self._build().to(DTYPES[precision]).eval(), precision
         self.prompts = torch.randint(0, LLAMA3_VOCAB, (batch, self.plan.prompt_len),
                                      generator=torch.Generator().manual_seed(SEED + 2)).to(self.device)
+
+    def _drop_decode_kernels(self) -> None:
+        if self.decode_kernels is not None:
+            self.decode_kernels.close()
+            self.decode_kernels = None
 
     def generate(self) -> dict:
         """Greedy decoding of exactly `new_tokens` tokens (no stop token) after each prompt. Ours: generate.py's
@@ -287,6 +296,9 @@ class ModelRunner:
         n = self.plan.new_tokens
         sync(self.device)
         start = time.perf_counter()
+        if self.kind == "ours" and self.decode_kernels is None:  # as generate.py's main: once for these weights
+            self.decode_kernels = ExitStack()
+            self.decode_kernels.enter_context(reordered_linears(self.model))
         if self.kind == "ours" and len(self.prompts) == 1:
             ids = [list(generate_tokens(self.model, self.prompts[0].tolist(), n, stop_ids=[]))]
         elif self.kind == "ours":
@@ -306,13 +318,12 @@ def greedy_batch(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> 
     B, P = prompts.shape
     model.setup_cache(batch_size=B, max_seq_len=P + new_tokens)
     try:
-        with cpu_decode_kernels(model):
-            logits, _ = model(prompts, start_pos=0, logits_to_keep=1)
-            ids = []
-            for pos in range(P, P + new_tokens):
-                ids.append(logits[:, -1].argmax(-1))  # (B,)
-                if len(ids) < new_tokens:
-                    logits, _ = model(ids[-1][:, None], start_pos=pos)
+        logits, _ = model(prompts, start_pos=0, logits_to_keep=1)
+        ids = []
+        for pos in range(P, P + new_tokens):
+            ids.append(logits[:, -1].argmax(-1))  # (B,)
+            if len(ids) < new_tokens:
+                logits, _ = model(ids[-1][:, None], start_pos=pos)
         return torch.stack(ids, dim=1)
     finally:
         model.clear_cache()
@@ -359,7 +370,7 @@ class VariantRunner(ModelRunner):
         B, T = self.x.shape
         cfg = Config(training_precision=precision, instruct_eval_examples=0)  # no held-out prompts to read
         setting = Setting(cfg, DistInfo(0, 0, 1, self.device), samples_per_step=B, tokenizer=None,
-                          vocab_size=LLAMA3_VOCAB)
+                          vocab_size=LLAMA3_VOCAB, starting_weights=self._build)
         batch, targets = {"tokens": self.x}, self.y.clone()
         if self.variant in ("packed", "lora"):
             positions, documents, trained = packed_row(T)
@@ -371,7 +382,7 @@ class VariantRunner(ModelRunner):
                 raise ValueError(f"the DPO variants need an even batch (pairs: chosen rows, then rejected), not {B}")
             targets[:, : T // 2] = IGNORE_INDEX  # the prompt half of each row is not scored
             batch["pair_index"] = torch.arange(B // 2)
-            self.stage = DPOStage(setting, initial_weights=self._build, lora_reference=False, init_identity="bench")
+            self.stage = DPOStage(setting)
         else:
             wide = {**asdict(self.plan.model_args()), "dim": 2 * self.plan.model_args().dim}
             with torch.device(self.device):
@@ -535,7 +546,7 @@ def bench_generation(procs: dict[str, ModelProcess], plan: Plan, precision: str,
                      batch: int = 1) -> dict:
     call_both(procs, "setup_generation", precision, batch)
     # The first call is a warm-up, timed on its own: ours reorders its weights for the CPU kernels there
-    # (generate.cpu_decode_kernels), a one-time cost that later calls on the same weights skip.
+    # (speedups.reordered_linears, held until the weights change), a one-time cost that later calls skip.
     first = {kind: p.call("generate") for kind, p in procs.items()}
     runs = alternate({kind: (lambda p=p: p.call("generate")) for kind, p in procs.items()},
                      rounds.generate_warmup - 1, rounds.generate)
@@ -589,7 +600,8 @@ def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
 DATA_PREP_RUN = r"""
 import bisect, itertools, json, subprocess, sys, time
 from pathlib import Path
-from data_preparation_utils import Source, cached_tokenizer, open_source
+from data_preparation_utils import cached_tokenizer
+from data_sources import Source, open_source
 from load_pretrain_dataset import prepare_pretrain_dataset
 
 corpus, work_dir, rounds, helper_code = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

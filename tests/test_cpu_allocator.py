@@ -1,5 +1,6 @@
-"""train.py's glibc setting: freed big buffers stay with the process, so the next step does not
-page-fault them in again. Checked by counting page faults in a fresh interpreter."""
+"""The glibc setting training makes on CPU (speedups.keep_freed_memory_on_cpu): freed big buffers stay
+with the process, so the next step does not page-fault them in again. Checked by counting page faults in
+a fresh interpreter."""
 
 import json
 import os
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Allocate and free a 64 MiB tensor ten times; report the minor page faults of the last nine.
 FAULTS = r"""
 import json, resource, sys, torch
-import train
-took = train.keep_freed_memory_on_cpu() if sys.argv[1] == "tuned" else False
+import speedups
+took = speedups.keep_freed_memory_on_cpu() if sys.argv[1] == "tuned" else False
 torch.empty(16 * 2**20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(9):
@@ -45,7 +46,7 @@ def test_freed_big_buffers_are_reused_without_page_faults():
 
 
 def test_a_users_malloc_variable_wins(monkeypatch):
-    import train
+    import speedups
 
     monkeypatch.setenv("MALLOC_PERTURB_", "0")  # returns before touching this process's allocator
-    assert train.keep_freed_memory_on_cpu() is False
+    assert speedups.keep_freed_memory_on_cpu() is False
