@@ -19,7 +19,6 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 PROJECT_DIR = Path(__file__).resolve().parent
-STAGES = ("pretrain", "sft", "dpo")
 STAGE_ALIASES = {"instruct": "sft"}  # the original project's name for instruction tuning
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DISTILLATION_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -167,17 +166,16 @@ class Config:
         return PROJECT_DIR / ("prompts.txt" if self.training_stage == "pretrain" else "chat_prompts.txt")
 
     def validate(self) -> "Config":
-        """Check every constraint in one place; raises ConfigError naming the key."""
+        """Check every constraint in one place; raises ConfigError naming the key. The stage's name, and whether
+        a teacher can join it, are checked by stages.stage_class, where the stages are."""
 
         def bad(key: str, expected: str):
             value = getattr(self, key.lower())
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}" + self.where(key))
 
         if self.training_stage == "distill":
-            bad("TRAINING_STAGE", "pretrain | sft | dpo: distillation is not a stage, set IS_MODEL_DISTILLATION=true "
+            bad("TRAINING_STAGE", "a stage (stages.py): distillation is not one, set IS_MODEL_DISTILLATION=true "
                                   "with TRAINING_STAGE=pretrain or sft")
-        if self.training_stage not in STAGES:
-            bad("TRAINING_STAGE", " | ".join(STAGES) + " (instruct = sft)")
         for key, allowed in (("TRAINING_PRECISION", PRECISIONS), ("WANDB_MODE", ("online", "offline", "disabled")),
                              ("PARALLELISM", ("ddp", "fsdp")), ("DDP_BACKEND", ("auto", "nccl", "gloo")),
                              ("INSTRUCT_OVERFLOW", ("drop", "truncate")), ("DPO_LOSS", DPO_LOSSES),
@@ -232,11 +230,8 @@ class Config:
             bad("HELLASWAG_PATH", "an existing .jsonl file in HellaSwag's schema")
         if self.tokenizer_path and not Path(self.tokenizer_path).exists():
             bad("TOKENIZER_PATH", "an existing tokenizer.model file or tokenizer directory")
-        if self.is_model_distillation:
-            if self.training_stage not in ("pretrain", "sft"):
-                bad("TRAINING_STAGE", "pretrain or sft when IS_MODEL_DISTILLATION=true")
-            if not self.teacher_model_checkpoint:
-                bad("TEACHER_MODEL_CHECKPOINT", "a teacher checkpoint when IS_MODEL_DISTILLATION=true")
+        if self.is_model_distillation and not self.teacher_model_checkpoint:
+            bad("TEACHER_MODEL_CHECKPOINT", "a teacher checkpoint when IS_MODEL_DISTILLATION=true")
         return self
 
     def where(self, key: str) -> str:

@@ -1,18 +1,23 @@
 """What differs between training stages: their data, their loss, their metrics and their extra models.
 
-The loop in train.py knows none of it. It asks a stage for
+A stage is one class, registered under its TRAINING_STAGE name by defining `name`. The loop in train.py
+knows none of them; it asks the stage for
 
-    loaders()               train and validation loaders (dataloaders.py), resumable, rank-aware
-    count(batch)            how many units a micro-batch trains (target tokens; pairs for DPO)
+    loaders()               train and validation loaders (its `loader` over cfg.<data_key>), resumable
+    count(batch)            how many units a micro-batch trains (target tokens; pairs for preferences)
     loss(model, batch)      (summed loss, {name: summed figure}): the loop divides both by the global count
                             over micro-batches and ranks, so every stage weighs its data correctly
     validation_loss(...)    loss(...) at validation, plus the two sums of bits per byte where the stage's
                             loss is a cross-entropy over text (`text_sums`)
     evaluate(model, step)   figures beyond the validation loss (exact match of SFT answers, ...)
-    prompts / chat          what sample generations start from
+    figures                 which of those figures the step line shows, and how
+    prompts_path()          what sample generations start from (`chat`: user messages)
+
+and reads its class attributes: `unit`, `distillable` (a teacher may be added), `needs_starting_weights`
+(the run keeps a content-hashed reference to the weights it started from: DPO's reference model).
 
 Distillation is not a stage: `Distillation` wraps a stage's loss with a teacher's. LoRA is not one
-either: it changes which parameters train (lora.py) and what a checkpoint holds (train.py).
+either: it changes which parameters train (lora.py) and what a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from config import Config
+from config import PROJECT_DIR, Config, ConfigError
 from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataLoader, StepLoader
 from distributed import DistInfo, all_reduce_sum
 from generate import generate_tokens
@@ -67,23 +72,51 @@ class Setting:
     samples_per_step: int  # global samples per optimizer step
     tokenizer: object
     vocab_size: int
+    # a fresh copy of the weights the run started from (a resumed run's too: not the resumed weights)
+    starting_weights: Optional[Callable[[], Transformer]] = None
+
+
+STAGES: dict[str, type["Stage"]] = {}  # TRAINING_STAGE -> its class, filled by each class's definition
 
 
 class Stage:
+    """Pretraining: next-token cross-entropy over every position of packed documents."""
     name = "pretrain"
     unit = "tokens"  # what the loss is averaged over
+    data_key = "pretrain_data_dir"  # the Config field naming the stage's data directory
+    loader = PretrainDataLoader
     chat = False  # sample generations in the chat format
+    distillable = True
+    needs_starting_weights = False
+    figures: dict[str, str] = {}  # step-line figures beyond the loss: name -> format
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            STAGES[cls.name] = cls
 
     def __init__(self, s: Setting):
         self.s, self.cfg, self.d = s, s.cfg, s.d
 
+    @property
+    def data_dir(self) -> str:
+        return getattr(self.cfg, self.data_key)
+
+    def loader_options(self) -> dict:
+        return dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
+                    world_size=self.d.world_size, seed=self.cfg.seed,
+                    tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
+
     def loaders(self) -> tuple[StepLoader, StepLoader]:
-        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
-                      world_size=self.d.world_size, seed=self.cfg.seed,
-                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
-        return (PretrainDataLoader(self.cfg.pretrain_data_dir, "train", shuffle=True,
-                                   samples_per_step=self.s.samples_per_step, **common),
-                PretrainDataLoader(self.cfg.pretrain_data_dir, "val", shuffle=False, **common))
+        common = self.loader_options()
+        return (self.loader(self.data_dir, "train", shuffle=True, samples_per_step=self.s.samples_per_step, **common),
+                self.loader(self.data_dir, "val", shuffle=False, **common))
+
+    def prompts_path(self) -> Path:
+        """GENERATION_PROMPTS_FILE, or the project's own prompts: plain text, or chat questions."""
+        if self.cfg.generation_prompts_file:
+            return Path(self.cfg.generation_prompts_file)
+        return PROJECT_DIR / ("chat_prompts.txt" if self.chat else "prompts.txt")
 
     def count(self, batch: dict) -> torch.Tensor:
         return (batch["targets"] != IGNORE_INDEX).sum()
@@ -125,18 +158,17 @@ class Stage:
         return {}
 
 
+STAGES[Stage.name] = Stage
+
+
 class SFTStage(Stage):
     """Instruction tuning: the loss covers assistant turns and their closing <|eot_id|> only (the mask comes
     with the data); packed conversations never attend to each other and restart their positions."""
     name, chat = "sft", True
+    data_key, loader = "instruct_data_dir", ChatDataLoader
 
-    def loaders(self) -> tuple[StepLoader, StepLoader]:
-        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
-                      world_size=self.d.world_size, seed=self.cfg.seed, packing=self.cfg.packing,
-                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
-        return (ChatDataLoader(self.cfg.instruct_data_dir, "train", shuffle=True,
-                               samples_per_step=self.s.samples_per_step, **common),
-                ChatDataLoader(self.cfg.instruct_data_dir, "val", shuffle=False, **common))
+    def loader_options(self) -> dict:
+        return super().loader_options() | {"packing": self.cfg.packing}
 
     def inputs(self, batch: dict) -> dict:
         if "document_ids" not in batch:
@@ -192,7 +224,7 @@ def exact_match(model: Transformer, tokenizer, examples: list, d: DistInfo, shar
     return {"exact_match": right / n, "exact_match_n": int(n)}
 
 
-# ---- DPO ----------------------------------------------------------------------------------------------------
+# ---- preferences -----------------------------------------------------------------------------------------
 def sequence_logps(targets: torch.Tensor, rows: Optional[torch.Tensor] = None):
     """A head for Transformer.forward: summed log-probabilities of each row's target tokens, (rows,).
     `rows`: the flat positions that have a target (the others contribute nothing and are skipped)."""
@@ -205,10 +237,84 @@ def sequence_logps(targets: torch.Tensor, rows: Optional[torch.Tensor] = None):
     return head
 
 
-class DPOStage(Stage):
-    """Direct preference optimisation. A batch of B pairs is 2B rows (chosen first) run in one forward;
-    the reference is the frozen starting policy: the same model with its LoRA adapters off, a frozen
-    copy, or log-probabilities computed once before training (DPO_PRECOMPUTE_REFERENCE).
+@dataclass(frozen=True)
+class Pairs:
+    """One micro-batch of B pairs under the policy: summed response log-probs (B,) and response tokens (B,)
+    of the chosen and the rejected answers (<|eot_id|> included)."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def mean_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each answer's log-probability averaged over its own tokens: the length-normalised likelihood."""
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+class PreferenceStage(Stage):
+    """Preference pairs (load_dpo_dataset.py): a batch of B pairs is 2B rows, chosen first, run in one forward
+    through the chunked output layer. A subclass gives `pair_losses`: each pair's loss from the policy's
+    log-probabilities. Exact match on SFT's held-out prompts, where they exist, is evaluated alongside:
+    alignment must not cost the answers SFT taught."""
+    unit, chat, distillable = "pairs", True, False
+    data_key, loader = "dpo_data_dir", PairDataLoader
+    figures = {"accuracy": "pref acc {:.2f}", "reward_margin": "margin {:.3f}"}
+
+    def loaders(self) -> tuple[StepLoader, StepLoader]:
+        common = self.loader_options()
+        self.train_loader = PairDataLoader(self.data_dir, "train", shuffle=True,
+                                           samples_per_step=self.s.samples_per_step, **common)
+        # validation pairs are numbered after the training pairs: one table of reference log-probs holds both
+        self.val_loader = PairDataLoader(self.data_dir, "val", shuffle=False,
+                                         index_offset=self.train_loader.num_pairs, **common)
+        return self.train_loader, self.val_loader
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["pair_index"].numel(), device=batch["tokens"].device)
+
+    def setup(self, model: Transformer) -> None:
+        self.policy = model
+        self.examples, _ = read_exact_match_examples(Path(self.cfg.instruct_data_dir), self.cfg.instruct_eval_examples,
+                                                     self.s.tokenizer, model.args.max_seq_len)
+
+    def evaluate(self, model: Transformer, step: int, sharded: bool) -> dict:
+        return exact_match(model, self.s.tokenizer, self.examples, self.d, sharded) if self.examples else {}
+
+    @staticmethod
+    def head(batch: dict):
+        return sequence_logps(batch["targets"], batch.get("trained_rows"))
+
+    def validation_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """No bits per byte: the loss is a preference between two answers per pair, not a cross-entropy over
+        text, so it has no per-byte reading."""
+        return self.loss(model, batch)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        policy = model(batch["tokens"], head=self.head(batch))  # (2B,)
+        B = policy.shape[0] // 2
+        tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)
+        losses, extras = self.pair_losses(Pairs(policy[:B], policy[B:], tokens[:B], tokens[B:]), batch)
+        logps = policy.detach().float()
+        return losses.sum(), extras | {"logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum(),
+                                       # the policy's own preference, meaningful before training too
+                                       "policy_accuracy": (logps[:B] > logps[B:]).float().sum()}
+
+    def pair_losses(self, pairs: Pairs, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(B,) losses and {name: summed figure}; `reward_chosen`, `reward_rejected`, `reward_margin` and
+        `accuracy` (reward chosen > rejected) are what every preference stage reports."""
+        raise NotImplementedError
+
+
+def reward_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+            "reward_margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum()}
+
+
+class DPOStage(PreferenceStage):
+    """Direct preference optimisation against a frozen reference, the starting policy: the same model with its
+    LoRA adapters off, a frozen copy, or log-probabilities computed once before training
+    (DPO_PRECOMPUTE_REFERENCE).
 
     DPO_SFT_WEIGHT w (RPO, Pang et al. 2024) adds w * -log p(chosen | prompt) / (its tokens, <|eot_id|>
     included) to each pair's loss: the chosen answer's negative log-likelihood averaged over its own tokens,
@@ -216,54 +322,21 @@ class DPOStage(Stage):
     ranks. TRL's "sft" loss type averages over all chosen tokens of the batch it is given instead: the same
     for one pair, or for chosen answers of one length; otherwise TRL weighs every token alike, so a long
     answer counts for more."""
-    name, unit, chat = "dpo", "pairs", True
+    name, needs_starting_weights = "dpo", True
 
-    def validation_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """No bits per byte: the loss is a preference between two answers per pair, not a cross-entropy over
-        text, so it has no per-byte reading (nor does its RPO term alone: it averages over each answer's tokens,
-        then over pairs)."""
-        return self.loss(model, batch)
-
-    def __init__(self, s: Setting, initial_weights, lora_reference: bool, init_identity: str):
-        """initial_weights(): a fresh copy of the weights the run started from (a resumed run's reference is
-        its starting point, not the resumed weights); init_identity names them (a content hash of their file),
-        for the precomputed file's key beside the weights' own hash."""
+    def __init__(self, s: Setting):
         super().__init__(s)
-        self.initial_weights, self.lora_reference, self.init_identity = initial_weights, lora_reference, init_identity
+        self.lora_reference = s.cfg.lora_enabled  # the reference is the policy with its adapters off
         self.reference: Optional[Transformer] = None
         self.table: Optional[torch.Tensor] = None  # (train + val pairs, 2) precomputed reference log-probs
 
-    def loaders(self) -> tuple[StepLoader, StepLoader]:
-        common = dict(batch_size=self.cfg.max_batch_size, seq_len=self.cfg.max_seq_len, rank=self.d.rank,
-                      world_size=self.d.world_size, seed=self.cfg.seed,
-                      tokenizer_identity=self.s.tokenizer.identity(), vocab_size=self.s.vocab_size)
-        self.train_loader = PairDataLoader(self.cfg.dpo_data_dir, "train", shuffle=True,
-                                           samples_per_step=self.s.samples_per_step, **common)
-        # validation pairs are numbered after the training pairs: one table of reference log-probs holds both
-        self.val_loader = PairDataLoader(self.cfg.dpo_data_dir, "val", shuffle=False,
-                                         index_offset=self.train_loader.num_pairs, **common)
-        return self.train_loader, self.val_loader
-
-    def count(self, batch: dict) -> torch.Tensor:
-        return torch.tensor(batch["pair_index"].numel(), device=batch["tokens"].device)
-
-    def evaluate(self, model: Transformer, step: int, sharded: bool) -> dict:
-        return exact_match(model, self.s.tokenizer, self.examples, self.d, sharded) if self.examples else {}
-
     def setup(self, model: Transformer) -> None:
-        self.policy = model
-        # Alignment must not cost the answers SFT taught: exact match on SFT's held-out prompts, where they exist.
-        self.examples, _ = read_exact_match_examples(Path(self.cfg.instruct_data_dir), self.cfg.instruct_eval_examples,
-                                                     self.s.tokenizer, model.args.max_seq_len)
+        super().setup(model)
         if self.cfg.dpo_precompute_reference:
             self.table = self.precomputed()
         elif not self.lora_reference:
             dtype = reference_dtype(self.cfg.dpo_reference_dtype, self.cfg)
-            self.reference = self.initial_weights().to(dtype).eval().requires_grad_(False)
-
-    @staticmethod
-    def head(batch: dict):
-        return sequence_logps(batch["targets"], batch.get("trained_rows"))
+            self.reference = self.s.starting_weights().to(dtype).eval().requires_grad_(False)
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """(2B,) summed response log-probs under the reference: chosen rows first, then rejected."""
@@ -276,25 +349,19 @@ class DPOStage(Stage):
             with adapters_off(self.policy):
                 return self.policy(batch["tokens"], head=self.head(batch)).float()
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+    def pair_losses(self, pairs: Pairs, batch: dict) -> tuple[torch.Tensor, dict]:
         reference = self.reference_logps(batch)
-        policy = model(batch["tokens"], head=self.head(batch))  # (2B,)
-        B = policy.shape[0] // 2
-        lengths = (batch["targets"] != IGNORE_INDEX).sum(-1)
+        B = len(pairs.chosen)
         losses, chosen, rejected = dpo_loss(
-            policy[:B], policy[B:], reference[:B], reference[B:], beta=self.cfg.dpo_beta, loss_type=self.cfg.dpo_loss,
-            label_smoothing=self.cfg.dpo_label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
-        logps = policy.detach().float()
-        extras = {}
+            pairs.chosen, pairs.rejected, reference[:B], reference[B:], beta=self.cfg.dpo_beta,
+            loss_type=self.cfg.dpo_loss, label_smoothing=self.cfg.dpo_label_smoothing,
+            chosen_lengths=pairs.chosen_tokens, rejected_lengths=pairs.rejected_tokens)
+        extras = reward_figures(chosen, rejected)
         if self.cfg.dpo_sft_weight:  # RPO: keep the chosen answers likely while pushing the rejected ones down
-            nll = -policy[:B] / lengths[:B].clamp(min=1)  # (B,) each pair's mean over its own chosen tokens
+            nll = -pairs.chosen / pairs.chosen_tokens.clamp(min=1)  # (B,) each pair's mean over its own tokens
             losses = losses + self.cfg.dpo_sft_weight * nll
             extras["nll_chosen"] = nll.detach().sum()
-        return losses.sum(), extras | {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
-                              "reward_margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum(),
-                              "logps_chosen": logps[:B].sum(), "logps_rejected": logps[B:].sum(),
-                              # the policy's own preference, meaningful before training too (rewards start at 0)
-                              "policy_accuracy": (logps[:B] > logps[B:]).float().sum()}
+        return losses, extras
 
     @torch.no_grad()
     def precomputed(self) -> torch.Tensor:
@@ -304,9 +371,9 @@ class DPOStage(Stage):
         autocast precision and MAX_SEQ_LEN (which pairs fit). A resumed run finds the file and reuses it;
         other weights or data prepared again under the same names get a table of their own."""
         loaders = (self.train_loader, self.val_loader)
-        model = self.policy if self.lora_reference else self.initial_weights().eval()
+        model = self.policy if self.lora_reference else self.s.starting_weights().eval()
         key = hashlib.sha256(json.dumps([
-            self.init_identity, weights_sha256(model), [[x.split, x.data.content_sha256()] for x in loaders],
+            weights_sha256(model), [[x.split, x.data.content_sha256()] for x in loaders],
             self.cfg.max_seq_len, self.cfg.training_precision]).encode()).hexdigest()[:16]
         path = Path(self.cfg.dpo_data_dir) / REFERENCE_LOGPS_DIR / f"{key}.npy"
         if path.is_file():
@@ -370,6 +437,7 @@ class Distillation(Stage):
         super().__init__(stage.s)
         self.stage, self.teacher = stage, teacher
         self.name, self.unit, self.chat = stage.name, stage.unit, stage.chat
+        self.figures = stage.figures | {"ce": "ce {:.4f}", "kd": "kd {:.4f}"}
 
     def loaders(self):
         return self.stage.loaders()
@@ -422,12 +490,25 @@ class Distillation(Stage):
         return total, extras
 
 
-def build_stage(s: Setting, **dpo) -> Stage:
-    if s.cfg.training_stage == "sft":
-        return SFTStage(s)
-    if s.cfg.training_stage == "dpo":
-        return DPOStage(s, **dpo)
-    return Stage(s)
+def stage_class(cfg: Config) -> type[Stage]:
+    """TRAINING_STAGE's class; ConfigError names the stages there are, and those a teacher can join."""
+    where = cfg.where("TRAINING_STAGE")
+    if cfg.training_stage not in STAGES:
+        raise ConfigError(f"TRAINING_STAGE={cfg.training_stage!r} is invalid: expected {' | '.join(STAGES)} "
+                          f"(instruct = sft){where}")
+    cls = STAGES[cfg.training_stage]
+    if cfg.is_model_distillation and not cls.distillable:
+        raise ConfigError(f"TRAINING_STAGE={cfg.training_stage!r} is invalid: expected "
+                          f"{' or '.join(n for n, c in STAGES.items() if c.distillable)} when "
+                          f"IS_MODEL_DISTILLATION=true{where}")
+    return cls
+
+
+def build_stage(s: Setting, initial_weights=None, **_) -> Stage:
+    if initial_weights is not None:  # TEMPORARY: train.py's old call, until it passes Setting.starting_weights
+        from dataclasses import replace
+        s = replace(s, starting_weights=initial_weights)
+    return stage_class(s.cfg)(s)
 
 
 def check_teacher(teacher: Transformer, student_vocab: int, tokenizer, where: str) -> None:

@@ -166,10 +166,8 @@ def train_steps(stage_name: str, cfg: Config, tok: Tokenizer, device: torch.devi
     student, teacher = initial_models(tok, cfg)
     model = copy.deepcopy(student).to(device)
     d = DistInfo(0, 0, 1, device)
-    setting = Setting(cfg, d, 4, tok, tok.n_words)
-    stage = build_stage(setting, **({"initial_weights": lambda: copy.deepcopy(student).to(device),
-                                     "lora_reference": False, "init_identity": "test"}
-                                    if stage_name == "dpo" else {}))
+    setting = Setting(cfg, d, 4, tok, tok.n_words, starting_weights=lambda: copy.deepcopy(student).to(device))
+    stage = build_stage(setting)
     if stage_name == "distill":
         stage = Distillation(stage, teacher.to(device))
     loader, _ = stage.loaders()

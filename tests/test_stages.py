@@ -190,9 +190,8 @@ def pair_loader(data, tok, batch_size=2) -> PairDataLoader:
 def dpo_stage(data, tok, model, reference_seed: int = 0, **cfg) -> DPOStage:
     """The reference is tiny_model(seed=reference_seed); the caller names it the same whatever its seed, as
     train.py names every start from scratch: the stage must tell the weights apart by their content."""
-    stage = DPOStage(Setting(config(data, **cfg), CPU, 2, tok, tok.n_words),
-                     initial_weights=lambda: tiny_model(tok, seed=reference_seed), lora_reference=False,
-                     init_identity="None")
+    stage = DPOStage(Setting(config(data, **cfg), CPU, 2, tok, tok.n_words,
+                             starting_weights=lambda: tiny_model(tok, seed=reference_seed)))
     stage.loaders()
     stage.setup(model)
     return stage
