@@ -2,12 +2,14 @@
 
     python train.py                                   # one process (CPU or one GPU)
     torchrun --nproc_per_node 8 train.py              # DDP (or PARALLELISM=fsdp) on one node
-    python train.py --pretrain_checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume exactly
+    python train.py --checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume exactly
 
 TRAINING_STAGE picks the stage: pretrain, sft (instruct) or dpo (stages.py holds what differs between
 them); IS_MODEL_DISTILLATION adds a teacher to pretrain or sft; LORA_ENABLED trains adapters in any stage.
-A `--<stage>_checkpoint` of the running stage resumes it exactly; any other checkpoint, a Meta-format or a
-Hugging Face directory only gives the starting weights (step 0, fresh optimizer, the data from its start).
+`--checkpoint` of the running stage's with training state resumes it exactly; any other checkpoint, a
+Meta-format or a Hugging Face directory only gives the starting weights (step 0, fresh optimizer, the data
+from its start). `--pretrain_checkpoint`, `--instruct_checkpoint` and `--dpo_checkpoint` do the same and also
+check that the checkpoint is of the stage they name.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
-from checkpoint import (CheckpointError, check_trained_tokenizer, load_model, local_model_path, model_args_for,
-                        read_checkpoint, rope_scaling_note, save_checkpoint)
+from checkpoint import Checkpoint, CheckpointError, Provenance, TrainingState as SavedTraining, WeightSource, \
+    local_model_path, unwrap
 from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
@@ -202,14 +204,17 @@ def keep_freed_memory_on_cpu() -> bool:
 class Start:
     """What a run starts from: nothing, weights only (another stage's checkpoint, a Meta-format or Hugging Face
     directory, a checkpoint without training state such as a merged one), or a checkpoint of this stage,
-    resumed exactly."""
+    resumed exactly. `source` is the weights, opened once."""
     path: Optional[str] = None
     resume: bool = False
     flag: str = ""
+    source: Optional[WeightSource] = None
+    line: str = ""  # how the run starts from it: "resuming sft from PATH at step N" / "starting from the weights of ..."
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cfg: Config) -> "Start":
-        given = [(flag, getattr(args, flag)) for flag in RESUME_FLAGS.values() if getattr(args, flag)]
+        flags = ("checkpoint", *RESUME_FLAGS.values())
+        given = [(flag, getattr(args, flag)) for flag in flags if getattr(args, flag, None)]
         if len(given) > 1:
             raise SetupError(f"give one starting point, not {' and '.join('--' + f for f, _ in given)}")
         if not given:
@@ -218,13 +223,18 @@ class Start:
         if not Path(path).exists():
             raise CheckpointError(f"--{flag} {path}: not found (expected a checkpoint file of this project, a "
                                   f"Meta-format directory or a Hugging Face model directory)")
-        ckpt = read_checkpoint(path) if Path(path).is_file() else {}
-        ckpt_stage = ckpt.get("stage", "pretrain") if ckpt else None
-        flag_stage = next(stage for stage, f in RESUME_FLAGS.items() if f == flag)
-        if ckpt_stage is not None and ckpt_stage != flag_stage:
-            raise SetupError(f"--{flag} {path}: this is a {ckpt_stage} checkpoint; pass it as "
-                             f"--{RESUME_FLAGS[ckpt_stage]}")
-        return cls(path, resume=flag_stage == cfg.training_stage and "step" in ckpt, flag=flag)
+        source = WeightSource.open(path)
+        # --checkpoint: the recorded stage decides; a --<stage>_checkpoint must also be of that stage.
+        flag_stage = next((stage for stage, f in RESUME_FLAGS.items() if f == flag), source.stage)
+        if source.stage is not None and source.stage != flag_stage:
+            raise SetupError(f"--{flag} {path}: this is a {source.stage} checkpoint; pass it as "
+                             f"--{RESUME_FLAGS.get(source.stage, 'checkpoint')}")
+        if source.stage == cfg.training_stage and source.resumable:
+            line = f"resuming {source.stage} from {path} at step {source.record.training.step}"
+            return cls(path, resume=True, flag=flag, source=source, line=line)
+        no_state = " without training state" if source.stage == cfg.training_stage else ""
+        return cls(path, flag=flag, source=source, line=f"starting from the weights of {source.describe()}{no_state} "
+                                                       f"{path}")
 
 
 # The .env keys that build a dimension of a shape, and its name; every other dimension is its own key.
@@ -291,16 +301,16 @@ def extend_context(model: Transformer, cfg: Config, saved_max_seq_len: Optional[
 class Initial:
     """The model to train and what it came from."""
     model: Transformer
-    ckpt: Optional[dict]  # the resumed checkpoint (training state), or None
+    ckpt: Optional[Checkpoint]  # the resumed checkpoint (training state), or None
     init: Optional[dict]  # {"path", "sha256"} of the starting weights (a LoRA base, a DPO reference), None: scratch
     note: str
 
 
-def starting_weights(path: str, device: torch.device, max_seq_len: int,
+def starting_weights(source: WeightSource, device: torch.device, max_seq_len: int,
                      dtype: torch.dtype = torch.float32) -> Transformer:
     """Any loadable weights, in float32 by default (master weights); a LoRA run's checkpoint gives its base with
-    the adapters merged in (checkpoint.load_model)."""
-    return load_model(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    the adapters merged in (WeightSource.load_model)."""
+    return source.load_model(device=device, dtype=dtype, max_seq_len=max_seq_len)
 
 
 def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
@@ -311,16 +321,16 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     if start.path is None:
         model, init, note = build_model(cfg, vocab_size, device), None, ""
     else:
-        tokenizer_note = check_trained_tokenizer(start.path, tokenizer)
-        model = starting_weights(start.path, device, cfg.max_seq_len).train()
+        source = start.source
+        tokenizer_note = source.check_tokenizer(tokenizer)
+        model = starting_weights(source, device, cfg.max_seq_len).train()
         changes = rotary_changes(cfg, model.args)
         if settings and changes:
             raise SetupError(f"{', '.join(k.upper() for k in changes)}: changing the rotary settings of a LoRA run "
                              f"is not supported (its adapters are loaded onto the base's own); train without LoRA, "
                              f"or unset them to keep the checkpoint's")
-        rope = rope_scaling_note(start.path) if "rope_scale_factor" not in changes else None
-        context = extend_context(model, cfg, model_args_for(start.path).max_seq_len if Path(start.path).is_file()
-                                 else None)
+        rope = source.rope_note() if "rope_scale_factor" not in changes else None
+        context = extend_context(model, cfg, source.saved_max_seq_len)
         if model.args.vocab_size < tokenizer.n_words:
             raise CheckpointError(f"{start.path}: its vocabulary has {model.args.vocab_size} tokens, fewer than the "
                                   f"tokenizer's {tokenizer.n_words}")
@@ -328,54 +338,45 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
         # checkpoint is recorded as it is: it records its own base by hash, and load_model merges the chain.
         init = (lora.base_reference(start.path) if settings or cfg.training_stage == "dpo"
                 else {"path": str(Path(start.path).resolve())})
-        note = (f"starting from the weights of {start.path} (step 0, fresh optimizer, the data from its start"
-                f"{', best validation reset' if Path(start.path).is_file() else ''}); the model shape is theirs")
-        adapters = read_checkpoint(start.path) if Path(start.path).is_file() else {}
-        if "lora" in adapters:
-            note += f"; its LoRA adapters merged onto {(adapters['base'] or {}).get('path', 'the weights it holds')}"
+        note = (f"{start.line} (step 0, fresh optimizer, the data from its start"
+                f"{', best validation reset' if source.record else ''}); the model shape is theirs")
+        if source.adapters:
+            note += f"; its LoRA adapters merged onto {(source.adapters.base or {}).get('path', 'the weights it holds')}"
         if shape_conflicts(cfg, model.args, vocab_size):
             note += f" ({shape_conflicts(cfg, model.args, vocab_size)}: ignored)"
         note += f"; {rope}" if rope and model.args.use_scaled_rope else ""
         note += f"\n{context}" if context else ""
         note += f"\n{tokenizer_note}" if tokenizer_note else ""
     if settings:
-        torch.manual_seed(cfg.seed)  # adapters start identical on every rank
-        lora.apply_lora(model, settings)
+        lora.with_new_adapters(model, settings, cfg.seed)  # adapters start identical on every rank
     model.activation_checkpointing = cfg.activation_checkpointing
     return Initial(model, None, init, note)
 
 
 def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
                   settings: Optional[lora.LoRASettings]) -> Initial:
-    ckpt = read_checkpoint(start.path)
-    check_trained_tokenizer(start.path, tokenizer)
-    saved_args = ModelArgs.from_dict(ckpt["model_args"], max_seq_len=cfg.max_seq_len)
+    record = start.source.record
+    start.source.check_tokenizer(tokenizer)
+    saved_args = replace(record.model_args, max_seq_len=cfg.max_seq_len)
     if shape_conflicts(cfg, saved_args, vocab_size):
         raise CheckpointError(f"{start.path}: model shape differs: {shape_conflicts(cfg, saved_args, vocab_size)}; "
                               f"a resumed run keeps its checkpoint's shape and rotary settings (a later stage "
                               f"started from its weights takes the .env's)")
-    saved_context = ckpt["model_args"].get("max_seq_len", cfg.max_seq_len)
-    if saved_context != cfg.max_seq_len:
+    if record.model_args.max_seq_len != cfg.max_seq_len:
         raise CheckpointError(f"{start.path}: MAX_SEQ_LEN={cfg.max_seq_len} ({cfg.sources.get('MAX_SEQ_LEN', 'default')}"
-                              f") vs {saved_context} (the checkpoint); a resumed run keeps its context (a later "
-                              f"stage started from its weights takes the .env's)")
-    if ("lora" in ckpt) != bool(settings):
-        raise CheckpointError(f"{start.path}: {'a LoRA' if 'lora' in ckpt else 'not a LoRA'} run; set LORA_ENABLED="
-                              f"{'true' if 'lora' in ckpt else 'false'} to resume it")
+                              f") vs {record.model_args.max_seq_len} (the checkpoint); a resumed run keeps its context "
+                              f"(a later stage started from its weights takes the .env's)")
+    adapters = record.provenance.adapters
+    if (adapters is not None) != bool(settings):
+        raise CheckpointError(f"{start.path}: {'a LoRA' if adapters else 'not a LoRA'} run; set LORA_ENABLED="
+                              f"{'true' if adapters else 'false'} to resume it")
     if settings:
-        lora.check_settings_match(ckpt["lora"], settings)
-        if ckpt.get("base") is not None:
-            base = lora.verify_base(ckpt["base"])
-            model = load_model(base, device=device, dtype=torch.float32, max_seq_len=cfg.max_seq_len).train()
-        else:
-            model = build_model(cfg, vocab_size, device, saved_args)
-        lora.apply_lora(model, settings)
-        lora.load_adapter_weights(model, ckpt)
+        model = lora.resumed_adapted_model(record, settings, device, cfg.max_seq_len)
     else:
         model = build_model(cfg, vocab_size, device, saved_args)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(record.weights)
     model.activation_checkpointing = cfg.activation_checkpointing
-    return Initial(model, ckpt, ckpt.get("init"), "")
+    return Initial(model, record, record.provenance.init, "")
 
 
 def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, device: torch.device,
@@ -383,9 +384,11 @@ def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, devic
     """A fresh copy of the weights the run started from (DPO's reference without LoRA), with the policy's rotary
     settings: those of a context-extended start (extend_context) are not in the file it started from."""
     def load() -> Transformer:
-        model = build_model(cfg, vocab_size, device) if init is None else \
-            starting_weights(str(lora.verify_base(init) if init.get("sha256") else init["path"]), device,
-                             cfg.max_seq_len)
+        if init is None:
+            model = build_model(cfg, vocab_size, device)
+        else:
+            path = lora.verify_base(init) if init.get("sha256") else init["path"]
+            model = starting_weights(WeightSource.open(path), device, cfg.max_seq_len)
         model.args = replace(model.args, **{k.lower(): getattr(policy, k.lower()) for k in _ROTARY_KEYS})
         return model
     return load
@@ -399,9 +402,9 @@ def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionCh
     auto = torch.bfloat16 if precision.precision == "bf16" else torch.float32
     dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
     path = agreed(lambda: local_model_path(cfg.teacher_model_checkpoint), d)  # a hub name: rank 0 downloads
-    path = local_model_path(path)  # the other ranks find it in the hub's cache
-    note = check_trained_tokenizer(path, tokenizer, f"TEACHER_MODEL_CHECKPOINT={cfg.teacher_model_checkpoint}")
-    teacher = starting_weights(path, d.device, cfg.max_seq_len, dtype)
+    source = WeightSource.open(local_model_path(path))  # the other ranks find it in the hub's cache
+    note = source.check_tokenizer(tokenizer, f"TEACHER_MODEL_CHECKPOINT={cfg.teacher_model_checkpoint}")
+    teacher = starting_weights(source, d.device, cfg.max_seq_len, dtype)
     check_teacher(teacher, vocab_size, tokenizer, cfg.teacher_model_checkpoint)
     teacher.requires_grad_(False).eval()
     if d.world_size > 1 and cfg.parallelism == "fsdp":
@@ -478,7 +481,7 @@ def check_run_dir(cfg: Config, start: Start, first_step: int, overwrite: bool) -
     if not in_the_way:
         return []
     if not overwrite:
-        hint = (f"resume it with --{RESUME_FLAGS[cfg.training_stage]} {existing[-1]}, " if existing and not start.resume
+        hint = (f"resume it with --checkpoint {existing[-1]}, " if existing and not start.resume
                 else "")
         raise SetupError(f"RUN_DIR {cfg.run_path} already holds {what}, which this run would overwrite: {hint}"
                          f"set another RUN_DIR, or pass --overwrite to replace them")
@@ -511,39 +514,40 @@ def save_training_checkpoint(run: Run, state: TrainState) -> Optional[Path]:
     writes one file that loads under DDP, FSDP or a single process alike. A LoRA run's checkpoint holds the
     adapters and a reference to its base weights (every weight when there is no base file)."""
     if run.settings:
-        weights = lora.adapter_checkpoint_fields(run.model, run.settings, run.init)
+        weights, adapters = lora.adapter_weights(run.model, run.settings, run.init)
     else:
-        weights = {"model_state": get_model_state_dict(run.model, options=FULL_STATE)}
+        weights, adapters = get_model_state_dict(run.model, options=FULL_STATE), None
     optim_state = get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE)
     if not run.d.is_main:
         return None
     path = run.keeper.path_for(state.step)
-    save_checkpoint(
-        path, run.model, **weights, optimizer=optim_state, scaler=run.scaler.state_dict(), step=state.step,
-        stage=run.cfg.training_stage, init=run.init, best_val_loss=state.best_val_loss,
+    training = SavedTraining(
+        step=state.step, optimizer=optim_state, scaler=run.scaler.state_dict(), dataloader=run.train_loader.state_dict(),
+        rng=rng_state(), best_val_loss=state.best_val_loss,
         validations_without_improvement=state.validations_without_improvement, wandb_run_id=state.wandb_run_id,
-        dataloader=run.train_loader.state_dict(), rng=rng_state(), config=run.cfg.to_dict(),
-        tokenizer=run.tokenizer.identity(), tokenizer_path=str(run.tokenizer.path),
-        world_size=run.plan.world_size, tokens_per_step=run.plan.tokens_per_step)
+        config=run.cfg.to_dict(), world_size=run.plan.world_size, tokens_per_step=run.plan.tokens_per_step)
+    Checkpoint(weights, unwrap(run.model).args, run.cfg.training_stage, run.tokenizer.identity(),
+               str(run.tokenizer.path), Provenance(init=run.init, adapters=adapters), training).write(path)
     run.keeper.saved(path)
     return path
 
 
-def restore_training_state(ckpt: dict, run: Run, reset_optimizer: bool) -> TrainState:
+def restore_training_state(ckpt: Checkpoint, run: Run, reset_optimizer: bool) -> TrainState:
     """Optimizer (sharded again under FSDP), loss scaler, data position and RNG from a checkpoint."""
+    saved = ckpt.training
     if not reset_optimizer:
-        if "optimizer" not in ckpt:
+        if saved.optimizer is None:
             raise CheckpointError("the checkpoint holds no optimizer state; pass --reset-optimizer to start a fresh one")
-        set_optimizer_state_dict(run.model, run.optimizer, ckpt["optimizer"],
+        set_optimizer_state_dict(run.model, run.optimizer, saved.optimizer,
                                  options=StateDictOptions(full_state_dict=True))
-        run.scaler.load_state_dict(ckpt["scaler"])
-    if "dataloader" in ckpt:
-        run.train_loader.load_state_dict(ckpt["dataloader"])
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-    return TrainState(step=int(ckpt.get("step", 0)), best_val_loss=float(ckpt.get("best_val_loss", float("inf"))),
-                      validations_without_improvement=int(ckpt.get("validations_without_improvement", 0)),
-                      wandb_run_id=ckpt.get("wandb_run_id"))
+        run.scaler.load_state_dict(saved.scaler)
+    if saved.dataloader is not None:
+        run.train_loader.load_state_dict(saved.dataloader)
+    if saved.rng is not None:
+        set_rng_state(saved.rng)
+    return TrainState(step=int(saved.step), best_val_loss=float(saved.best_val_loss),
+                      validations_without_improvement=int(saved.validations_without_improvement),
+                      wandb_run_id=saved.wandb_run_id)
 
 
 class StopRequest:
@@ -691,6 +695,9 @@ def sample_generations(model: Transformer, tokenizer, prompts: list[str], chat: 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env_file", default=None, help="settings file (default: ./.env if present)")
+    p.add_argument("--checkpoint", default=None,
+                   help="start from this checkpoint, Meta-format or Hugging Face directory: a checkpoint of "
+                        "TRAINING_STAGE with training state resumes exactly, anything else gives the weights")
     p.add_argument("--pretrain_checkpoint", default=None,
                    help="resume pretraining from this checkpoint (other stages: start from its weights)")
     p.add_argument("--instruct_checkpoint", "--sft_checkpoint", dest="instruct_checkpoint", default=None,
@@ -767,7 +774,8 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
 
     initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings)
     model = initial.model
-    first_step = args.start_step if args.start_step is not None else int((initial.ckpt or {}).get("step", 0))
+    first_step = args.start_step if args.start_step is not None else \
+        (int(initial.ckpt.training.step) if initial.ckpt else 0)
     removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
     setting = Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size)
     reference = initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args)
@@ -793,8 +801,11 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     state = TrainState()
     if initial.ckpt is not None:
         state = restore_training_state(initial.ckpt, run, args.reset_optimizer)
-    resumed_from, saved_tokens_per_step = state.step, (initial.ckpt or {}).get("tokens_per_step")
+    resumed_from = state.step
+    saved_tokens_per_step = initial.ckpt.training.tokens_per_step if initial.ckpt else None
     initial.ckpt = None
+    if start.source:
+        start.source.close()  # what it held now lives in the model and the optimizer
     state.step = first_step
     stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
 
@@ -815,7 +826,7 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
     if initial.note:
         logger.print(initial.note)
     if start.resume:
-        logger.print(f"resumed from {start.path} at step {resumed_from}"
+        logger.print(start.line
                      + (f", continuing as step {state.step}" if state.step != resumed_from else "")
                      + (", fresh optimizer" if args.reset_optimizer else ""))
         if saved_tokens_per_step and saved_tokens_per_step != plan.tokens_per_step:
