@@ -37,8 +37,8 @@ def _f(default, doc: str):
 @dataclass
 class Config:
     # ---- run -------------------------------------------------------------------------
-    training_stage: str = _f("pretrain", "What to train: pretrain | sft (alias: instruct) | dpo. Distillation is "
-                                         "not a stage: see IS_MODEL_DISTILLATION")
+    training_stage: str = _f("pretrain", "What to train: pretrain | sft (alias: instruct) | dpo | orpo. "
+                                         "Distillation is not a stage: see IS_MODEL_DISTILLATION")
     run_dir: str = _f("", "Where checkpoints, metrics.jsonl and samples of this run are written (empty: runs/<stage>)")
     seed: int = _f(1337, "Seed for weights init, data order and sampling")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
@@ -110,6 +110,9 @@ class Config:
                                                "the data) instead of holding a reference model")
     dpo_reference_dtype: str = _f("auto", "auto | bf16 | fp32: weights of the frozen reference copy (auto: fp32, "
                                           "as the policy's; bf16 halves its memory, adding noise to the rewards)")
+
+    # ---- ORPO (preference pairs, no reference model) ----------------------------------------
+    orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the chosen answers' NLL (TRL's beta)")
 
     # ---- distillation (beside pretrain or sft) ---------------------------------------------
     is_model_distillation: bool = _f(False, "Learn from a teacher's token distributions as well as the labels")
@@ -199,7 +202,7 @@ class Config:
                     "DISTILLATION_TEMPERATURE"):
             if not getattr(self, key.lower()) > 0:
                 bad(key, "a number > 0")
-        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK", "DPO_SFT_WEIGHT"):
+        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK", "DPO_SFT_WEIGHT", "ORPO_LAMBDA"):
             if getattr(self, key.lower()) < 0:
                 bad(key, "a number >= 0")
         if self.min_lr > self.max_lr:

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from config import PROJECT_DIR, Config, ConfigError
 from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataLoader, StepLoader
@@ -401,6 +402,32 @@ class DPOStage(PreferenceStage):
                 np.save(f, table.numpy())
             os.replace(tmp, path)
         return table
+
+
+class ORPOStage(PreferenceStage):
+    """Odds-ratio preference optimisation (Hong et al. 2024), with no reference model: each pair's loss is the
+    chosen answer's negative log-likelihood minus ORPO_LAMBDA * log sigmoid(log odds(chosen) - log odds(rejected)),
+    where odds(y) = P(y) / (1 - P(y)) of the length-normalised likelihood P(y) = exp(mean log p over y's tokens).
+
+    The odds term is TRL's (ORPOTrainer.odds_ratio_loss). The likelihood term is each pair's chosen NLL averaged
+    over its own tokens, then over pairs, so that it weighs the same however pairs split into micro-batches and
+    ranks; TRL averages over all chosen tokens of the batch it is given, which is the same for one pair or for
+    chosen answers of one length. Rewards, as TRL logs them: ORPO_LAMBDA * the mean log-probabilities."""
+    name = "orpo"
+    figures = PreferenceStage.figures | {"nll_chosen": "nll {:.4f}"}
+
+    @staticmethod
+    def log1mexp(x: torch.Tensor) -> torch.Tensor:
+        """log(1 - exp(x)) for x < 0 without cancellation: expm1 near 0, log1p further out (Maechler 2012)."""
+        return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+    def pair_losses(self, pairs: Pairs, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = (x.float() for x in pairs.mean_logps())
+        log_odds = (chosen - rejected) - (self.log1mexp(chosen) - self.log1mexp(rejected))
+        nll = -chosen
+        losses = nll - self.cfg.orpo_lambda * F.logsigmoid(log_odds)
+        return losses, reward_figures(self.cfg.orpo_lambda * chosen, self.cfg.orpo_lambda * rejected) | {
+            "nll_chosen": nll.detach().sum(), "log_odds": log_odds.detach().sum()}
 
 
 def weights_sha256(model: Transformer) -> str:
