@@ -49,13 +49,15 @@ def reordered_linear(weight: torch.Tensor, rows: int) -> Optional[Kernel]:
     A decode step multiplies one row (or one per sequence) by every weight matrix, so on a CPU it is bound
     by reading the weights, and the 128k x dim output layer is most of them in a small Llama 3. Reordered
     once into the layout the CPU kernels stream best, the same products run faster. Measured on the quick
-    start's output layer (128,256 x 256), one thread, milliseconds per product of 1 / 8 rows:
-      float32: plain F.linear 11.6 / 39.6; MKL packed for 1 row 7.0 / 38.4; oneDNN reordered for 8 rows 11.1 / 11.6
-      bf16:    plain F.linear  7.6 /  7.8; oneDNN reordered for 1 row 3.9 / 4.2, for 8 rows 3.9 / 4.2
-    So one row in float32 goes through MKL (fastest for one row, 3.3x slower than oneDNN's at 8), every
-    other case through oneDNN; the reordering costs 51 ms (float32, MKL) or 14 ms (bf16) for this matrix,
-    paid once per `reordered_linears` block. In bf16 on this project's shapes oneDNN's reordered product
-    gives the plain linear's bits (tests/test_speedups.py)."""
+    start's output layer (128,256 x 256), one thread (the machine was shared), best of 30, ms per product
+    of 1 / 8 rows:
+        float32  plain F.linear 18.8 / 36.6   MKL packed for 1 row 7.2 / 33.0   oneDNN for 8 rows 11.7 / 12.3
+        bf16     plain F.linear 10.0 / 12.0   oneDNN for 1 row      6.5 /  6.9   oneDNN for 8 rows  6.1 /  8.2
+    So one float32 row goes through MKL (fastest for one row, 2.7x slower than oneDNN at 8) and every
+    other case through oneDNN. Reordering this matrix takes 245 ms (float32, MKL), 148 ms (float32,
+    oneDNN) or 60 ms (bf16). Whole greedy decoding at the quick start's shapes (64 tokens after 16, one
+    thread, load average 4): float32 18.6 -> 33.8 tok/s, bf16 30.1 -> 50.1 tok/s. In bf16 on this
+    project's shapes oneDNN's reordered product gives the plain linear's bits (tests/test_speedups.py)."""
     if weight.device.type != "cpu":
         return None
     try:
