@@ -26,49 +26,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_preparation_utils import sequence_shard_sha256
+from shard_format import (
+    MAKE_DATA, MANIFEST_FILE, SEQUENCE_FORMAT, TOKEN_FORMAT, DataError, open_sequence_shard, open_token_shard,
+    read_manifest, sequence_shard_sha256,
+)
 
-TOKEN_FORMAT = "llama3-token-shards"
-SEQUENCE_FORMAT = "llama3-sequence-shards"
-VERSION = 1
-DTYPE = "uint32"
 SCAN_CHUNK = 1 << 24  # tokens per np.max call when scanning a shard: 64 MiB of uint32 at a time
 IGNORE_INDEX = -100  # as model.IGNORE_INDEX; not imported, so data loading never imports the model
-MAKE_DATA = {TOKEN_FORMAT: "run `python load_pretrain_dataset.py` first",
-             "chat": "run `python load_instruct_dataset.py` first",
-             "preference": "run `python load_dpo_dataset.py` first"}
 
 
-class DataError(ValueError):
-    """The data on disk cannot be used as asked. The message is one line naming the file and the fault."""
-
-
-# ---- reading and checking the files ---------------------------------------------------------
-def read_manifest(data_dir: Path, expected: str = TOKEN_FORMAT, kind: Optional[str] = None) -> dict:
-    """Parse `manifest.json` and check it describes the format (and kind) this loader reads."""
-    hint = MAKE_DATA[kind or expected]
-    if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist; {hint}")
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"no manifest.json in {data_dir}; {hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is not readable JSON ({e}); {hint}") from None
-    for key in ("format", "version", "dtype", "tokenizer", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path} has no '{key}' entry; {hint}")
-    if manifest["format"] != expected or manifest["version"] != VERSION:
-        raise DataError(f"{path} is format {manifest['format']!r} version {manifest['version']!r}; "
-                        f"this loader reads {expected!r} version {VERSION} ({hint})")
-    if kind is not None and manifest.get("kind") != kind:
-        raise DataError(f"{path} holds {manifest.get('kind')!r} data; this stage reads {kind!r} data ({hint})")
-    if manifest["dtype"] != DTYPE:
-        raise DataError(f"{path} declares dtype {manifest['dtype']!r}; this loader reads {DTYPE}")
-    return manifest
-
-
+# ---- checking the files against the trainer (the format's own checks: shard_format.py) -------------
 def check_tokenizer(manifest_path: Path, recorded: dict, expected: dict) -> None:
     """Tokens are only meaningful under the tokenizer that produced them: same file, same vocabulary."""
     if recorded.get("sha256") != expected.get("sha256") or recorded.get("n_words") != expected.get("n_words"):
@@ -77,21 +44,6 @@ def check_tokenizer(manifest_path: Path, recorded: dict, expected: dict) -> None
             f"(sha256 {recorded.get('sha256')}, n_words {recorded.get('n_words')}) but the trainer uses "
             f"{expected.get('name')} (sha256 {expected.get('sha256')}, n_words {expected.get('n_words')}); "
             f"prepare the data again with this tokenizer")
-
-
-def open_array(path: Path, length: int, dtype: np.dtype, hint: str) -> np.ndarray:
-    """Memory-map one .npy file and check it is the 1-D array of the dtype and length the manifest promises."""
-    if not path.is_file():
-        raise DataError(f"shard {path} listed in manifest.json is missing; {hint}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"shard {path} is not a readable .npy file ({e}); {hint}") from None
-    if array.dtype != dtype or array.ndim != 1:
-        raise DataError(f"shard {path} holds {array.dtype} of shape {array.shape}; expected 1-D {np.dtype(dtype)}")
-    if len(array) != length:
-        raise DataError(f"shard {path} has {len(array)} entries but manifest.json says {length} (truncated?)")
-    return array
 
 
 def max_token_id(tokens: np.ndarray, chunk: int = SCAN_CHUNK) -> int:
@@ -226,7 +178,7 @@ class StepLoader:
         for key in self.state_keys:
             if state.get(key) != getattr(self, key):
                 raise DataError(
-                    f"data loader state for {self.data_dir / 'manifest.json'} has {key}={state.get(key)!r} "
+                    f"data loader state for {self.data_dir / MANIFEST_FILE} has {key}={state.get(key)!r} "
                     f"but this loader has {key}={getattr(self, key)!r}; resuming would skip or repeat data")
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and position >= 0):
@@ -253,19 +205,17 @@ class PretrainDataLoader(StepLoader):
         if seq_len < 1:
             raise ValueError(f"bad loader shape: seq_len={seq_len}")
         self.seq_len, self.vocab_size = seq_len, vocab_size
-        manifest = read_manifest(self.data_dir)
-        manifest_path = self.data_dir / "manifest.json"
-        if split not in manifest["splits"]:
-            raise DataError(f"{manifest_path} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        manifest = read_manifest(self.data_dir, TOKEN_FORMAT)
+        recorded = manifest.split(split)
         if tokenizer_identity is not None:
-            check_tokenizer(manifest_path, manifest["tokenizer"], tokenizer_identity)
-        self.tokenizer_sha256 = manifest["tokenizer"].get("sha256")
+            check_tokenizer(manifest.path, manifest.tokenizer, tokenizer_identity)
+        self.tokenizer_sha256 = manifest.tokenizer.get("sha256")
 
-        entries = manifest["splits"][split]["shards"]
+        entries = recorded["shards"]
         self._paths = [self.data_dir / e["file"] for e in entries]
         self._shards = []
         for path, entry in zip(self._paths, entries):
-            tokens = open_array(path, entry["num_tokens"], np.uint32, MAKE_DATA[TOKEN_FORMAT])
+            tokens = open_token_shard(self.data_dir, entry, MAKE_DATA[TOKEN_FORMAT])
             if vocab_size is not None:
                 check_recorded_max(path, tokens, entry.get("max_token_id"), vocab_size)
             self._shards.append(tokens)
@@ -273,8 +223,8 @@ class PretrainDataLoader(StepLoader):
         self._ends = np.cumsum(lengths)  # stream offset just past each shard
         self._starts = self._ends - lengths
         self.num_tokens = int(lengths.sum())
-        if self.num_tokens != manifest["splits"][split]["num_tokens"]:
-            raise DataError(f"{manifest_path}: split {split!r} says {manifest['splits'][split]['num_tokens']} "
+        if self.num_tokens != recorded["num_tokens"]:
+            raise DataError(f"{manifest.path}: split {split!r} says {recorded['num_tokens']} "
                             f"tokens but its shards hold {self.num_tokens}")
         self.fingerprint = fingerprint([[e["file"], e["num_tokens"]] for e in entries])
         self._windows = max(0, (self.num_tokens - 1) // seq_len)
@@ -333,25 +283,17 @@ class SequenceShards:
     def __init__(self, data_dir: Path, split: str, kind: str, tokenizer_identity: Optional[dict],
                  vocab_size: Optional[int]):
         manifest = read_manifest(data_dir, SEQUENCE_FORMAT, kind)
-        manifest_path = data_dir / "manifest.json"
-        if split not in manifest["splits"]:
-            raise DataError(f"{manifest_path} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        entries = manifest.split(split)["shards"]
         if tokenizer_identity is not None:
-            check_tokenizer(manifest_path, manifest["tokenizer"], tokenizer_identity)
-        self.manifest, self.vocab_size = manifest, vocab_size
-        self.tokenizer_sha256 = manifest["tokenizer"].get("sha256")
+            check_tokenizer(manifest.path, manifest.tokenizer, tokenizer_identity)
+        self.manifest, self.vocab_size = manifest.data, vocab_size
+        self.tokenizer_sha256 = manifest.tokenizer.get("sha256")
         hint = MAKE_DATA[kind]
-        entries = manifest["splits"][split]["shards"]
         self.recorded_sha256 = [e.get("sha256") for e in entries]  # None in manifests written before it was
         self.paths, self.tokens, self.masks, self.offsets, starts, lengths, shard_of = [], [], [], [], [], [], []
         for i, e in enumerate(entries):
             path = data_dir / e["tokens"]
-            tokens = open_array(path, e["num_tokens"], np.uint32, hint)
-            mask = open_array(data_dir / e["mask"], e["num_tokens"], np.uint8, hint)
-            offsets = np.asarray(open_array(data_dir / e["offsets"], e["num_sequences"] + 1, np.int64, hint))
-            if offsets[0] != 0 or offsets[-1] != e["num_tokens"] or np.any(np.diff(offsets) < 0):
-                raise DataError(f"shard {data_dir / e['offsets']} does not split its {e['num_tokens']} tokens into "
-                                f"{e['num_sequences']} sequences (corrupt?)")
+            tokens, mask, offsets = open_sequence_shard(data_dir, e, hint)
             if vocab_size is not None:
                 check_recorded_max(path, tokens, e.get("max_token_id"), vocab_size)
             self.paths.append(path)
@@ -488,7 +430,7 @@ class PairDataLoader(StepLoader):
         self.data = SequenceShards(self.data_dir, split, "preference", tokenizer_identity, vocab_size)
         self.tokenizer_sha256, self.fingerprint = self.data.tokenizer_sha256, self.data.fingerprint
         if len(self.data) % 2:
-            raise DataError(f"{self.data_dir / 'manifest.json'}: split {split!r} holds {len(self.data)} sequences, "
+            raise DataError(f"{self.data_dir / MANIFEST_FILE}: split {split!r} holds {len(self.data)} sequences, "
                             f"not whole pairs (corrupt?)")
         longest = np.maximum(self.data.lengths[0::2], self.data.lengths[1::2])
         self.fitting_pairs = np.flatnonzero(longest - 1 <= seq_len)

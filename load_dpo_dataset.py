@@ -41,68 +41,27 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 import chat_tasks
 from config import ConfigError, exit_on_config_error, load_config
-from data_preparation_utils import (
-    DataPrepError, RowResult, SequenceJob, exit_on_prep_error, keep_datasets_from_importing_torch,
-    prepare_sequence_shards, write_jsonl_if_changed,
+from conversations import ChatRenderer, RowError, check_conversation, messages_of, present, prompt_hash, with_system_prompt
+from data_preparation_utils import DataPrepError, exit_on_prep_error, write_jsonl_if_changed
+from data_sources import ChatSource, keep_datasets_from_importing_torch
+from sequence_preparation import (
+    DEFAULT_SHARD_SIZE, DEFAULT_VAL_FRACTION, RowResult, SequenceJob, add_common_arguments, check_format,
+    prepare_sequence_shards, print_summary, resolved_defaults, skipped_row, sources_from_args,
 )
-from load_instruct_dataset import (
-    DEFAULT_SHARD_SIZE, DEFAULT_VAL_FRACTION, ChatRenderer, ChatSource, RowError, add_common_arguments,
-    check_conversation, check_format, init_row_worker, messages_of, present, print_summary, prompt_hash,
-    render_rows, resolved_defaults, skipped_row, sources_from_args, with_system_prompt,
-)
+from shard_format import REFERENCE_LOGPS_DIR
 
-FORMATS = ("auto", "pairs", "messages", "hh")
 DEFAULT_MIN_PROMPT_TOKENS = 32
-REFERENCE_LOGPS_DIR = "reference_logps"  # written by the trainer (stages.DPOStage), derived from these pairs
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-# ---- rows -> (prompt, chosen, rejected) --------------------------------------------------------------
-
-
-def detect_format(row: Any) -> str:
-    if not isinstance(row, dict):
-        raise RowError("wrong_type", f"a row is {type(row).__name__}, expected an object")
-    if not (present(row, "chosen") and present(row, "rejected")):
-        raise RowError("unrecognised_shape", f"columns {', '.join(sorted(k for k in row if present(row, k)))}")
-    if isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
-        return "messages"
-    if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
-        return "pairs" if present(row, "prompt") else "hh"
-    raise RowError("wrong_type", f"chosen is {type(row['chosen']).__name__} and rejected "
-                                 f"{type(row['rejected']).__name__}: expected two strings or two lists of turns")
-
-
-def pair_of(row: Any, fmt: str) -> tuple[list[dict], str, str]:
-    """(prompt turns, chosen response, rejected response), checked like an SFT conversation."""
-    fmt = detect_format(row) if fmt == "auto" else fmt
-    if not isinstance(row, dict):
-        raise RowError("wrong_type", f"a row is {type(row).__name__}, expected an object")
-    if fmt == "hh":
-        chosen, rejected = (hh_turns(row.get(key), key) for key in ("chosen", "rejected"))
-    elif fmt == "messages":
-        chosen, rejected = (messages_of(row.get(key), key) for key in ("chosen", "rejected"))
-        if chosen and chosen[0]["role"] == "assistant":  # responses only: the prompt is a column of its own
-            chosen, rejected = _prompt(row) + chosen, _prompt(row) + rejected
-    else:
-        chosen, rejected = ([*_prompt(row), {"role": "assistant", "content": _string(row, key)}]
-                            for key in ("chosen", "rejected"))
-    for key, turns in (("chosen", chosen), ("rejected", rejected)):
-        if not turns or turns[-1]["role"] != "assistant":
-            raise RowError("no_response", f"{key} does not end with an assistant turn")
-        check_conversation(turns, {})
-    if chosen[:-1] != rejected[:-1]:
-        raise RowError("prompts_differ", "chosen and rejected do not share every turn before the response")
-    if chosen[-1]["content"] == rejected[-1]["content"]:
-        raise RowError("identical", "chosen and rejected are the same response")
-    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+# ---- row shapes -> (prompt, chosen, rejected) ------------------------------------------------------------
 
 
 def _prompt(row: dict) -> list[dict]:
@@ -129,6 +88,69 @@ def hh_turns(text: Any, key: str) -> list[dict]:
     return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
 
 
+def _string_pair(row: dict) -> tuple[list[dict], list[dict]]:
+    return tuple([*_prompt(row), {"role": "assistant", "content": _string(row, key)}] for key in ("chosen", "rejected"))
+
+
+def _message_pair(row: dict) -> tuple[list[dict], list[dict]]:
+    chosen, rejected = (messages_of(row.get(key), key) for key in ("chosen", "rejected"))
+    if chosen and chosen[0]["role"] == "assistant":  # responses only: the prompt is a column of its own
+        chosen, rejected = _prompt(row) + chosen, _prompt(row) + rejected
+    return chosen, rejected
+
+
+def _hh_pair(row: dict) -> tuple[list[dict], list[dict]]:
+    return tuple(hh_turns(row.get(key), key) for key in ("chosen", "rejected"))
+
+
+def _both(row: dict, kind: type) -> bool:
+    return isinstance(row["chosen"], kind) and isinstance(row["rejected"], kind)
+
+
+@dataclass(frozen=True)
+class PairShape:
+    matches: Callable[[dict], bool]  # asked of a row that has "chosen" and "rejected"
+    conversations: Callable[[dict], tuple[list[dict], list[dict]]]  # the chosen and the rejected conversation
+
+
+# Recognised in this order: the first shape a row with "chosen" and "rejected" matches.
+PAIR_SHAPES = {
+    "messages": PairShape(lambda row: _both(row, list), _message_pair),  # ultrafeedback_binarized
+    "pairs": PairShape(lambda row: _both(row, str) and present(row, "prompt"), _string_pair),
+    "hh": PairShape(lambda row: _both(row, str) and not present(row, "prompt"), _hh_pair),  # Anthropic/hh-rlhf
+}
+FORMATS = ("auto", *PAIR_SHAPES)
+
+
+def detect_format(row: Any) -> str:
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"a row is {type(row).__name__}, expected an object")
+    if not (present(row, "chosen") and present(row, "rejected")):
+        raise RowError("unrecognised_shape", f"columns {', '.join(sorted(k for k in row if present(row, k)))}")
+    for fmt, shape in PAIR_SHAPES.items():
+        if shape.matches(row):
+            return fmt
+    raise RowError("wrong_type", f"chosen is {type(row['chosen']).__name__} and rejected "
+                                 f"{type(row['rejected']).__name__}: expected two strings or two lists of turns")
+
+
+def pair_of(row: Any, fmt: str) -> tuple[list[dict], str, str]:
+    """(prompt turns, chosen response, rejected response), checked like an SFT conversation."""
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"a row is {type(row).__name__}, expected an object")
+    chosen, rejected = PAIR_SHAPES[fmt].conversations(row)
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or turns[-1]["role"] != "assistant":
+            raise RowError("no_response", f"{key} does not end with an assistant turn")
+        check_conversation(turns, {})
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("prompts_differ", "chosen and rejected do not share every turn before the response")
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise RowError("identical", "chosen and rejected are the same response")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
 # ---- (prompt, chosen, rejected) -> two sequences ----------------------------------------------------
 
 
@@ -142,7 +164,7 @@ class PairSettings:
 
 
 def pair_row(settings: PairSettings, source: int, row: Any) -> RowResult:
-    """One row's chosen and rejected sequences; runs in a worker process (see `init_row_worker`)."""
+    """One row's chosen and rejected sequences; runs in a worker process (see `sequence_preparation.render_rows`)."""
     changes: dict[str, int] = {}
     renderer, tok = settings.renderer, settings.renderer.tokenizer
     try:
@@ -215,9 +237,9 @@ def prepare_dpo_dataset(sources: list[ChatSource], out_dir: str | Path, *, max_s
         raise DataPrepError(f"--min_prompt_tokens must be >= 1, got {min_prompt_tokens}")
     formats = [check_format(s.format, FORMATS) for s in sources]
     settings = PairSettings(formats, system_prompt, max_seq_len, min_prompt_tokens)
-    job = SequenceJob(kind="preference", group_size=2, render=render_rows, init=init_row_worker,
-                      init_args=(pair_row, settings), settings={"min_prompt_tokens": min_prompt_tokens,
-                                                                "system_prompt": system_prompt, "formats": formats},
+    job = SequenceJob(kind="preference", group_size=2, row=pair_row, row_settings=settings,
+                      settings={"min_prompt_tokens": min_prompt_tokens, "system_prompt": system_prompt,
+                                "formats": formats},
                       max_seq_len=max_seq_len, exact_answers=exact_answers)
     derived = Path(out_dir) / REFERENCE_LOGPS_DIR
     if overwrite and derived.exists():

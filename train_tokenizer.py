@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from config import ConfigError, exit_on_config_error, load_config
-from data_preparation_utils import (
-    EMPTY, MALFORMED, DataPrepError, Mixer, Source, classify, keep_datasets_from_importing_torch, one_line,
-    open_source, write_json_atomic,
-)
+from data_preparation_utils import DataPrepError, one_line, write_json_atomic
+from data_sources import EMPTY, MALFORMED, Mixer, Source, classify, keep_datasets_from_importing_torch, open_source
 from load_pretrain_dataset import add_source_arguments, sources_from_args
 from tokenizer import NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, Tokenizer
 

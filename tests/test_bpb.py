@@ -14,7 +14,7 @@ from config import Config
 from dataloaders import ChatDataLoader, PretrainDataLoader
 from distributed import DistInfo
 from load_pretrain_dataset import prepare_pretrain_dataset
-from data_preparation_utils import Source
+from data_sources import Source
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Distillation, Setting, SFTStage, Stage

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data_preparation_utils as dpu
 import load_pretrain_dataset as lpd
-from data_preparation_utils import DataPrepError, Source
+import shard_writer
+from data_preparation_utils import DataPrepError
+from data_sources import Source, document_hash, load_mix_file
 from prep_helpers import REPO, disk_full_at_save, run_script, write_jsonl
 from tokenizer import load_tokenizer
 
@@ -127,7 +128,7 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
     runs = {}
     for workers in (1, 2):
         runs[workers] = prepare([Source(files=[str(path)])], tmp_path / f"w{workers}", num_workers=workers)
-    monkeypatch.setattr(dpu, "BATCH_DOCUMENTS", 7)
+    monkeypatch.setattr(lpd, "BATCH_DOCUMENTS", 7)
     runs["small batches"] = prepare([Source(files=[str(path)])], tmp_path / "small")
     assert runs[1]["manifest"]["splits"]["val"]["num_tokens"] > 0
     assert output_files(tmp_path / "w1") == output_files(tmp_path / "w2") == output_files(tmp_path / "small")
@@ -139,7 +140,7 @@ def test_worker_count_and_batch_size_do_not_change_output(tmp_path, monkeypatch)
 def test_report_gives_the_start_up_until_every_worker_returned_a_batch(tmp_path, tok, monkeypatch, workers):
     docs = make_docs(30)
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
-    monkeypatch.setattr(dpu, "BATCH_DOCUMENTS", 7)
+    monkeypatch.setattr(lpd, "BATCH_DOCUMENTS", 7)
     report = prepare([Source(files=[str(path)])], tmp_path / "out", num_workers=workers)
     start_up = report["start_up"]
     first_batches = docs[: 7 * max(workers, 1)]
@@ -163,13 +164,13 @@ def test_worker_encoding_equals_tokenizer_encode_on_every_path(tok):
              "x" * 30_000 + " tail",  # a run Meta cuts at 25,000 characters
              "a" + " " * 26_000 + "b",  # the same for whitespace
              "many words " * 40_000]  # over tiktoken's 400,000-character limit
-    dpu.init_encoder(tok)
-    batch = dpu.encode_documents(texts)
+    lpd.init_encoder(tok)
+    batch = lpd.encode_documents(texts)
     expected = [tok.encode(t, bos=True, eos=True) for t in texts]
     assert batch.tokens.dtype == np.uint32 and batch.lengths.tolist() == [len(e) for e in expected]
     np.testing.assert_array_equal(batch.tokens, np.concatenate([np.array(e, dtype=np.uint32) for e in expected]))
-    assert batch.hashes.tolist() == [dpu.document_hash(t) for t in texts]
-    assert len(dpu.encode_documents([]).tokens) == 0  # a task of only empty or malformed rows
+    assert batch.hashes.tolist() == [document_hash(t) for t in texts]
+    assert len(lpd.encode_documents([]).tokens) == 0  # a task of only empty or malformed rows
 
 
 def test_copies_of_the_first_document_never_straddle_train_and_val(tmp_path, tok):
@@ -257,9 +258,10 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
         np.testing.assert_array_equal(np.load(p), np.load(tmp_path / "clean" / p.name))
 
     encoded: list[str] = []
+    encode = lpd.encode_documents
     def recording_encode(texts):
         encoded.extend(texts)
-        return dpu.encode_documents(texts)
+        return encode(texts)
 
     monkeypatch.setattr(lpd, "encode_documents", recording_encode)
     report = prepare(sources(), out)
@@ -278,19 +280,19 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes_identically(tmp_path, t
 @pytest.mark.parametrize("buffer_tokens", [1 << 26, 3], ids=["one allocation", "growing buffer"])
 def test_shard_writer_resumes_from_its_last_recorded_checkpoint(tmp_path, monkeypatch, buffer_tokens):
     """A checkpoint whose progress.json write was lost left extra tokens in the pending file: they must go."""
-    monkeypatch.setattr(dpu, "WRITER_BUFFER_TOKENS", buffer_tokens)
+    monkeypatch.setattr(shard_writer, "WRITER_BUFFER_TOKENS", buffer_tokens)
     chunks = [np.arange(7 * i, 7 * i + 7, dtype=np.uint32) for i in range(12)]
-    writer = dpu.ShardWriter(tmp_path, "train", shard_size=40)
+    writer = shard_writer.ShardWriter(tmp_path, "train", shard_size=40)
     for c in chunks[:6]:
         writer.add(c)  # one shard of 40, 2 tokens pending
     recorded = writer.checkpoint()
     writer.add(chunks[6])
     writer.checkpoint()  # appended, but progress.json never heard of it (crash)
-    writer = dpu.ShardWriter(tmp_path, "train", 40, **recorded)
+    writer = shard_writer.ShardWriter(tmp_path, "train", 40, **recorded)
     for c in chunks[6:8]:
         writer.add(c)
     recorded = writer.checkpoint()
-    writer = dpu.ShardWriter(tmp_path, "train", 40, **recorded)
+    writer = shard_writer.ShardWriter(tmp_path, "train", 40, **recorded)
     for c in chunks[8:]:
         writer.add(c)
     entry = writer.finish()
@@ -343,7 +345,7 @@ def test_mix_interleaves_sources_and_respects_source_budgets(tmp_path, tok):
     mix = tmp_path / "mix.json"
     mix.write_text(json.dumps([{"files": "a.jsonl", "text_column": "body", "max_tokens": 2000, "weight": 3},
                                {"files": ["b.parquet"], "weight": 1}]))
-    manifest = prepare(dpu.load_mix_file(str(mix)), tmp_path / "out", val_fraction=0.0, shard_size=10**6)["manifest"]
+    manifest = prepare(load_mix_file(str(mix)), tmp_path / "out", val_fraction=0.0, shard_size=10**6)["manifest"]
     tokens = np.load(tmp_path / "out" / "train_000000.npy")
     docs = tok.decode(tokens.tolist()).split("<|end_of_text|>")[:-1]
     texts = [d.removeprefix("<|begin_of_text|>") for d in docs]
@@ -364,7 +366,7 @@ def test_bad_mix_entries_are_named(tmp_path, entry, message):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     (tmp_path / "mix.json").write_text(json.dumps([entry]))
     with pytest.raises(DataPrepError, match=message):
-        dpu.load_mix_file(str(tmp_path / "mix.json"))
+        load_mix_file(str(tmp_path / "mix.json"))
 
 
 # ---- the command line ------------------------------------------------------------------------------------

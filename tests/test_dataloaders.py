@@ -312,7 +312,7 @@ def test_the_pair_loader_puts_each_pairs_chosen_response_first_and_its_rejected_
 
     from dataloaders import PairDataLoader
     from load_dpo_dataset import prepare_dpo_dataset
-    from load_instruct_dataset import ChatSource
+    from data_sources import ChatSource
 
     rows = [{"prompt": f"Name colour number {i}.", "chosen": f"Colour {i} is blue", "rejected": f"red {i}"}
             for i in range(12)]
@@ -336,7 +336,7 @@ def test_pairs_prepared_before_shards_recorded_their_hash_load_alike_and_get_it_
     fingerprint, and its content hash is computed from the files instead."""
     from dataloaders import PairDataLoader
     from load_dpo_dataset import prepare_dpo_dataset
-    from load_instruct_dataset import ChatSource
+    from data_sources import ChatSource
 
     rows = [{"prompt": f"Question {i}?", "chosen": f"answer {i}", "rejected": f"no {i}"} for i in range(30)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -16,7 +16,9 @@ from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 import chat_tasks
 import load_dpo_dataset as ldd
 import load_instruct_dataset as lid
-from load_instruct_dataset import ChatSource
+from data_sources import ChatSource
+from sequence_preparation import TASKS_VAL_FRACTION
+from shard_format import REFERENCE_LOGPS_DIR
 from prep_helpers import disk_full_at_save, run_script, shard_sequences, write_jsonl
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
@@ -207,7 +209,7 @@ def test_default_split_matches_the_sft_default_and_the_cli_prepares_it(tmp_path)
     assert manifest["kind"] == "preference" and manifest["exact_answers"] is True
     assert manifest["splits"]["train"]["num_pairs"] * 2 == manifest["splits"]["train"]["num_sequences"]
     sft = lid.prepare_instruct_dataset([ChatSource(files=[str(lid.default_data_file(tmp_path / "raw"))])],
-                                       tmp_path / "sft", max_seq_len=256, val_fraction=lid.TASKS_VAL_FRACTION,
+                                       tmp_path / "sft", max_seq_len=256, val_fraction=TASKS_VAL_FRACTION,
                                        show_progress=False)["manifest"]
     sft_val = [json.loads(line)["messages"] for line in (tmp_path / "sft" / "eval.jsonl").read_text().splitlines()]
     dpo_prompt = lambda pair: pair[0][0][: pair[0][1].index(1)]  # noqa: E731  the chosen sequence's unscored part
@@ -243,7 +245,7 @@ def test_overwrite_removes_the_reference_log_probs_computed_from_the_old_pairs(t
     rows = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}]
     source = [ChatSource(files=[str(write_jsonl(tmp_path / "a.jsonl", rows))])]
     prepare(source, tmp_path / "out")
-    table = tmp_path / "out" / ldd.REFERENCE_LOGPS_DIR / "0123456789abcdef.npy"  # as the trainer leaves one
+    table = tmp_path / "out" / REFERENCE_LOGPS_DIR / "0123456789abcdef.npy"  # as the trainer leaves one
     table.parent.mkdir()
     table.write_bytes(b"stale")
     swapped = [{"prompt": "Capital of France?", "chosen": "Lyon.", "rejected": "Paris."}]

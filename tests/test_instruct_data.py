@@ -16,8 +16,10 @@ from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 import chat_tasks
 import load_instruct_dataset as lid
-from data_preparation_utils import DataPrepError, cached_tokenizer, load_mix_file
-from load_instruct_dataset import ChatSource
+from conversations import ChatRenderer, conversation_from_tokens
+from data_preparation_utils import DataPrepError, cached_tokenizer
+from data_sources import ChatSource, load_mix_file
+from sequence_preparation import TASKS_VAL_FRACTION
 from prep_helpers import disk_full_at_save, run_script, shard_sequences, write_jsonl
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
@@ -67,7 +69,7 @@ def all_sequences(out_dir: Path, manifest: dict) -> list[tuple[list[int], list[i
 @pytest.mark.parametrize("messages", [CHAT, [SYSTEM, *CHAT], [SYSTEM, *CHAT[:2]]],
                          ids=["multi-turn", "multi-turn with system", "one exchange with system"])
 def test_rendering_and_mask_equal_meta_chat_format(chat, messages, tmp_path):
-    tokens, mask, _ = lid.ChatRenderer(cached_tokenizer(None)).render(messages)
+    tokens, mask, _ = ChatRenderer(cached_tokenizer(None)).render(messages)
     assert tokens.tolist() == meta_tokens(chat, messages)
     assert mask.tolist() == meta_mask(chat, messages)
     # and as written to disk, through a file
@@ -79,7 +81,7 @@ def test_rendering_and_mask_equal_meta_chat_format(chat, messages, tmp_path):
 
 def test_mask_is_one_exactly_on_assistant_content_and_its_eot(chat):
     tok = cached_tokenizer(None)
-    tokens, mask, _ = lid.ChatRenderer(tok).render([SYSTEM, *CHAT])
+    tokens, mask, _ = ChatRenderer(tok).render([SYSTEM, *CHAT])
     trained = [t for t, m in zip(tokens.tolist(), mask.tolist()) if m]
     # by hand: each answer's text tokens, then eot
     paris, tokyo = (tok.encode(text, bos=False, eos=False) for text in ("Paris.", "Tokyo.\n\n"))
@@ -221,7 +223,7 @@ def test_duplicates_and_equal_prompts_never_straddle_the_splits(tmp_path):
     prompts = {}
     for split in ("train", "val"):
         for tokens, _ in read_split(tmp_path / "out", report["manifest"], split):
-            prompt = json.dumps(lid.conversation_from_tokens(tok, np.array(tokens))[:-1])
+            prompt = json.dumps(conversation_from_tokens(tok, np.array(tokens))[:-1])
             prompts.setdefault(prompt, set()).add(split)
     assert len(prompts) == 60 and all(len(splits) == 1 for splits in prompts.values())
     assert 0 < sum(splits == {"val"} for splits in prompts.values()) < 60
@@ -312,10 +314,10 @@ def test_default_is_deterministic_and_its_held_out_prompts_are_not_trained(tmp_p
     path = lid.default_data_file(tmp_path / "raw")
     mtime = path.stat().st_mtime_ns
     assert lid.default_data_file(tmp_path / "raw").stat().st_mtime_ns == mtime  # unchanged: not rewritten
-    report = prepare([ChatSource(files=[str(path)])], tmp_path / "out", val_fraction=lid.TASKS_VAL_FRACTION,
+    report = prepare([ChatSource(files=[str(path)])], tmp_path / "out", val_fraction=TASKS_VAL_FRACTION,
                      exact_answers=True, shard_size=10**7)
     manifest, tok = report["manifest"], cached_tokenizer(None)
-    train = [lid.conversation_from_tokens(tok, np.array(t)) for t, _ in read_split(tmp_path / "out", manifest, "train")]
+    train = [conversation_from_tokens(tok, np.array(t)) for t, _ in read_split(tmp_path / "out", manifest, "train")]
     evals = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
     assert 4000 <= len(train) <= 8000 and 200 <= len(evals) <= 800 and manifest["exact_answers"]
     trained_questions = {m["content"] for c in train for m in c if m["role"] == "user"}  # every turn

@@ -22,7 +22,8 @@ import load_dpo_dataset as ldd
 import load_instruct_dataset as lid
 import train_tokenizer as tt
 from checkpoint import read_checkpoint
-from data_preparation_utils import DataPrepError, Source
+from data_preparation_utils import DataPrepError
+from data_sources import Source
 from dataloaders import DataError, PretrainDataLoader
 from generate import complete, generate_tokens
 from hf_convert import export_hf
