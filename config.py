@@ -37,7 +37,7 @@ def _f(default, doc: str):
 @dataclass
 class Config:
     # ---- run -------------------------------------------------------------------------
-    training_stage: str = _f("pretrain", "What to train: pretrain | sft (alias: instruct) | dpo | orpo. "
+    training_stage: str = _f("pretrain", "What to train: pretrain | sft (alias: instruct) | dpo | orpo | simpo. "
                                          "Distillation is not a stage: see IS_MODEL_DISTILLATION")
     run_dir: str = _f("", "Where checkpoints, metrics.jsonl and samples of this run are written (empty: runs/<stage>)")
     seed: int = _f(1337, "Seed for weights init, data order and sampling")
@@ -113,6 +113,10 @@ class Config:
 
     # ---- ORPO (preference pairs, no reference model) ----------------------------------------
     orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the chosen answers' NLL (TRL's beta)")
+
+    # ---- SimPO (preference pairs, no reference model) ---------------------------------------
+    simpo_beta: float = _f(2.0, "SimPO: an answer's reward is this times its mean log-probability per token")
+    simpo_gamma: float = _f(1.0, "SimPO: the target margin between the chosen and the rejected answer's rewards")
 
     # ---- distillation (beside pretrain or sft) ---------------------------------------------
     is_model_distillation: bool = _f(False, "Learn from a teacher's token distributions as well as the labels")
@@ -199,10 +203,11 @@ class Config:
             if getattr(self, key.lower()) < 0:
                 bad(key, "an integer >= 0")
         for key in ("MAX_LR", "NORM_EPS", "ROPE_THETA", "ADAM_EPS", "ROPE_SCALE_FACTOR", "LORA_ALPHA", "DPO_BETA",
-                    "DISTILLATION_TEMPERATURE"):
+                    "DISTILLATION_TEMPERATURE", "SIMPO_BETA"):
             if not getattr(self, key.lower()) > 0:
                 bad(key, "a number > 0")
-        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK", "DPO_SFT_WEIGHT", "ORPO_LAMBDA"):
+        for key in ("MIN_LR", "WEIGHT_DECAY", "GRAD_CLIP", "MFU_FLOPS_PEAK", "DPO_SFT_WEIGHT", "ORPO_LAMBDA",
+                    "SIMPO_GAMMA"):
             if getattr(self, key.lower()) < 0:
                 bad(key, "a number >= 0")
         if self.min_lr > self.max_lr:

@@ -430,6 +430,18 @@ class ORPOStage(PreferenceStage):
             "nll_chosen": nll.detach().sum(), "log_odds": log_odds.detach().sum()}
 
 
+class SimPOStage(PreferenceStage):
+    """Simple preference optimisation (Meng et al. 2024), with no reference model: an answer's reward is
+    SIMPO_BETA times its mean log-probability per token, and each pair's loss is
+    -log sigmoid(reward(chosen) - reward(rejected) - SIMPO_GAMMA), a target margin gamma. TRL's CPOTrainer
+    with loss_type="simpo" (and cpo_alpha=0, no NLL term) computes the same."""
+    name = "simpo"
+
+    def pair_losses(self, pairs: Pairs, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = (self.cfg.simpo_beta * x.float() for x in pairs.mean_logps())
+        return -F.logsigmoid(chosen - rejected - self.cfg.simpo_gamma), reward_figures(chosen, rejected)
+
+
 def weights_sha256(model: Transformer) -> str:
     """What a reference computes with: its shape and every weight, by content (the LoRA adapters left out: the
     reference runs with them off). Reads each byte once, about a second per GB."""

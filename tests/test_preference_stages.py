@@ -105,6 +105,30 @@ def test_orpo_log1mexp_is_accurate_where_the_naive_form_cancels():
     assert not torch.allclose(torch.log1p(-torch.exp(x.float())).double()[:1], exact[:1], rtol=1e-3)
 
 
+@pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (0.5, 0.0)])
+def test_simpo_loss_equals_trls_cpo_simpo_on_the_same_log_probabilities(dpo_data, tok, beta, gamma):
+    from trl.experimental.cpo import CPOTrainer
+
+    model = tiny_model(tok, seed=5)
+    stage = stage_of("simpo", dpo_data, tok, simpo_beta=beta, simpo_gamma=gamma)
+    batch = batch_of(dpo_data, tok, pairs=4)
+    B = batch["pair_index"].numel()
+    logits, labels = trl_labels_and_logits(model, batch)
+    mean_logps = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    trl = trl_self(beta=beta, simpo_gamma=gamma, label_smoothing=0.0, loss_type="simpo", alpha=0.0)
+    trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(trl, mean_logps[:B], mean_logps[B:])
+    trl_loss = trl_losses.mean()  # + cpo_alpha * nll, with cpo_alpha = 0 for SimPO
+    expected_grads = torch.autograd.grad(trl_loss, list(model.parameters()))
+
+    loss, extras = stage.loss(model, batch)
+    assert (loss / B).item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert extras["reward_margin"].item() == pytest.approx((trl_chosen - trl_rejected).sum().item(), rel=1e-5, abs=1e-6)
+    assert extras["accuracy"].item() == (trl_chosen > trl_rejected).sum().item()
+    grads = torch.autograd.grad(loss / B, list(model.parameters()))
+    for got, expected in zip(grads, expected_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_a_pairs_loss_does_not_depend_on_its_batch_mates(dpo_data, tok):
     """Summed per-pair losses: pairs split over micro-batches or ranks weigh as one batch (the loop divides
     by the global pair count)."""
@@ -113,7 +137,7 @@ def test_a_pairs_loss_does_not_depend_on_its_batch_mates(dpo_data, tok):
     loader = PairDataLoader(str(dpo_data), "train", 1, SEQ, shuffle=False, tokenizer_identity=tok.identity(),
                             vocab_size=tok.n_words)
     apart = [loader.next_batch(), loader.next_batch()]
-    for name in ("orpo",):
+    for name in ("orpo", "simpo"):
         stage = stage_of(name, dpo_data, tok)
         with torch.no_grad():
             both = stage.loss(model, together)[0]
