@@ -23,11 +23,10 @@ import load_instruct_dataset as lid
 import train_tokenizer as tt
 from checkpoint import read_checkpoint
 from data_preparation_utils import DataPrepError
-from data_sources import Source
+from data_sources import ChatSource, Source
 from dataloaders import DataError, PretrainDataLoader
 from generate import complete, generate_tokens
 from hf_convert import export_hf
-from load_instruct_dataset import ChatSource
 from load_pretrain_dataset import prepare_pretrain_dataset
 from model import ModelArgs, Transformer
 from prep_helpers import REPO, run_script, shard_sequences, write_jsonl

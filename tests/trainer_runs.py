@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import shard_format
 from checkpoint import read_checkpoint
 from tokenizer import Tokenizer
 
@@ -24,25 +25,23 @@ TINY_RUN = {
 
 
 def make_token_data(out: Path, documents: int = 60) -> Path:
-    """Shards of real text with the real tokenizer, in the manifest format the loader reads (6 documents of
+    """Shards of real text with the real tokenizer, written as shard_format defines them (6 documents of
     validation, the rest train)."""
     import pydoc_data.topics
 
     tok = Tokenizer()
     docs = [tok.encode(text, bos=True, eos=True) for _, text in sorted(pydoc_data.topics.topics.items())][:documents]
-    splits = {"train": np.concatenate(docs[6:]), "val": np.concatenate(docs[:6])}
+    streams = {"train": np.concatenate(docs[6:]), "val": np.concatenate(docs[:6])}
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": "llama3-token-shards", "version": 1, "dtype": "uint32", "tokenizer": tok.identity(),
-                "bos_id": tok.bos_id, "eos_id": tok.eos_id, "shard_size": 20_000, "splits": {}, "sources": [],
-                "stats": {}, "created": ""}
-    for split, stream in splits.items():
+    shard_size, splits = 20_000, {}
+    for split, stream in streams.items():
         shards = []
-        for i, start in enumerate(range(0, len(stream), 20_000)):
-            piece = stream[start:start + 20_000].astype(np.uint32)
-            np.save(out / f"{split}_{i:06d}.npy", piece)
-            shards.append({"file": f"{split}_{i:06d}.npy", "num_tokens": len(piece), "max_token_id": int(piece.max())})
-        manifest["splits"][split] = {"num_tokens": len(stream), "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+        for i, start in enumerate(range(0, len(stream), shard_size)):
+            piece = stream[start:start + shard_size].astype(shard_format.TOKEN_DTYPE)
+            shards.append(shard_format.token_shard_entry(split, i, piece))
+            np.save(out / shards[-1]["file"], piece)
+        splits[split] = {"num_tokens": len(stream), "shards": shards}
+    shard_format.write_manifest(out, shard_format.build_token_manifest(tok, shard_size, splits, [], {}, ""))
     return out
 
 
