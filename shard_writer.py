@@ -61,7 +61,6 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-
 @contextmanager
 def worker_pool(num_workers: int, initializer: Callable, initargs: tuple,
                 scratch_dir: Path) -> Iterator[ProcessPoolExecutor | None]:
