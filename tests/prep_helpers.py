@@ -60,7 +60,8 @@ def prepare_chat_tasks(root: Path, count: int, seq: int, val_fraction: float, ex
     shards in root/instruct and, with `pairs`, preference shards in root/dpo."""
     import chat_tasks
     from load_dpo_dataset import prepare_dpo_dataset
-    from data_sources import ChatSource, prepare_instruct_dataset
+    from data_sources import ChatSource
+    from load_instruct_dataset import prepare_instruct_dataset
 
     examples = chat_tasks.generate(count)
     chat = root / "chat.jsonl"
