@@ -39,13 +39,12 @@ from dataloaders import ChatDataLoader, DataError, PairDataLoader, PretrainDataL
 from distributed import DistInfo, all_reduce_sum
 from generate import generate_tokens
 from hardware import autocast_context
-from load_dpo_dataset import REFERENCE_LOGPS_DIR
 from lora import is_adapter_key
 from losses import IGNORE_INDEX, chunked_cross_entropy, chunked_distillation_loss, chunked_token_logprobs, dpo_loss
 from model import Transformer, document_attention_mask
+from shard_format import EVAL_FILE, REFERENCE_LOGPS_DIR
 from tokenizer import token_byte_lengths
 
-EXACT_MATCH_FILE = "eval.jsonl"  # written by load_instruct_dataset.py beside the shards
 TEXT_NATS, TEXT_BYTES = "text_nats", "text_bytes"  # validation's sums for bits per byte (train.validate)
 
 
@@ -189,7 +188,7 @@ class SFTStage(Stage):
 def read_exact_match_examples(data_dir: Path, limit: int, tokenizer, max_seq_len: int) -> tuple[list, int]:
     """The first `limit` held-out prompts with their one exact answer; those that cannot be answered within
     the context are left out (counted), so nothing fails late."""
-    path = data_dir / EXACT_MATCH_FILE
+    path = data_dir / EVAL_FILE
     if not limit or not path.is_file():
         return [], 0
     examples, too_long = [], 0
