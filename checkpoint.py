@@ -453,6 +453,10 @@ class WeightSource:
         kind = checkpoint_kind(path)
         return cls(Path(path), kind, Checkpoint.read(path) if kind == "project" else None)
 
+    def close(self) -> None:
+        """Let go of the record (its tensors, an optimizer's state) once the run holds what it needs of it."""
+        self.record = None
+
     @property
     def stage(self) -> Optional[str]:
         """The stage that wrote a project checkpoint; None for Meta and Hugging Face directories."""
@@ -468,7 +472,8 @@ class WeightSource:
 
     def describe(self) -> str:
         """'a sft checkpoint', 'a Meta-format directory', ...: what it is, for the start-up line."""
-        return _KIND_NAMES.get(self.kind) or f"a {self.stage} checkpoint"
+        return _KIND_NAMES.get(self.kind) or \
+            f"a {self.stage} checkpoint{'' if self.resumable else ' without training state'}"
 
     def model_args(self, max_seq_len: Optional[int] = None, rope_scale_factor: Optional[float] = None) -> ModelArgs:
         """The shape (no weights read). max_seq_len: the context to build for (default: the source's; 8192 for

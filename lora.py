@@ -20,8 +20,8 @@ From the trainer, three calls that each do their whole part (`settings = LoRASet
     model = resumed_adapted_model(record, settings, device, n)  # a resume: base checked by hash, adapters loaded
     weights, adapters = adapter_weights(model, settings, base)  # saving: the record's weights and Adapters
 
-Each is called on the bare model before DDP / fully_shard / compile / the optimizer; the optimizer then takes
-the parameters that require grad (the adapters). DPO's reference is the same module with adapters off (no second
+The first two build the bare model, before DDP / fully_shard / compile / the optimizer, which then takes the
+parameters that require grad (the adapters); under FSDP every rank calls adapter_weights (it gathers). DPO's reference is the same module with adapters off (no second
 copy of the weights), under no_grad: `with adapters_disabled(model), torch.no_grad(): ...`. Errors are LoRAError
 (a ValueError) with a one-line message.
 

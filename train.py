@@ -211,6 +211,14 @@ class Start:
     source: Optional[WeightSource] = None
     line: str = ""  # how the run starts from it: "resuming sft from PATH at step N" / "starting from the weights of ..."
 
+    def __post_init__(self):  # a Start made from a path alone (tests, tools) opens it and describes it here
+        if self.path is not None and self.source is None:
+            object.__setattr__(self, "source", WeightSource.open(self.path))
+        if self.source is not None and not self.line:
+            object.__setattr__(self, "line", f"resuming {self.source.stage} from {self.path} at step "
+                                             f"{self.source.record.training.step}" if self.resume else
+                               f"starting from the weights of {self.source.describe()} {self.path}")
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, cfg: Config) -> "Start":
         flags = ("checkpoint", *RESUME_FLAGS.values())
@@ -229,12 +237,7 @@ class Start:
         if source.stage is not None and source.stage != flag_stage:
             raise SetupError(f"--{flag} {path}: this is a {source.stage} checkpoint; pass it as "
                              f"--{RESUME_FLAGS.get(source.stage, 'checkpoint')}")
-        if source.stage == cfg.training_stage and source.resumable:
-            line = f"resuming {source.stage} from {path} at step {source.record.training.step}"
-            return cls(path, resume=True, flag=flag, source=source, line=line)
-        no_state = " without training state" if source.stage == cfg.training_stage else ""
-        return cls(path, flag=flag, source=source, line=f"starting from the weights of {source.describe()}{no_state} "
-                                                       f"{path}")
+        return cls(path, resume=source.stage == cfg.training_stage and source.resumable, flag=flag, source=source)
 
 
 # The .env keys that build a dimension of a shape, and its name; every other dimension is its own key.

@@ -17,7 +17,8 @@ import torch
 from checkpoint import read_checkpoint
 from tokenizer import Tokenizer
 
-from trainer_runs import ROOT, TINY_RUN, clean_env, final_weights, make_token_data, step_metric, train, write_env
+from trainer_runs import (ROOT, TINY_RUN, clean_env, final_weights, make_token_data, same_run, step_metric, train,
+                          write_env)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +93,17 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
 
 
 @pytest.mark.e2e
-def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single):
+@pytest.mark.parametrize("flag", ["--pretrain_checkpoint", "--checkpoint"])
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single, flag):
     straight = single
     resumed = tmp_path / "resumed"
     env = write_env(tmp_path / "resumed.env", token_data, resumed, **hellaswag)
     first = train(env, "--stop-step", "3")
     assert "stopped" not in first.stdout and (resumed / "checkpoints" / "step_000003.pt").is_file()
-    second = train(env, "--pretrain_checkpoint", str(resumed / "checkpoints" / "step_000003.pt"))
-    assert "resumed from" in second.stdout
+    second = train(env, flag, str(resumed / "checkpoints" / "step_000003.pt"))
+    assert f"resuming pretrain from {resumed / 'checkpoints' / 'step_000003.pt'} at step 3\n" in second.stdout
 
+    same_run(straight, resumed)  # every logged figure of steps 1..6 and the final weights, bit for bit
     assert step_metric(resumed) == step_metric(straight)  # steps 1..6, bit for bit
     a, b = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -157,7 +160,7 @@ def test_killed_mid_checkpoint_leaves_the_previous_checkpoint_loadable(tmp_path,
     assert ckpt["step"] >= 1
     # ... and training resumes from it.
     resume_env = write_env(tmp_path / "resume.env", token_data, run_dir, MAX_STEPS=str(ckpt["step"] + 1))
-    assert "resumed from" in train(resume_env, "--pretrain_checkpoint", str(finished[-1])).stdout
+    assert "resuming pretrain from" in train(resume_env, "--pretrain_checkpoint", str(finished[-1])).stdout
 
 
 @pytest.mark.e2e
@@ -207,7 +210,7 @@ def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token
     again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env)], cwd=tmp_path,
                            capture_output=True, text=True, env=clean_env(), timeout=60)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
-    assert re.search(r"RUN_DIR .* already holds a run .* resume it with --pretrain_checkpoint .*step_000002\.pt.*"
+    assert re.search(r"RUN_DIR .* already holds a run .* resume it with --checkpoint .*step_000002\.pt.*"
                      r"--overwrite", again.stderr)
     assert (run_dir / "checkpoints" / "step_000002.pt").read_bytes() == before
     # A restarted schedule from this run's own checkpoint would write over its step files: refused too...
