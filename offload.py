@@ -1,0 +1,571 @@
+"""Training and running models bigger than memory: the weights live on disk and stream through one block at a time.
+
+The store (BlockStore) is a directory of safetensors files, one per unit: `tok_embeddings`, `layers.0` ...
+`layers.N-1`, `norm`, `output` (absent when tied to the embedding), each in the dtype its source gave, plus
+`manifest.json` naming the shape, every file's sha256 and a content hash over all of them. It is written from a
+Transformer or from any weight source checkpoint.load_model reads (Meta, HF, project), one unit at a time, after
+a free-space check; a restart re-hashes the files instead of trusting their names (BlockStore.open + verify).
+
+StreamedTransformer is a Transformer whose stored weights are meta tensors except while in use:
+
+    forward   embed; blocks 0..N-1 each loaded (block i+1 read by a background thread while block i computes),
+              upcast to the compute dtype, run, released; only each block's input and RNG state are kept
+    backward  blocks N-1..0 each loaded again, recomputed from its saved input under the same RNG state and
+              autocast settings (dropout draws the same masks), back-propagated, released; the gradient w.r.t.
+              its input goes down to the next
+
+That is a custom autograd Function around the blocks, so `loss.backward()` does all of it and every stage's
+`loss(model, batch)`, which calls `model(tokens, head=...)`, runs unchanged: Transformer.forward is inherited,
+only hidden_states streams. Parameters that require grad and are not stored (LoRA adapters) live in memory inside
+the streamed blocks and collect their gradients as usual; the optimizer and clip_grad_norm_ see them as always.
+
+Full fine-tuning (train_base=True): each streamed unit's gradient goes to `grads/<unit>.safetensors` as soon as
+its backward is done, added to what earlier micro-batches left there (the same a + b as autograd's .grad
+accumulation). `clip_and_step` then makes the update in-memory training makes: sweep 1 takes every gradient's
+norm (stored ones and in-memory ones, ordered as clip_grad_norm_ orders them) for the global norm; sweep 2,
+unit by unit, scales the gradient by the same clamped coefficient and applies torch.optim.AdamW with the unit's
+stored state (`adamw/<unit>.safetensors`); AdamW is elementwise per parameter, so one optimizer per unit gives
+what one optimizer over the whole model gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from model import ModelArgs, Transformer, rope_cos_sin, rope_frequencies
+from safetensors_io import load_file, save_file, sharded_files, write_atomically
+
+STORE_FORMAT = "llama3-trainer-offload-store"
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 16 << 20
+
+
+class OffloadError(ValueError):
+    """A store or setting that cannot be used; the message is one line naming what is wrong."""
+
+
+# ---- units: which weights share a file --------------------------------------------------------------------
+def unit_of(name: str) -> str:
+    """`layers.3.attention.wq.weight` -> `layers.3`; `tok_embeddings.weight` -> `tok_embeddings`."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def stored_names(args: ModelArgs) -> dict[str, list[str]]:
+    """unit -> the Meta names it holds, in state-dict order (the order parameters() yields them)."""
+    with torch.device("meta"):
+        names = list(Transformer(args).state_dict())
+    units: dict[str, list[str]] = {}
+    for name in names:
+        if not (args.tie_word_embeddings and name == "output.weight"):
+            units.setdefault(unit_of(name), []).append(name)
+    return units
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OffloadError(f"{directory}: {what} needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; "
+                           f"free some space or set OFFLOAD_DIR to a larger disk")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_sha256(args: dict, hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps([args, sorted(hashes.items())], sort_keys=True).encode()).hexdigest()
+
+
+# ---- the store -----------------------------------------------------------------------------------------------
+class BlockStore:
+    """A model's weights on disk, one safetensors file per unit, and (full fine-tuning) their gradients and
+    AdamW state beside them. Weights are read with `load`, which copies them into memory in the dtype asked."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory, self.manifest = Path(directory), manifest
+        self.args = ModelArgs(**manifest["model_args"])
+        self.units: dict[str, list[str]] = {u: e["names"] for u, e in manifest["units"].items()}
+        self._grads_present: set[str] = set()
+
+    @property
+    def content_sha256(self) -> str:
+        return self.manifest["content_sha256"]
+
+    @property
+    def source(self) -> Optional[str]:
+        return self.manifest.get("source")
+
+    def path(self, kind: str, unit: str) -> Path:
+        return self.directory / kind / f"{unit}.safetensors"
+
+    # ---- opening ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | Path, verify: bool = True) -> "BlockStore":
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            if manifest.get("format") != STORE_FORMAT:
+                raise ValueError
+        except (OSError, ValueError):
+            raise OffloadError(f"{directory}: not an offload store (no readable {MANIFEST} of format "
+                               f"{STORE_FORMAT})") from None
+        store = cls(directory, manifest)
+        if verify:
+            store.verify()
+        return store
+
+    def verify(self) -> None:
+        """Every weight file hashes as the manifest says: a store is trusted by content, not by file names."""
+        for unit, entry in self.manifest["units"].items():
+            path = self.path("weights", unit)
+            if not path.is_file():
+                raise OffloadError(f"{path}: missing from the offload store; rebuild it (delete {self.directory})")
+            if _sha256_file(path) != entry["sha256"]:
+                raise OffloadError(f"{path}: its content differs from the store's manifest (an interrupted update "
+                                   f"or another model's file); rebuild the store (delete {self.directory})")
+
+    # ---- weights ------------------------------------------------------------------------------------------
+    def load(self, unit: str, dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu",
+             ) -> dict[str, torch.Tensor]:
+        """The unit's tensors copied off the file into (device) memory, cast to `dtype` (their own if None)."""
+        mapped = load_file(self.path("weights", unit))
+        return {n: t.to(device=device, dtype=dtype or t.dtype, copy=True) for n, t in mapped.items()}
+
+    def mapped(self, unit: str) -> dict[str, torch.Tensor]:
+        """The unit's tensors memory-mapped: pages are read when touched (an embedding lookup reads its rows)."""
+        return load_file(self.path("weights", unit))
+
+    def write_weights(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace a unit's weights (an optimizer update) and record the file's new hash."""
+        path = self.path("weights", unit)
+        save_file(tensors, path)
+        self.manifest["units"][unit]["sha256"] = _sha256_file(path)
+
+    def commit(self) -> None:
+        """Write the manifest for the weights as they are now (after a whole update sweep)."""
+        hashes = {u: e["sha256"] for u, e in self.manifest["units"].items()}
+        self.manifest["content_sha256"] = _content_sha256(self.manifest["model_args"], hashes)
+        text = (json.dumps(self.manifest, indent=1) + "\n").encode()
+        write_atomically(self.directory / MANIFEST, lambda f: f.write(text))
+
+    # ---- gradients and optimizer state (full fine-tuning) -----------------------------------------------------
+    def accumulate_grads(self, unit: str, grads: dict[str, torch.Tensor]) -> None:
+        """Add to the unit's stored gradients (the first micro-batch of a step writes them)."""
+        if unit in self._grads_present:
+            stored = load_file(self.path("grads", unit))
+            grads = {n: stored[n] + g for n, g in grads.items()}  # stored + new, as autograd's .grad += new
+        self.path("grads", unit).parent.mkdir(exist_ok=True)
+        save_file({n: g.detach().cpu() for n, g in grads.items()}, self.path("grads", unit))
+        self._grads_present.add(unit)
+
+    def grads(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
+        if unit not in self._grads_present:
+            return None
+        return {n: t.clone() for n, t in load_file(self.path("grads", unit)).items()}
+
+    def clear_grads(self) -> None:
+        for unit in self._grads_present:
+            self.path("grads", unit).unlink(missing_ok=True)
+        self._grads_present.clear()
+
+    def optimizer_state(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
+        path = self.path("adamw", unit)
+        return {n: t.clone() for n, t in load_file(path).items()} if path.is_file() else None
+
+    def write_optimizer_state(self, unit: str, state: dict[str, torch.Tensor]) -> None:
+        self.path("adamw", unit).parent.mkdir(exist_ok=True)
+        save_file(state, self.path("adamw", unit))
+
+
+def store_bytes(args: ModelArgs, dtype_bytes: dict[str, int] | int) -> int:
+    """Bytes of a store's weight files (tensor data; headers are a few KB)."""
+    units = stored_names(args)
+    with torch.device("meta"):
+        state = Transformer(args).state_dict()
+    per = (lambda n: dtype_bytes) if isinstance(dtype_bytes, int) else dtype_bytes.__getitem__
+    return sum(state[n].numel() * per(n) for names in units.values() for n in names)
+
+
+def write_store(directory: str | Path, args: ModelArgs, units: Iterable[tuple[str, dict[str, torch.Tensor]]],
+                source: Optional[str] = None, needed_bytes: Optional[int] = None) -> BlockStore:
+    """Write a store from (unit, tensors) pairs, each dropped once written. `needed_bytes` is checked against
+    the free space first; `source` (e.g. the source files' fingerprint) is recorded for the caller to compare."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists():
+        raise OffloadError(f"{directory}: already holds an offload store; open it, or delete it to rebuild")
+    (directory / "weights").mkdir(parents=True, exist_ok=True)
+    if needed_bytes is not None:
+        check_free_space(directory, needed_bytes, "the offload store")
+    expected = stored_names(args)
+    entries = {}
+    for unit, tensors in units:
+        if list(tensors) != expected.get(unit):
+            raise OffloadError(f"{directory}: unit {unit} holds {list(tensors)[:3]}, the shape expects "
+                               f"{expected.get(unit, [])[:3]}")
+        path = directory / "weights" / f"{unit}.safetensors"
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, path)
+        entries[unit] = {"names": list(tensors), "sha256": _sha256_file(path)}
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        raise OffloadError(f"{directory}: the source gave no {', '.join(missing[:3])}")
+    manifest = {"format": STORE_FORMAT, "version": 1, "model_args": asdict(args), "source": source,
+                "units": {u: entries[u] for u in expected}}
+    store = BlockStore(directory, manifest)
+    store.commit()
+    return store
+
+
+def model_units(model: Transformer) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """A Transformer's stored units (its LoRA adapters left out: they are trained, not stored)."""
+    state = model.state_dict()
+    for unit, names in stored_names(model.args).items():
+        yield unit, {n: state[n] for n in names}
+
+
+def write_store_from_model(directory: str | Path, model: Transformer, source: Optional[str] = None) -> BlockStore:
+    bytes_by_name = {n: t.element_size() for n, t in model.state_dict().items()}
+    return write_store(directory, model.args, model_units(model), source, store_bytes(model.args, bytes_by_name))
+
+
+def checkpoint_units(path: str | Path, args: ModelArgs) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """A Meta or Hugging Face directory's units, each file opened memory-mapped for that unit only, so at
+    most one unit's pages are in memory. Other sources (project checkpoints) load memory-mapped whole."""
+    import checkpoint
+    from hf_names import from_hf_state_dict, hf_name
+
+    kind = checkpoint.checkpoint_kind(path)
+    units = stored_names(args)
+    if kind == "hf":
+        files = sharded_files(path)
+        for unit, names in units.items():
+            tensors = {}
+            for name in names:
+                tensors.update(load_file(files[hf_name(name)], [hf_name(name)]))
+            yield unit, {n: t.clone() for n, t in from_hf_state_dict(tensors, args).items()}
+    elif kind == "meta" and len(list(Path(path).glob("consolidated.*.pth"))) == 1:
+        shard = Path(path) / "consolidated.00.pth"
+        for unit, names in units.items():
+            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            yield unit, {n: state[n].clone() for n in names}
+            del state
+    else:  # model-parallel Meta shards and project checkpoints: merged by checkpoint.py, memory-mapped
+        yield from model_units(checkpoint.load_model(path))
+
+
+def write_store_from_checkpoint(directory: str | Path, path: str | Path, source: Optional[str] = None) -> BlockStore:
+    import checkpoint
+
+    args = checkpoint.model_args_for(path)
+    first = next(checkpoint_units(path, args))[1]
+    itemsize = next(iter(first.values())).element_size()
+    return write_store(directory, args, checkpoint_units(path, args), source or str(path), store_bytes(args, itemsize))
+
+
+# ---- the streamed model ----------------------------------------------------------------------------------------
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    module_name, _, leaf = name.rpartition(".")
+    param = nn.Parameter(tensor, requires_grad=requires_grad)
+    root.get_submodule(module_name)._parameters[leaf] = param
+    return param
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def _replayed(rng: tuple, device: torch.device, autocast: tuple):
+    """Inside: the global RNG as it was (rng), autocast as it was; outside, the RNG as before."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        enabled, dtype, cache = autocast
+        with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=cache):
+            yield
+
+
+class _StreamedBlocks(torch.autograd.Function):
+    """h (B, T, dim) -> the last block's output, keeping only each block's input (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, h, anchor, model, cos, sin, mask):
+        ctx.model, ctx.cos, ctx.sin, ctx.mask = model, cos, sin, mask
+        ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type),
+                        torch.is_autocast_cache_enabled())
+        ctx.inputs, ctx.rng = [], []
+        for _, block in model.streamed_blocks(range(model.args.n_layers), trainable=False):
+            ctx.inputs.append(h)
+            ctx.rng.append(_rng_state(h.device))
+            h = block(h, cos, sin, 0, mask)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        model = ctx.model
+        for i, block in model.streamed_blocks(reversed(range(model.args.n_layers)), trainable=model.train_base):
+            x = ctx.inputs[i].detach().requires_grad_(True)
+            with torch.enable_grad(), _replayed(ctx.rng[i], x.device, ctx.autocast):
+                out = block(x, ctx.cos, ctx.sin, 0, ctx.mask)
+            torch.autograd.backward(out, grad)
+            grad, ctx.inputs[i] = x.grad, None
+            if model.train_base:
+                model.store.accumulate_grads(f"layers.{i}", model.take_grads(block, f"layers.{i}."))
+        return grad, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """torch.optim.AdamW's arguments; weight decay on matrices (and embeddings) only, as train.build_optimizer."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    fused: Optional[bool] = None
+    foreach: Optional[bool] = None
+
+    def optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=self.betas, eps=self.eps,
+                                 fused=self.fused, foreach=self.foreach)
+
+
+class StreamedTransformer(Transformer):
+    """A Transformer computing with weights streamed from a BlockStore; build it with `open_streamed`."""
+
+    def attach(self, store: BlockStore, compute_dtype: torch.dtype, device: torch.device | str, train_base: bool):
+        self.store, self.compute_dtype, self.device, self.train_base = store, compute_dtype, torch.device(device), train_base
+        self.io_wait_seconds = 0.0  # time spent waiting for a unit to arrive (the step line's I/O share)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-read")
+        self._anchor = torch.zeros((), requires_grad=True)  # makes backward run when nothing below requires grad
+        self._outer_loaded = False
+        self._buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
+        self._memory_optimizer: Optional[torch.optim.AdamW] = None
+        for name, p in self.named_parameters():
+            if unit_of(name) in store.units and not _is_adapter(name):
+                p.requires_grad_(False)
+
+    # ---- loading and releasing ----------------------------------------------------------------------------
+    def _read(self, unit: str) -> dict[str, torch.Tensor]:
+        return self.store.load(unit, self.compute_dtype, self.device)
+
+    def _read_block(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's weights, cast into buffer set i % 2. Every block has the same shapes, so two sets serve all:
+        block i+1 fills one while block i computes with the other, and no block allocates memory of its own
+        (fresh buffers per block would page-fault each time, and glibc, freeing them from another thread than
+        the one that allocated them, keeps most of them: resident memory grew by a block per block)."""
+        prefix = f"layers.{i}."
+        buffers = self._buffers[i % 2]
+        out = {}
+        for name, t in self.store.mapped(f"layers.{i}").items():
+            local = name.removeprefix(prefix)
+            if local not in buffers:
+                buffers[local] = torch.empty(t.shape, dtype=self.compute_dtype, device=self.device)
+            out[name] = buffers[local].copy_(t)
+        return out
+
+    def _release(self, names: Iterable[str]) -> None:
+        for name in names:
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            old = module._parameters[leaf]
+            module._parameters[leaf] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                    requires_grad=False)
+
+    def streamed_blocks(self, order: Iterable[int], trainable: bool) -> Iterator[tuple[int, nn.Module]]:
+        """Each block of `order` with its weights in place, the next one read meanwhile; released after use."""
+        order = list(order)
+        pending: Optional[Future] = self._reader.submit(self._read_block, order[0]) if order else None
+        for k, i in enumerate(order):
+            started = time.perf_counter()
+            tensors = pending.result()
+            self.io_wait_seconds += time.perf_counter() - started
+            pending = self._reader.submit(self._read_block, order[k + 1]) if k + 1 < len(order) else None
+            for name, t in tensors.items():
+                _set_tensor(self, name, t, trainable)
+            del t, tensors
+            try:
+                yield i, self.layers[i]
+            finally:
+                self._release(self.store.units[f"layers.{i}"])
+
+    def take_grads(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """The gradients of a loaded unit's stored weights, by full name (the adapters' stay where they are)."""
+        return {prefix + n: p.grad for n, p in module.named_parameters()
+                if not _is_adapter(n) and p.grad is not None}
+
+    def _load_outer(self) -> None:
+        """Embedding, final norm and output layer. Frozen: the embedding stays memory-mapped in its stored dtype
+        (a lookup touches only its rows) and is cast after the lookup; all stay in place across calls. Trained:
+        fresh leaves each forward, their gradients sent to the store as soon as autograd has summed them."""
+        if self._outer_loaded and not self.train_base:
+            return
+        if self.train_base:
+            for unit in ("tok_embeddings", "norm", "output"):
+                if unit in self.store.units:
+                    for name, t in self._read(unit).items():
+                        param = _set_tensor(self, name, t, True)
+                        param.register_post_accumulate_grad_hook(self._outer_grad_hook(name))
+        else:
+            _set_tensor(self, "tok_embeddings.weight", self.store.mapped("tok_embeddings")["tok_embeddings.weight"],
+                        False)
+            for unit in ("norm", "output"):
+                if unit in self.store.units:
+                    for name, t in self._read(unit).items():
+                        _set_tensor(self, name, t, False)
+        if self.args.tie_word_embeddings:
+            tied = self.tok_embeddings.weight
+            self.output._parameters["weight"] = tied if self.train_base else \
+                nn.Parameter(tied.to(self.device, self.compute_dtype, copy=True), requires_grad=False)
+        self._outer_loaded = True
+
+    def _outer_grad_hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            self.store.accumulate_grads(unit_of(name), {name: param.grad})
+            param.grad = None
+        return hook
+
+    def release(self) -> None:
+        """Drop the embedding, norm and output layer too (between uses, or before writing a checkpoint)."""
+        names = [n for u in ("tok_embeddings", "norm", "output") for n in self.store.units.get(u, [])]
+        self._release(names)
+        if self.args.tie_word_embeddings:
+            self._release(["output.weight"])
+        self._outer_loaded = False
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def hidden_states(self, tokens: torch.Tensor, *, start_pos: int = 0, attn_mask: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if start_pos != 0 or any(layer.attention.cache is not None for layer in self.layers):
+            raise OffloadError("a streamed model decodes without a KV cache (start_pos 0); "
+                               "generation with offload is not supported yet")
+        self._load_outer()
+        seqlen = tokens.shape[1]
+        table = self.tok_embeddings.weight  # gathered where it lives, then cast: as casting the table first would
+        h = self.tok_embeddings(tokens.to(table.device)).to(self.device, self.compute_dtype)
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device)
+        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)
+        mask = self._attention_mask(seqlen, 0, attn_mask, tokens.device)
+        if torch.is_grad_enabled() and (self.train_base or any(p.requires_grad for p in self.parameters())):
+            h = _StreamedBlocks.apply(h, self._anchor, self, cos, sin, mask)
+        else:
+            for _, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
+                h = block(h, cos, sin, 0, mask)
+        return self.norm(h)
+
+    # ---- the update (full fine-tuning) ---------------------------------------------------------------------------
+    def zero_grad_streamed(self) -> None:
+        self.store.clear_grads()
+
+    @torch.no_grad()
+    def clip_and_step(self, lr: float, max_norm: float, settings: AdamWSettings) -> torch.Tensor:
+        """clip_grad_norm_(all trainable parameters, max_norm) and one AdamW step, as in memory; returns the
+        total norm before clipping. Stored gradients are cleared, in-memory ones set to None."""
+        self.release()  # the last forward's embedding and output leaves; the next forward reads the updated ones
+        order = self._grad_order()
+        norms = {}
+        for unit, names in self.store.units.items():  # sweep 1: every stored gradient's norm
+            grads = self.store.grads(unit)
+            if grads is not None:
+                norms.update(zip(names, torch._foreach_norm([grads[n] for n in names], 2.0)))
+        memory = [(n, p) for n, p in self.named_parameters() if p.requires_grad and p.grad is not None]
+        if memory:
+            norms.update(zip([n for n, _ in memory], torch._foreach_norm([p.grad for _, p in memory], 2.0)))
+        if not norms:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack([norms[n] for n in order if n in norms]), 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for unit, names in self.store.units.items():  # sweep 2: the update, unit by unit
+            grads = self.store.grads(unit)
+            if grads is not None:
+                self._step_unit(unit, names, grads, coef, lr, settings)
+        if memory:
+            torch._foreach_mul_([p.grad for _, p in memory], coef)
+            if self._memory_optimizer is None:
+                self._memory_optimizer = settings.optimizer([p for _, p in memory], lr)
+            for group in self._memory_optimizer.param_groups:
+                group["lr"] = lr
+            self._memory_optimizer.step()
+            self._memory_optimizer.zero_grad(set_to_none=True)
+        self.store.clear_grads()
+        self.store.commit()
+        return total
+
+    def _grad_order(self) -> list[str]:
+        """Names in the order clip_grad_norm_ stacks their norms: grouped by (device, dtype) in order of first
+        appearance, parameter order within a group."""
+        groups: dict[tuple, list[str]] = {}
+        stored_dtype = self.compute_dtype
+        for name, p in self.named_parameters():
+            key = (str(self.device), stored_dtype) if unit_of(name) in self.store.units and not _is_adapter(name) \
+                else (str(p.device), p.dtype)
+            groups.setdefault(key, []).append(name)
+        return [n for names in groups.values() for n in names]
+
+    def _step_unit(self, unit: str, names: list[str], grads: dict[str, torch.Tensor], coef: torch.Tensor, lr: float,
+                   settings: AdamWSettings) -> None:
+        weights = self.store.load(unit)
+        params = [nn.Parameter(weights[n]) for n in names]
+        torch._foreach_mul_([grads[n] for n in names], coef)
+        for p, n in zip(params, names):
+            p.grad = grads[n]
+        optimizer = settings.optimizer(params, lr)
+        state = self.store.optimizer_state(unit)
+        if state is not None:
+            for p, n in zip(params, names):
+                optimizer.state[p] = {"step": state[f"{n}.step"], "exp_avg": state[f"{n}.exp_avg"],
+                                      "exp_avg_sq": state[f"{n}.exp_avg_sq"]}
+        optimizer.step()
+        self.store.write_weights(unit, {n: p.detach() for n, p in zip(names, params)})
+        self.store.write_optimizer_state(unit, {f"{n}.{k}": optimizer.state[p][k] for n, p in zip(names, params)
+                                                for k in ("step", "exp_avg", "exp_avg_sq")})
+
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stored weight, read from the store (for tests and small models: a checkpoint writer should go
+        unit by unit)."""
+        return {n: t for unit in self.store.units for n, t in self.store.load(unit).items()}
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_a." in name or ".lora_b." in name
+
+
+def open_streamed(store: BlockStore, compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  train_base: bool = False) -> StreamedTransformer:
+    """A StreamedTransformer of the store's shape, all weights on the meta device until used. Apply LoRA to it
+    (lora.apply_lora) and then `materialize_adapters` for adapters in memory."""
+    with torch.device("meta"):
+        model = StreamedTransformer(store.args)
+    model.attach(store, compute_dtype, device, train_base)
+    return model
+
+
+def materialize_adapters(model: StreamedTransformer) -> None:
+    """Adapters applied to a meta-device model get memory and their initial values, drawn from the global RNG
+    in module order exactly as apply_lora draws them on a model in memory."""
+    from lora import LoRALinear
+
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.lora_a.weight.is_meta:
+            module.lora_a.to_empty(device=model.device)
+            module.lora_b.to_empty(device=model.device)
+            module.reset_adapters()

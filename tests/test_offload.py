@@ -1,0 +1,268 @@
+"""offload.py: training with the weights streamed from disk block by block equals training in memory (plain
+Transformer, torch.optim.AdamW, clip_grad_norm_), for LoRA and for full fine-tuning, with adapter dropout on,
+two micro-batches and clipping active; the store is identified by content; memory stays flat with depth."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import offload
+import random_model
+from lora import LoRASettings, apply_lora
+from losses import IGNORE_INDEX, chunked_cross_entropy
+from model import ModelArgs, Transformer, document_attention_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+LR, MAX_NORM, WEIGHT_DECAY, STEPS = 1e-2, 0.05, 0.1, 3
+
+
+def tiny_args(**kw) -> ModelArgs:
+    return ModelArgs(**{**dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
+                               max_seq_len=64), **kw})
+
+
+def micro_batches(seed: int = 0) -> list[list[dict]]:
+    """STEPS steps of 2 micro-batches: packed rows (two documents each), some targets ignored."""
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(STEPS):
+        step = []
+        for _ in range(2):
+            tokens = torch.randint(0, 256, (2, 16), generator=g)
+            targets = torch.randint(0, 256, (2, 16), generator=g)
+            targets[:, :3] = IGNORE_INDEX
+            docs = torch.tensor([[0] * 10 + [1] * 6, [0] * 5 + [1] * 11])
+            positions = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)
+            step.append(dict(tokens=tokens, targets=targets, docs=docs, positions=positions))
+        steps.append(step)
+    return steps
+
+
+def stage_loss(model, batch: dict) -> torch.Tensor:
+    """As stages.SFTStage.loss calls the model: a summed cross-entropy head, packed rows' positions and mask."""
+    targets = batch["targets"].flatten()
+    head = lambda h, w: chunked_cross_entropy(h.flatten(0, 1), w, targets, reduction="sum")  # noqa: E731
+    return model(batch["tokens"], head=head, positions=batch["positions"],
+                 attn_mask=document_attention_mask(batch["docs"]))
+
+
+def run_steps(model, step_fn, seed: int = 5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Losses and grad norms of STEPS optimizer steps; the loss divided by the step's trained tokens."""
+    torch.manual_seed(seed)  # the adapters' dropout masks
+    model.train()
+    losses, norms = [], []
+    for step in micro_batches():
+        count = sum((b["targets"] != IGNORE_INDEX).sum() for b in step)
+        total = torch.zeros(())
+        for batch in step:
+            loss = stage_loss(model, batch) / count
+            loss.backward()
+            total += loss.detach()
+        losses.append(total)
+        norms.append(step_fn())
+    return losses, norms
+
+
+def in_memory_step(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=LR)
+
+    def step():
+        norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+    return step
+
+
+def adapters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+LORA = LoRASettings(rank=4, alpha=8.0, dropout=0.3)
+
+
+def lora_pair(tmp_path, args: ModelArgs, train_base: bool):
+    """The same model twice: in memory, and streamed from a store written from it; equal adapters on both."""
+    torch.manual_seed(0)
+    reference = Transformer(args)
+    store = offload.write_store_from_model(tmp_path / "store", reference)
+    torch.manual_seed(1)
+    apply_lora(reference, LORA)
+    streamed = offload.open_streamed(store, train_base=train_base)
+    torch.manual_seed(1)
+    apply_lora(streamed, LORA)
+    offload.materialize_adapters(streamed)
+    return reference, streamed
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
+
+
+# ---- training equals training in memory -------------------------------------------------------------------------
+def test_lora_training_streamed_equals_in_memory_with_dropout_accumulation_and_clipping(tmp_path):
+    reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
+    assert_same(adapters(reference), adapters(streamed))
+    assert all(p.is_meta for n, p in streamed.named_parameters() if ".lora_" not in n)  # nothing else in memory
+
+    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+    losses, norms = run_steps(streamed, in_memory_step(streamed))  # the usual optimizer and clip_grad_norm_
+    assert all(n > MAX_NORM for n in ref_norms)  # clipping scaled every step
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert_same(adapters(reference), adapters(streamed))
+
+    _, other = lora_pair(tmp_path / "other", tiny_args(), train_base=False)
+    run_steps(other, in_memory_step(other), seed=6)  # other dropout masks: other adapters, so masks mattered
+    assert not torch.equal(adapters(other)["layers.0.attention.wq.lora_a.weight"],
+                           adapters(streamed)["layers.0.attention.wq.lora_a.weight"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path, tied):
+    """Every weight trains (base and adapters, so dropout is on): the base's gradients and AdamW state live in
+    the store, and clip_and_step makes the update torch.optim.AdamW + clip_grad_norm_ make in memory."""
+    reference, streamed = lora_pair(tmp_path, tiny_args(tie_word_embeddings=tied), train_base=True)
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+    settings = offload.AdamWSettings(weight_decay=WEIGHT_DECAY)
+    losses, norms = run_steps(streamed, lambda: streamed.clip_and_step(LR, MAX_NORM, settings))
+
+    assert all(n > MAX_NORM for n in ref_norms)
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    expected = {n: t for n, t in reference.state_dict().items() if ".lora_" not in n}
+    if tied:
+        del expected["output.weight"]
+    assert_same(expected, streamed.stored_state_dict())
+    assert_same(adapters(reference), adapters(streamed))
+    assert not list((tmp_path / "store" / "grads").iterdir())  # a step leaves no gradients behind
+    offload.BlockStore.open(tmp_path / "store")  # the manifest describes the updated files
+
+
+# ---- the store -----------------------------------------------------------------------------------------------------
+def test_a_bf16_store_upcast_block_by_block_gives_the_in_memory_fp32_logits(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).to(torch.bfloat16)
+    store = offload.write_store_from_model(tmp_path / "store", model)
+    assert load_dtypes(tmp_path / "store") == {"BF16"}  # stored as it came
+    streamed = offload.open_streamed(store, compute_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, _ = model.float()(tokens)
+        logits, _ = streamed(tokens)
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+
+
+def load_dtypes(directory: Path) -> set[str]:
+    from safetensors_io import read_header
+
+    return {e["dtype"] for f in (directory / "weights").iterdir() for e in read_header(f)[0].values()}
+
+
+def test_stores_from_meta_and_hf_directories_hold_what_the_loaders_load(tmp_path):
+    for fmt in ("meta", "hf"):
+        random_model.write_random_model(tmp_path / fmt, "tiny", fmt, torch.float32, seed=2)
+        store = offload.write_store_from_checkpoint(tmp_path / f"store-{fmt}", tmp_path / fmt)
+        streamed = offload.open_streamed(store)
+        assert_same(checkpoint.load_model(tmp_path / fmt).state_dict(), streamed.stored_state_dict())
+        assert [p.name for p in sorted((tmp_path / f"store-{fmt}" / "weights").iterdir())] == \
+            ["layers.0.safetensors", "layers.1.safetensors", "norm.safetensors", "output.safetensors",
+             "tok_embeddings.safetensors"]
+
+
+def test_a_store_is_identified_by_its_content_and_a_changed_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    a = offload.write_store_from_model(tmp_path / "a", model)
+    b = offload.write_store_from_model(tmp_path / "b", model)
+    with torch.no_grad():
+        model.layers[1].ffn_norm.weight[0] += 1
+    c = offload.write_store_from_model(tmp_path / "c", model)
+    assert a.content_sha256 == b.content_sha256 != c.content_sha256
+    assert offload.BlockStore.open(tmp_path / "a").content_sha256 == a.content_sha256
+
+    # the same names, another model's block: same size, other bytes
+    shutil.copyfile(tmp_path / "c" / "weights" / "layers.1.safetensors", tmp_path / "a" / "weights" / "layers.1.safetensors")
+    with pytest.raises(offload.OffloadError, match=r"layers\.1\.safetensors: its content differs") as e:
+        offload.BlockStore.open(tmp_path / "a")
+    assert "\n" not in str(e.value)
+    with pytest.raises(offload.OffloadError, match="already holds an offload store"):
+        offload.write_store_from_model(tmp_path / "b", model)
+
+
+def test_too_little_disk_space_is_refused_with_the_numbers_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(offload.OffloadError, match=r"needs \d+\.\d\d GB, only \d+\.\d\d GB free") as e:
+        offload.write_store(tmp_path / "s", model.args, offload.model_units(model), needed_bytes=free + 10**12)
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "s" / "weights").iterdir())
+    # the estimate write_store_from_model checks is the weights' bytes
+    store = offload.write_store_from_model(tmp_path / "t", model)
+    written = sum(f.stat().st_size for f in (tmp_path / "t" / "weights").iterdir())
+    expected = sum(t.numel() * 4 for n, t in model.state_dict().items())
+    assert expected <= written <= expected + 4096 * len(store.units)
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["model_args"]["n_layers"] == 3
+
+
+# ---- memory --------------------------------------------------------------------------------------------------------
+# The child's own peak resident memory. Not getrusage's ru_maxrss: Linux carries the parent's high-water mark over
+# fork and exec into it, so every child of this (large) test process would report at least the parent's peak;
+# VmHWM belongs to the child's own address space.
+PEAK_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import offload
+from lora import LoRASettings, apply_lora
+from model import ModelArgs, Transformer
+torch.set_num_threads(1)
+mode, where, n_layers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "streamed":
+    model = offload.open_streamed(offload.BlockStore.open(where, verify=False))
+    apply_lora(model, LoRASettings(rank=4))
+    offload.materialize_adapters(model)
+else:
+    model = Transformer(ModelArgs(dim=512, n_layers=n_layers, n_heads=8, vocab_size=512, max_seq_len=64))
+    apply_lora(model, LoRASettings(rank=4))
+tokens = torch.randint(0, 512, (1, 64))
+_, loss = model(tokens, tokens, return_logits=False)
+loss.backward()
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+def test_peak_memory_of_a_streamed_step_stays_flat_with_depth_while_in_memory_grows(tmp_path):
+    def peak(mode: str, n_layers: int) -> int:
+        where = tmp_path / f"store{n_layers}"
+        if mode == "streamed" and not where.exists():
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs(dim=512, n_layers=n_layers, n_heads=8, vocab_size=512, max_seq_len=64))
+            offload.write_store_from_model(where, model)
+            del model
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ROOT), mode, str(where), str(n_layers)],
+                             capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+        return int(out.stdout.split()[-1]) * 1024  # kB
+
+    block_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1536)  # fp32 wq wk wv wo + w1 w2 w3 (ffn 1536)
+    streamed = {n: peak("streamed", n) for n in (2, 16)}
+    in_memory = {n: peak("in_memory", n) for n in (2, 16)}
+    print({"streamed": streamed, "in_memory": in_memory})
+    assert streamed[16] <= 1.3 * streamed[2], streamed
+    assert in_memory[16] - in_memory[2] >= 10 * block_bytes, in_memory  # 14 more blocks held
+    # what streaming adds with depth (each block's saved input, allocator slack) is a fraction of those blocks
+    assert streamed[16] - streamed[2] < 0.25 * (in_memory[16] - in_memory[2]), (streamed, in_memory)
