@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -352,7 +351,8 @@ class StreamedTransformer(Transformer):
     """A Transformer computing with weights streamed from a BlockStore; build it with `open_streamed`."""
 
     def attach(self, store: BlockStore, compute_dtype: torch.dtype, device: torch.device | str, train_base: bool):
-        self.store, self.compute_dtype, self.device, self.train_base = store, compute_dtype, torch.device(device), train_base
+        self.store, self.compute_dtype, self.train_base = store, compute_dtype, train_base
+        self.device = torch.device(device)
         self.io_wait_seconds = 0.0  # time spent waiting for a unit to arrive (the step line's I/O share)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-read")
         self._anchor = torch.zeros((), requires_grad=True)  # makes backward run when nothing below requires grad

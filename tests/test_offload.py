@@ -194,7 +194,8 @@ def test_a_store_is_identified_by_its_content_and_a_changed_file_is_refused(tmp_
     assert offload.BlockStore.open(tmp_path / "a").content_sha256 == a.content_sha256
 
     # the same names, another model's block: same size, other bytes
-    shutil.copyfile(tmp_path / "c" / "weights" / "layers.1.safetensors", tmp_path / "a" / "weights" / "layers.1.safetensors")
+    block = Path("weights") / "layers.1.safetensors"
+    shutil.copyfile(tmp_path / "c" / block, tmp_path / "a" / block)
     with pytest.raises(offload.OffloadError, match=r"layers\.1\.safetensors: its content differs") as e:
         offload.BlockStore.open(tmp_path / "a")
     assert "\n" not in str(e.value)
