@@ -165,13 +165,6 @@ class Config:
         """RUN_DIR, or runs/<stage> when it is empty, so each stage writes its own run by default."""
         return Path(self.run_dir or f"runs/{self.training_stage}")
 
-    @property
-    def prompts_path(self) -> Path:
-        """GENERATION_PROMPTS_FILE, or the project's own prompts for the stage: plain text, or chat questions."""
-        if self.generation_prompts_file:
-            return Path(self.generation_prompts_file)
-        return PROJECT_DIR / ("prompts.txt" if self.training_stage == "pretrain" else "chat_prompts.txt")
-
     def validate(self) -> "Config":
         """Check every constraint in one place; raises ConfigError naming the key. The stage's name, and whether
         a teacher can join it, are checked by stages.stage_class, where the stages are."""

@@ -17,12 +17,10 @@ from config import Config
 
 
 # A stage's own figures, shown after the loss when present (all of them go to metrics.jsonl).
-STAGE_FIGURES = {"ce": "ce {:.4f}", "kd": "kd {:.4f}", "accuracy": "pref acc {:.2f}", "reward_margin": "margin {:.3f}"}
-
-
-def format_step_line(step: int, max_steps: int, m: dict) -> str:
+def format_step_line(step: int, max_steps: int, m: dict, figures: dict[str, str]) -> str:
+    """One line per step; `figures` (the stage's): the figures beyond the loss it shows, name -> format."""
     parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
-    parts += [form.format(m[key]) for key, form in STAGE_FIGURES.items() if key in m]
+    parts += [form.format(m[key]) for key, form in figures.items() if key in m]
     parts += [f"lr {m['lr']:.2e}", f"grad {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s",
               "mfu ?" if m.get("mfu") is None else f"mfu {100 * m['mfu']:.1f}%",
               f"{1000 * m['step_time_s']:.0f} ms (data {100 * m['data_share']:.0f}%)"]

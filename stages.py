@@ -542,10 +542,7 @@ def stage_class(cfg: Config) -> type[Stage]:
     return cls
 
 
-def build_stage(s: Setting, initial_weights=None, **_) -> Stage:
-    if initial_weights is not None:  # TEMPORARY: train.py's old call, until it passes Setting.starting_weights
-        from dataclasses import replace
-        s = replace(s, starting_weights=initial_weights)
+def build_stage(s: Setting) -> Stage:
     return stage_class(s.cfg)(s)
 
 

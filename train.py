@@ -15,12 +15,8 @@ check that the checkpoint is of the stage they name.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
-import os
-import platform
 import random
-import shutil
 import signal
 import sys
 import time
@@ -30,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.autograd.graph import increment_version
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -48,7 +43,8 @@ from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
 from model import IGNORE_INDEX, ModelArgs, Transformer
-from stages import TEXT_BYTES, TEXT_NATS, Distillation, Setting, Stage, build_stage, check_teacher
+from speedups import keep_freed_memory_on_cpu, reordered_linears
+from stages import TEXT_BYTES, TEXT_NATS, Distillation, Setting, Stage, build_stage, check_teacher, stage_class
 from tokenizer import load_tokenizer
 
 RESUME_FLAGS = {"pretrain": "pretrain_checkpoint", "sft": "instruct_checkpoint", "dpo": "dpo_checkpoint"}
@@ -182,21 +178,6 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     if isinstance(model, DDP) and not enabled:
         return model.no_sync()
     return nullcontext()
-
-
-def keep_freed_memory_on_cpu() -> bool:
-    """Ask glibc to serve big buffers from its heap and keep them when freed (up to 2 GiB).
-
-    By default glibc maps every buffer over its mmap threshold (at most 32 MiB) afresh and unmaps it when
-    freed, so each CPU training step page-faults its activations and logits chunks in again: measured with
-    bench.py's small preset, the bf16 step runs about 2.3x faster without that (BENCHMARKS.md).
-    The cost is a higher resident set: freed memory stays with the process. Skipped when the user set any
-    MALLOC_* variable (theirs win) and off glibc. Returns whether the setting took."""
-    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 # ---- where the weights come from ---------------------------------------------------------------------------
@@ -339,7 +320,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
                                   f"tokenizer's {tokenizer.n_words}")
         # A content hash where the run will need these weights again (LoRA's base, DPO's reference). An adapter
         # checkpoint is recorded as it is: it records its own base by hash, and load_model merges the chain.
-        init = (lora.base_reference(start.path) if settings or cfg.training_stage == "dpo"
+        init = (lora.base_reference(start.path) if settings or stage_class(cfg).needs_starting_weights
                 else {"path": str(Path(start.path).resolve())})
         note = (f"{start.line} (step 0, fresh optimizer, the data from its start"
                 f"{', best validation reset' if source.record else ''}); the model shape is theirs")
@@ -418,7 +399,7 @@ def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionCh
 
 # ---- run state, checkpoints, signals -----------------------------------------------------------------------
 @dataclass
-class TrainState:
+class Progress:
     step: int = 0  # optimizer steps completed
     best_val_loss: float = float("inf")
     validations_without_improvement: int = 0
@@ -496,61 +477,22 @@ def check_run_dir(cfg: Config, start: Start, first_step: int, overwrite: bool) -
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-@dataclass
-class Run:
-    """Everything a checkpoint is made of, besides the training state."""
-    cfg: Config
-    model: Transformer  # the bare model (FSDP shards it in place)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    train_loader: StepLoader
-    tokenizer: object
-    plan: BatchPlan
-    d: DistInfo
-    settings: Optional[lora.LoRASettings]
-    init: Optional[dict]
-    keeper: CheckpointKeeper
-
-
-def save_training_checkpoint(run: Run, state: TrainState) -> Optional[Path]:
-    """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives them); rank 0
-    writes one file that loads under DDP, FSDP or a single process alike. A LoRA run's checkpoint holds the
-    adapters and a reference to its base weights (every weight when there is no base file)."""
-    if run.settings:
-        weights, adapters = lora.adapter_weights(run.model, run.settings, run.init)
-    else:
-        weights, adapters = get_model_state_dict(run.model, options=FULL_STATE), None
-    optim_state = get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE)
-    if not run.d.is_main:
-        return None
-    path = run.keeper.path_for(state.step)
-    training = SavedTraining(
-        step=state.step, optimizer=optim_state, scaler=run.scaler.state_dict(), dataloader=run.train_loader.state_dict(),
-        rng=rng_state(), best_val_loss=state.best_val_loss,
-        validations_without_improvement=state.validations_without_improvement, wandb_run_id=state.wandb_run_id,
-        config=run.cfg.to_dict(), world_size=run.plan.world_size, tokens_per_step=run.plan.tokens_per_step)
-    Checkpoint(weights, unwrap(run.model).args, run.cfg.training_stage, run.tokenizer.identity(),
-               str(run.tokenizer.path), Provenance(init=run.init, adapters=adapters), training).write(path)
-    run.keeper.saved(path)
-    return path
-
-
-def restore_training_state(ckpt: Checkpoint, run: Run, reset_optimizer: bool) -> TrainState:
+def restore_training_state(ckpt: Checkpoint, model: Transformer, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler, loader: StepLoader, reset_optimizer: bool) -> Progress:
     """Optimizer (sharded again under FSDP), loss scaler, data position and RNG from a checkpoint."""
     saved = ckpt.training
     if not reset_optimizer:
         if saved.optimizer is None:
             raise CheckpointError("the checkpoint holds no optimizer state; pass --reset-optimizer to start a fresh one")
-        set_optimizer_state_dict(run.model, run.optimizer, saved.optimizer,
-                                 options=StateDictOptions(full_state_dict=True))
-        run.scaler.load_state_dict(saved.scaler)
+        set_optimizer_state_dict(model, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+        scaler.load_state_dict(saved.scaler)
     if saved.dataloader is not None:
-        run.train_loader.load_state_dict(saved.dataloader)
+        loader.load_state_dict(saved.dataloader)
     if saved.rng is not None:
         set_rng_state(saved.rng)
-    return TrainState(step=int(saved.step), best_val_loss=float(saved.best_val_loss),
-                      validations_without_improvement=int(saved.validations_without_improvement),
-                      wandb_run_id=saved.wandb_run_id)
+    return Progress(step=int(saved.step), best_val_loss=float(saved.best_val_loss),
+                    validations_without_improvement=int(saved.validations_without_improvement),
+                    wandb_run_id=saved.wandb_run_id)
 
 
 class StopRequest:
@@ -571,64 +513,84 @@ class StopRequest:
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
-def train_step(model, stage: Stage, optimizer, scaler, batches: list[dict], cfg: Config, d: DistInfo, lr: float,
-               stop: StopRequest) -> tuple[dict, bool]:
-    """One optimizer step over this rank's micro-batches; returns (figures, stop after it), or (None, True) when
-    the ranks agree to stop before it.
+@dataclass
+class OptimizerStep:
+    """One optimizer step over this rank's micro-batches, through `model` (the bare model or its DDP, FSDP or
+    compiled wrapper) and the stage's loss.
 
     The loss is the stage's summed loss divided by the number of units it trains (target tokens, pairs) over
     all micro-batches and ranks, not averaged per micro-batch, so masked data and uneven micro-batches weigh
     correctly; the stage's extra figures are averaged the same way. A step whose batches train nothing
-    updates nothing.
-    """
-    # One host sync before the backward passes, for the global count (and the input tokens, for throughput)
-    # and a stop vote: a signal that came after the last step's vote stops the run before this step starts...
-    local = torch.stack([torch.stack([stage.count(b).float(), b["input_tokens"].float(),
-                                      (b["targets"] != IGNORE_INDEX).sum().float()]) for b in batches]).sum(0)
-    n_units, n_inputs, n_trained, stop_votes = all_reduce_sum(
-        torch.cat([local, torch.tensor([float(stop.requested)], device=local.device)])).tolist()
-    if stop_votes > 0:
-        return None, True
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    updates nothing."""
+    model: torch.nn.Module
+    stage: Stage
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: Config
+    d: DistInfo
 
-    sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        with gradient_sync(model, enabled=i == len(batches) - 1):
-            with autocast_context(cfg.training_precision, d.device):
-                loss, extras = stage.loss(model, batch)
-            # DDP averages gradients over ranks, hence the world_size factor.
-            scaler.scale(loss * (d.world_size / max(n_units, 1.0))).backward()
-        for name, value in {"loss": loss, **extras}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float()
+    def __call__(self, batches: list[dict], lr: float, stop: StopRequest) -> tuple[Optional[dict], bool]:
+        """(figures, stop after this step), or (None, True) when the ranks agree to stop before it. Two host
+        syncs: one before the backward passes, for the global counts and a stop vote (a signal that came after
+        the last step's vote stops the run before this step starts), one after, for the figures and a second
+        vote (a signal during this step stops after it)."""
+        counts, stop_votes = self.all_reduced([self.local_counts(batches)], stop)
+        n_units, n_inputs, n_trained = counts.tolist()
+        if stop_votes:
+            return None, True
+        sums = self.backward(batches, n_units)
+        grad_norm = self.update(lr, n_units)
+        names = list(sums)
+        totals, stop_votes = self.all_reduced([sums[k] for k in names], stop)
+        metrics = {k: v / max(n_units, 1.0) for k, v in zip(names, totals.tolist())}
+        metrics.update(lr=lr, grad_norm=grad_norm, units=int(n_units), input_tokens=int(n_inputs),
+                       trained_tokens=int(n_trained))
+        return metrics, stop_votes
 
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-        grad_norm = grad_norm.full_tensor()
-    if n_units > 0 and (torch.isfinite(grad_norm) or scaler.is_enabled()):
-        scaler.step(optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
-        # The fused AdamW kernel updates the weights in place without bumping their version counters; bump them,
-        # or whatever is keyed on a weight's version (generate.cpu_decode_kernels' reordered copies) goes stale.
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                increment_version(param)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    # ...and one after them, for the figures and the stop vote, so a signal during this step stops after it.
-    names = list(sums)
-    totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [torch.tensor(float(stop.requested),
-                                                                                  device=d.device)]))
-    values = totals.tolist()
-    metrics = {k: v / max(n_units, 1.0) for k, v in zip(names, values)}
-    metrics.update(lr=lr, grad_norm=grad_norm.item(), units=int(n_units), input_tokens=int(n_inputs),
-                   trained_tokens=int(n_trained))
-    return metrics, values[-1] > 0
+    def local_counts(self, batches: list[dict]) -> torch.Tensor:
+        """(3,) units trained, input tokens (for throughput) and target tokens of this rank's micro-batches."""
+        return torch.stack([torch.stack([self.stage.count(b).float(), b["input_tokens"].float(),
+                                         (b["targets"] != IGNORE_INDEX).sum().float()]) for b in batches]).sum(0)
+
+    def all_reduced(self, values: list[torch.Tensor], stop: StopRequest) -> tuple[torch.Tensor, bool]:
+        """The values summed over ranks, and whether any rank has been asked to stop."""
+        vote = torch.tensor([float(stop.requested)], device=self.d.device)
+        totals = all_reduce_sum(torch.cat([v.reshape(-1).float() for v in values] + [vote]))
+        return totals[:-1], bool(totals[-1] > 0)
+
+    def backward(self, batches: list[dict], n_units: float) -> dict[str, torch.Tensor]:
+        """Gradients of the step's loss, accumulated over the micro-batches; returns the summed figures."""
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            with gradient_sync(self.model, enabled=i == len(batches) - 1):
+                with autocast_context(self.cfg.training_precision, self.d.device):
+                    loss, extras = self.stage.loss(self.model, batch)
+                # DDP averages gradients over ranks, hence the world_size factor.
+                self.scaler.scale(loss * (self.d.world_size / max(n_units, 1.0))).backward()
+            for name, value in {"loss": loss, **extras}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+        return sums
+
+    def update(self, lr: float, n_units: float) -> float:
+        """Clip, step and clear the gradients; returns their global norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        if n_units > 0 and (torch.isfinite(grad_norm) or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)  # with fp16 loss scaling the scaler itself skips non-finite steps
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     pin = device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
 
 
 @torch.no_grad()
@@ -662,10 +624,10 @@ def validate(model, stage: Stage, loader: StepLoader, cfg: Config, d: DistInfo) 
     return figures | {f"val_{k}": v / count for k, v in totals.items()}
 
 
-def read_prompts(cfg: Config, tokenizer, chat: bool) -> list[str]:
+def read_prompts(stage: Stage, tokenizer) -> list[str]:
     """Sample-generation prompts (user messages for chat stages), checked against the context now: a prompt
     too long would otherwise fail at the last step, before its checkpoint."""
-    path = cfg.prompts_path
+    path, cfg, chat = stage.prompts_path(), stage.cfg, stage.chat
     if not path.is_file():
         raise SetupError(f"GENERATION_PROMPTS_FILE={str(path)!r}: file not found (one prompt per line)")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -680,18 +642,199 @@ def read_prompts(cfg: Config, tokenizer, chat: bool) -> list[str]:
     return prompts
 
 
-def sample_generations(model: Transformer, tokenizer, prompts: list[str], chat: bool, cfg: Config, step: int,
-                       logger: RunLogger) -> None:
-    model.eval()
-    samples = []
-    for number, prompt in enumerate(prompts):
-        with autocast_context(cfg.training_precision, model.tok_embeddings.weight.device):
-            text = complete(model, tokenizer, prompt, cfg.generation_max_new_tokens, chat=chat, temperature=0.8,
-                            top_k=50, seed=cfg.seed + 1000 * step + number)  # each prompt its own draw
-        samples.append({"prompt": prompt, "completion": text})
-        logger.print(f"  sample {number + 1} | {prompt!r} -> {text!r}")
-    model.train()
-    logger.log(step, {"samples": samples})
+
+# ---- the run ----------------------------------------------------------------------------------------------
+class Run:
+    """A training run, built once by `Run.start` from the settings, the command line and the ranks: the model
+    and how it steps, the stage and its data, where figures and checkpoints go, and how far it has come."""
+
+    def __init__(self, cfg: Config, d: DistInfo, model: Transformer, optimizer_step: OptimizerStep,
+                 loaders: tuple[StepLoader, StepLoader], tokenizer, plan: BatchPlan, progress: Progress):
+        self.cfg, self.d, self.model, self.optimizer_step = cfg, d, model, optimizer_step
+        self.stage, self.optimizer, self.scaler = optimizer_step.stage, optimizer_step.optimizer, optimizer_step.scaler
+        self.train_loader, self.val_loader = loaders
+        self.tokenizer, self.plan, self.progress = tokenizer, plan, progress
+        self.sharded = isinstance(model, FSDPModule)
+        self.eval_model = torch.compile(model) if cfg.compile else model
+        self.keeper = CheckpointKeeper(cfg.run_path / "checkpoints", cfg.keep_last_checkpoints)
+        self.settings: Optional[lora.LoRASettings] = None  # set by start: LoRA's settings
+        self.init: Optional[dict] = None  # the starting weights' reference
+        self.prompts: list[str] = []
+        self.hellaswag: Optional[tuple[list, int]] = None
+        self.logger: Optional[RunLogger] = None
+        self.flops, self.peak = StepFlops.of(model, cfg.max_seq_len), 0.0
+
+    @classmethod
+    def start(cls, cfg: Config, args: argparse.Namespace, d: DistInfo) -> tuple["Run", int]:
+        """Everything the loop needs, checked before the first step; returns the run and its last step."""
+        precision = choose_precision(cfg.training_precision, d.device)
+        check_precision_fits_device(precision, d.device)
+        cfg = replace(cfg, training_precision=precision.precision)  # resolved once: checkpoints record what ran
+        tokenizer = load_tokenizer(cfg.tokenizer_path or None)
+        vocab_size = cfg.vocab_size or tokenizer.n_words
+        if vocab_size < tokenizer.n_words:
+            raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
+        plan = BatchPlan.derive(cfg, d.world_size)
+        settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
+        start = Start.from_args(args, cfg)
+        hellaswag = load_examples(cfg.hellaswag_path or None, cfg.hellaswag_number_of_examples or None) \
+            if cfg.hellaswag_every_x_steps else None
+
+        initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings)
+        model = initial.model
+        first_step = args.start_step if args.start_step is not None else \
+            (int(initial.ckpt.training.step) if initial.ckpt else 0)
+        removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
+        stage = build_stage(Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size,
+                                    initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args)))
+        if cfg.is_model_distillation:
+            teacher, teacher_note = load_teacher(cfg, tokenizer, vocab_size, precision, d)
+            stage = Distillation(stage, teacher)
+            initial.note = "\n".join(filter(None, [initial.note, teacher_note]))
+        prompts = read_prompts(stage, tokenizer)
+        loaders = stage.loaders()
+        stage.setup(model)
+
+        train_model = parallelize(model, cfg, d)
+        optimizer = build_optimizer(model, cfg, d.device)
+        scaler = torch.amp.GradScaler(d.device.type, enabled=precision.precision == "fp16")
+        progress = Progress()
+        if initial.ckpt is not None:
+            progress = restore_training_state(initial.ckpt, model, optimizer, scaler, loaders[0], args.reset_optimizer)
+        resumed_from = progress.step
+        saved_tokens_per_step = initial.ckpt.training.tokens_per_step if initial.ckpt else None
+        initial.ckpt = None
+        if start.source:
+            start.source.close()  # what it held now lives in the model and the optimizer
+        progress.step = first_step
+
+        step = OptimizerStep(torch.compile(train_model) if cfg.compile else train_model, stage, optimizer, scaler,
+                             cfg, d)
+        run = cls(cfg, d, model, step, loaders, tokenizer, plan, progress)
+        run.settings, run.init, run.prompts, run.hellaswag = settings, initial.init, prompts, hellaswag
+        run.logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if start.resume else 0,
+                               wandb_run_id=progress.wandb_run_id, initial_step=progress.step)
+        progress.wandb_run_id = run.logger.wandb_run_id
+        run.peak, _ = peak_flops(d.device, precision.precision, cfg.mfu_flops_peak)
+
+        lines = [*removed, precision.warning, *run.describe(precision), initial.note]
+        if start.resume:
+            lines.append(start.line + (f", continuing as step {progress.step}" if progress.step != resumed_from else "")
+                         + (", fresh optimizer" if args.reset_optimizer else ""))
+            if saved_tokens_per_step and saved_tokens_per_step != plan.tokens_per_step:
+                lines.append(f"batch geometry changed: {saved_tokens_per_step:,} -> {plan.tokens_per_step:,} token "
+                             f"positions per step; the data continues from the same sample position")
+        for line in filter(None, lines):
+            run.logger.print(line)
+        stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
+        return run, stop_step
+
+    def describe(self, precision: PrecisionChoice) -> list[str]:
+        """The start-up lines: the model and where it runs, the stage and its batch, the data and the outputs."""
+        cfg, d, stage = self.cfg, self.d, self.stage
+        teacher = f" + distillation from {cfg.teacher_model_checkpoint}" if cfg.is_model_distillation else ""
+        adapters = f" + LoRA {self.settings.to_dict()}" if self.settings else ""
+        return [f"model: {describe_parameters(self.model)}, {(self.flops.body + self.flops.head) / 1e6:.1f} MFLOP/token"
+                f" | device {d.device} x {d.world_size}{' (fsdp)' if self.sharded else ''} | {precision.describe()}",
+                f"stage: {stage.name}{teacher}{adapters} | {self.plan.describe(stage.unit)}",
+                f"data: {self.train_loader.describe()}, {self.val_loader.describe()} | metrics: {self.logger.path} | "
+                f"checkpoints: {self.keeper.directory}"]
+
+    def step(self, stop: StopRequest) -> tuple[Optional[dict], bool]:
+        """The next optimizer step, logged; (None, True) when the ranks stopped before it (its batches go back,
+        for the checkpoint to resume from them)."""
+        t0 = time.perf_counter()
+        position = self.train_loader.state_dict()
+        batches = [to_device(b, self.d.device) for b in self.train_loader.next_step()]
+        t_data = time.perf_counter() - t0
+        metrics, stop_all = self.optimizer_step(batches, lr_at(self.progress.step, self.cfg), stop)
+        if metrics is None:
+            self.train_loader.load_state_dict(position)
+            return None, True
+        self.progress.step += 1
+        step_time = time.perf_counter() - t0
+        flops = self.flops.per_step(metrics["input_tokens"], metrics["trained_tokens"])
+        metrics.update(tokens_per_s=metrics["input_tokens"] / step_time, step_time_s=step_time,
+                       data_share=t_data / step_time, mfu=plausible_mfu(flops / step_time, self.peak * self.d.world_size),
+                       epoch=self.train_loader.epoch)
+        step = self.progress.step
+        self.logger.advance()
+        self.logger.log(step, metrics, format_step_line(step, self.cfg.max_steps, metrics, self.stage.figures)
+                        if step % self.cfg.log_every_x_steps == 0 else None)
+        if not math.isfinite(metrics["loss"]):
+            self.logger.print(f"warning: non-finite loss at step {step}")
+        return metrics, stop_all
+
+    def validate(self) -> bool:
+        """Log the validation figures; True when early stopping's patience has run out."""
+        cfg, progress = self.cfg, self.progress
+        figures = validate(self.eval_model, self.stage, self.val_loader, cfg, self.d)
+        with autocast_context(cfg.training_precision, self.d.device):
+            figures |= {f"val_{k}": v for k, v in self.stage.evaluate(self.model, progress.step, self.sharded).items()}
+        val = figures["val_loss"]
+        if val < progress.best_val_loss:
+            progress.best_val_loss, progress.validations_without_improvement = val, 0
+        else:
+            progress.validations_without_improvement += 1
+        bpb = f" | val_bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
+        extra = "".join(f" | {k[4:]} {v:.4f}" for k, v in figures.items()
+                        if k not in ("val_loss", "val_bpb") and isinstance(v, float))
+        self.logger.log(progress.step, figures | {"val_perplexity": math.exp(min(val, 50))},
+                        f"validation | step {progress.step} | val_loss {val:.4f}{bpb} | "
+                        f"best {progress.best_val_loss:.4f}{extra}")
+        patience = cfg.early_stopping_patience
+        return bool(patience) and progress.validations_without_improvement >= patience
+
+    def save(self) -> None:
+        """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives them); rank 0
+        writes one file that loads under DDP, FSDP or a single process alike. A LoRA run's checkpoint holds the
+        adapters and a reference to its base weights (every weight when there is no base file)."""
+        if self.settings:
+            weights, adapters = lora.adapter_weights(self.model, self.settings, self.init)
+        else:
+            weights, adapters = get_model_state_dict(self.model, options=FULL_STATE), None
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if not self.d.is_main:
+            return
+        progress, path = self.progress, self.keeper.path_for(self.progress.step)
+        training = SavedTraining(
+            step=progress.step, optimizer=optim_state, scaler=self.scaler.state_dict(),
+            dataloader=self.train_loader.state_dict(), rng=rng_state(), best_val_loss=progress.best_val_loss,
+            validations_without_improvement=progress.validations_without_improvement,
+            wandb_run_id=progress.wandb_run_id, config=self.cfg.to_dict(), world_size=self.plan.world_size,
+            tokens_per_step=self.plan.tokens_per_step)
+        Checkpoint(weights, unwrap(self.model).args, self.cfg.training_stage, self.tokenizer.identity(),
+                   str(self.tokenizer.path), Provenance(init=self.init, adapters=adapters), training).write(path)
+        self.keeper.saved(path)
+        self.logger.print(f"checkpoint: {path}")
+
+    def score_hellaswag(self) -> None:
+        """Every rank scores its share of the items (none waits idle for another); counts are all-reduced.
+        Under FSDP each forward is collective, so every rank scores all items in lockstep instead."""
+        examples, skipped = self.hellaswag
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.training_precision)
+        rank, world = (0, 1) if self.sharded else (self.d.rank, self.d.world_size)
+        result = hellaswag_evaluate(self.model, self.tokenizer, examples, max(1, self.cfg.max_batch_size // 4), rank,
+                                    world, autocast_dtype=dtype)
+        self.logger.log(self.progress.step, as_metrics(result, skipped), format_result(result, skipped))
+
+    def generate_samples(self) -> None:
+        """One completion per prompt, each its own seeded draw; the reordered decode kernels are made once for
+        the round (speedups.reordered_linears) and dropped before training goes on."""
+        model, cfg, step = self.model, self.cfg, self.progress.step
+        model.eval()
+        samples = []
+        with autocast_context(cfg.training_precision, model.tok_embeddings.weight.device), reordered_linears(model):
+            for number, prompt in enumerate(self.prompts):
+                text = complete(model, self.tokenizer, prompt, cfg.generation_max_new_tokens, chat=self.stage.chat,
+                                temperature=0.8, top_k=50, seed=cfg.seed + 1000 * step + number)
+                samples.append({"prompt": prompt, "completion": text})
+                self.logger.print(f"  sample {number + 1} | {prompt!r} -> {text!r}")
+        model.train()
+        self.logger.log(step, {"samples": samples})
+
+    def due(self, every: int) -> bool:
+        return bool(every) and self.progress.step % every == 0
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
@@ -721,6 +864,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.env_file)
+        stage_class(cfg)
     except ConfigError as e:
         exit_on_config_error(e)
     try:
@@ -762,172 +906,39 @@ def agreed(check: Callable[[], object], d: DistInfo):
 
 
 def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
-    precision = choose_precision(cfg.training_precision, d.device)
-    check_precision_fits_device(precision, d.device)
-    cfg.training_precision = precision.precision  # resolved once; checkpoints record what ran
-    tokenizer = load_tokenizer(cfg.tokenizer_path or None)
-    vocab_size = cfg.vocab_size or tokenizer.n_words
-    if vocab_size < tokenizer.n_words:
-        raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
-    plan = BatchPlan.derive(cfg, d.world_size)
-    settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
-    start = Start.from_args(args, cfg)
-    hellaswag = load_examples(cfg.hellaswag_path or None, cfg.hellaswag_number_of_examples or None) \
-        if cfg.hellaswag_every_x_steps else None
-
-    initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings)
-    model = initial.model
-    first_step = args.start_step if args.start_step is not None else \
-        (int(initial.ckpt.training.step) if initial.ckpt else 0)
-    removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
-    setting = Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size)
-    reference = initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args)
-    stage = build_stage(setting, **({"initial_weights": reference,
-                                     "lora_reference": bool(settings),
-                                     "init_identity": str((initial.init or {}).get("sha256") or initial.init)}
-                                    if cfg.training_stage == "dpo" else {}))
-    if cfg.is_model_distillation:
-        teacher, teacher_note = load_teacher(cfg, tokenizer, vocab_size, precision, d)
-        stage = Distillation(stage, teacher)
-        initial.note = "\n".join(filter(None, [initial.note, teacher_note]))
-    prompts = read_prompts(cfg, tokenizer, stage.chat)
-    train_loader, val_loader = stage.loaders()
-    stage.setup(model)
-    flops = StepFlops.of(model, cfg.max_seq_len)
-
-    train_model = parallelize(model, cfg, d)
-    sharded = isinstance(model, FSDPModule)
-    optimizer = build_optimizer(model, cfg, d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=precision.precision == "fp16")
-    run = Run(cfg, model, optimizer, scaler, train_loader, tokenizer, plan, d, settings, initial.init,
-              CheckpointKeeper(cfg.run_path / "checkpoints", cfg.keep_last_checkpoints))
-    state = TrainState()
-    if initial.ckpt is not None:
-        state = restore_training_state(initial.ckpt, run, args.reset_optimizer)
-    resumed_from = state.step
-    saved_tokens_per_step = initial.ckpt.training.tokens_per_step if initial.ckpt else None
-    initial.ckpt = None
-    if start.source:
-        start.source.close()  # what it held now lives in the model and the optimizer
-    state.step = first_step
-    stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
-
-    logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if start.resume else 0,
-                       wandb_run_id=state.wandb_run_id, initial_step=state.step)
-    state.wandb_run_id = logger.wandb_run_id
-    peak, peak_source = peak_flops(d.device, precision.precision, cfg.mfu_flops_peak)
-    for line in removed:
-        logger.print(line)
-    if precision.warning:
-        logger.print(precision.warning)
-    logger.print(f"model: {describe_parameters(model)}, {(flops.body + flops.head) / 1e6:.1f} MFLOP/token | "
-                 f"device {d.device} x {d.world_size}{' (fsdp)' if sharded else ''} | {precision.describe()}")
-    logger.print(f"stage: {stage.name}{' + distillation from ' + cfg.teacher_model_checkpoint if cfg.is_model_distillation else ''}"
-                 f"{' + LoRA ' + str(settings.to_dict()) if settings else ''} | {plan.describe(stage.unit)}")
-    logger.print(f"data: {train_loader.describe()}, {val_loader.describe()} | metrics: {logger.path} | "
-                 f"checkpoints: {run.keeper.directory}")
-    if initial.note:
-        logger.print(initial.note)
-    if start.resume:
-        logger.print(start.line
-                     + (f", continuing as step {state.step}" if state.step != resumed_from else "")
-                     + (", fresh optimizer" if args.reset_optimizer else ""))
-        if saved_tokens_per_step and saved_tokens_per_step != plan.tokens_per_step:
-            logger.print(f"batch geometry changed: {saved_tokens_per_step:,} -> {plan.tokens_per_step:,} token "
-                         f"positions per step; the data continues from the same sample position")
-
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    eval_model = torch.compile(model) if cfg.compile else model
-
-    stop = StopRequest(logger.print)
+    run, stop_step = Run.start(cfg, args, d)
+    cfg, stop = run.cfg, StopRequest(run.logger.print)
     reason = "finished"
-    if state.step == 0 and cfg.validate_every_x_steps:  # where a fresh run starts from (SFT: exact match before)
-        evaluate_and_check_patience(eval_model, model, stage, val_loader, cfg, d, state, logger, sharded)
-    logger.start_progress()
-    while state.step < stop_step:
-        t0 = time.perf_counter()
-        position = train_loader.state_dict()
-        batches = [to_device(b, d.device) for b in train_loader.next_step()]
-        t_data = time.perf_counter() - t0
-        metrics, stop_all = train_step(train_model, stage, optimizer, scaler, batches, cfg, d, lr_at(state.step, cfg),
-                                       stop)
-        if metrics is None:  # stopped before this step: its batches go back, the last step's state is saved
-            train_loader.load_state_dict(position)
+    if run.progress.step == 0 and cfg.validate_every_x_steps:  # where a fresh run starts from (SFT: exact match)
+        run.validate()
+    run.logger.start_progress()
+    while run.progress.step < stop_step:
+        metrics, stop_all = run.step(stop)
+        if metrics is None:  # stopped before this step: the last step's state is saved
             reason = "stopped by signal"
-            path = save_training_checkpoint(run, state)
-            if path:
-                logger.print(f"checkpoint: {path}")
+            run.save()
             break
-        state.step += 1
-        step_time = time.perf_counter() - t0
-        tokens_per_s = metrics["input_tokens"] / step_time
-        metrics.update(tokens_per_s=tokens_per_s, step_time_s=step_time, data_share=t_data / step_time,
-                       mfu=plausible_mfu(flops.per_step(metrics["input_tokens"], metrics["trained_tokens"]) / step_time,
-                                         peak * d.world_size),
-                       epoch=train_loader.epoch)
-        logger.advance()
-        logger.log(state.step, metrics, format_step_line(state.step, cfg.max_steps, metrics)
-                   if state.step % cfg.log_every_x_steps == 0 else None)
-        if not math.isfinite(metrics["loss"]):
-            logger.print(f"warning: non-finite loss at step {state.step}")
-
         # Validation, HellaSwag and samples happen on their schedule and at the end of the whole run, never at
         # the end of a --stop-step box or a signal: a run split into boxes logs what the whole run logs.
-        end = state.step >= cfg.max_steps
-        if cfg.validate_every_x_steps and state.step % cfg.validate_every_x_steps == 0 or end:
-            if evaluate_and_check_patience(eval_model, model, stage, val_loader, cfg, d, state, logger, sharded):
-                reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
-                end = True
+        end = run.progress.step >= cfg.max_steps
+        if (run.due(cfg.validate_every_x_steps) or end) and run.validate():
+            reason = f"early stopping: no validation improvement in {cfg.early_stopping_patience} validations"
+            end = True
         if stop_all:
             reason = "stopped by signal"
-        last = end or stop_all or state.step >= stop_step
-        if (cfg.save_every_x_steps and state.step % cfg.save_every_x_steps == 0) or last:
-            path = save_training_checkpoint(run, state)  # before anything else that could still fail
-            if path:
-                logger.print(f"checkpoint: {path}")
-        if hellaswag and (state.step % cfg.hellaswag_every_x_steps == 0 or end):
-            run_hellaswag(model, tokenizer, hellaswag, cfg, d, state.step, logger, sharded)
+        last = end or stop_all or run.progress.step >= stop_step
+        if run.due(cfg.save_every_x_steps) or last:
+            run.save()  # before anything else that could still fail
+        if run.hellaswag and (run.due(cfg.hellaswag_every_x_steps) or end):
+            run.score_hellaswag()
         # Sharded weights are gathered collectively, so under FSDP every rank generates (the same text).
-        if (d.is_main or sharded) and (cfg.generate_every_x_steps and state.step % cfg.generate_every_x_steps == 0
-                                       or end):
-            sample_generations(model, tokenizer, prompts, stage.chat, cfg, state.step, logger)
+        if (d.is_main or run.sharded) and (run.due(cfg.generate_every_x_steps) or end):
+            run.generate_samples()
         if last:
             break
-    logger.print(f"{reason} at step {state.step}")
-    logger.close()
+    run.logger.print(f"{reason} at step {run.progress.step}")
+    run.logger.close()
     return 0
-
-
-def run_hellaswag(model: Transformer, tokenizer, hellaswag: tuple[list, int], cfg: Config, d: DistInfo, step: int,
-                  logger: RunLogger, sharded: bool) -> None:
-    """Every rank scores its share of the items (none waits idle for another); counts are all-reduced.
-    Under FSDP each forward is collective, so every rank scores all items in lockstep instead."""
-    examples, skipped = hellaswag
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training_precision)
-    rank, world = (0, 1) if sharded else (d.rank, d.world_size)
-    result = hellaswag_evaluate(model, tokenizer, examples, max(1, cfg.max_batch_size // 4), rank, world,
-                                autocast_dtype=dtype)
-    logger.log(step, as_metrics(result, skipped), format_result(result, skipped))
-
-
-def evaluate_and_check_patience(eval_model, model: Transformer, stage: Stage, val_loader: StepLoader, cfg: Config,
-                                d: DistInfo, state: TrainState, logger: RunLogger, sharded: bool) -> bool:
-    """Log the validation figures; True when early stopping's patience has run out."""
-    figures = validate(eval_model, stage, val_loader, cfg, d)
-    with autocast_context(cfg.training_precision, d.device):
-        figures |= {f"val_{k}": v for k, v in stage.evaluate(model, state.step, sharded).items()}
-    val = figures["val_loss"]
-    if val < state.best_val_loss:
-        state.best_val_loss, state.validations_without_improvement = val, 0
-    else:
-        state.validations_without_improvement += 1
-    bpb = f" | val_bpb {figures['val_bpb']:.4f}" if "val_bpb" in figures else ""
-    extra = "".join(f" | {k[4:]} {v:.4f}" for k, v in figures.items()
-                    if k not in ("val_loss", "val_bpb") and isinstance(v, float))
-    logger.log(state.step, figures | {"val_perplexity": math.exp(min(val, 50))},
-               f"validation | step {state.step} | val_loss {val:.4f}{bpb} | best {state.best_val_loss:.4f}{extra}")
-    return bool(cfg.early_stopping_patience) and state.validations_without_improvement >= cfg.early_stopping_patience
 
 
 if __name__ == "__main__":

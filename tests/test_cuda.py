@@ -27,7 +27,7 @@ from reference_weights import o1_random_
 from stages import Distillation, Setting, build_stage
 from test_stage_runs import SEQ, data  # noqa: F401  (data is a fixture)
 from tokenizer import Tokenizer
-from train import FULL_STATE, build_model, build_optimizer, lr_at, to_device, train_step
+from train import FULL_STATE, OptimizerStep, build_model, build_optimizer, lr_at, to_device
 from trainer_runs import close_runs, make_token_data, same_run, train, write_env
 
 DEVICE = torch.device(os.environ.get("TEST_CUDA_DEVICE", "cuda"))
@@ -183,7 +183,7 @@ def train_steps(stage_name: str, cfg: Config, tok: Tokenizer, device: torch.devi
     metrics = []
     for step in range(steps):
         batches = [to_device(b, device) for b in loader.next_step()]
-        metrics.append(train_step(step_model, stage, optimizer, scaler, batches, cfg, d, lr_at(step, cfg), stop)[0])
+        metrics.append(OptimizerStep(step_model, stage, optimizer, scaler, cfg, d)(batches, lr_at(step, cfg), stop)[0])
     return metrics, model
 
 

@@ -1,4 +1,4 @@
-"""The stages' losses inside train_step, on real prepared data, against plain full-logits computations.
+"""The stages' losses inside train.OptimizerStep, on real prepared data, against plain full-logits computations.
 
 Each check is what a stage can get wrong: which tokens count, how micro-batches and padding weigh, and
 that the chunked machinery computes the plain formula (torch's log_softmax over the full logits here)."""
@@ -21,7 +21,7 @@ from load_instruct_dataset import ChatSource, prepare_instruct_dataset
 from model import ModelArgs, Transformer
 from reference_weights import o1_random_
 from stages import Distillation, DPOStage, Setting, SFTStage
-from train import train_step
+from train import OptimizerStep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,12 +59,12 @@ def config(data: dict, **overrides) -> Config:
 
 
 def step_with_sgd(model, stage, batches, cfg) -> dict[str, torch.Tensor]:
-    """train_step with plain SGD at lr 1 and no clipping: the update is minus the gradient it used."""
+    """OptimizerStep with plain SGD at lr 1 and no clipping: the update is minus the gradient it used."""
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     stop = types.SimpleNamespace(requested=False)
-    metrics, _ = train_step(model, stage, optimizer, torch.amp.GradScaler("cpu", enabled=False), batches, cfg, CPU,
-                            1.0, stop)
+    metrics, _ = OptimizerStep(model, stage, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg, CPU)(
+        batches, 1.0, stop)
     grads = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return metrics, grads
 
@@ -175,8 +175,8 @@ def test_a_step_whose_batches_train_nothing_has_a_finite_loss_and_changes_nothin
     model = tiny_model(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # decay alone would move them
-    metrics, _ = train_step(model, sft(data, tok), optimizer, torch.amp.GradScaler("cpu", enabled=False), [batch],
-                            config(data), CPU, 1e-2, types.SimpleNamespace(requested=False))
+    step = OptimizerStep(model, sft(data, tok), optimizer, torch.amp.GradScaler("cpu", enabled=False), config(data), CPU)
+    metrics, _ = step([batch], 1e-2, types.SimpleNamespace(requested=False))
     assert metrics["loss"] == 0.0 and math.isfinite(metrics["grad_norm"])
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -433,28 +433,6 @@ def test_distillation_micro_batches_weigh_as_one_big_batch_of_trained_tokens(dat
     metrics, got = step_with_sgd(model, stage, batches, stage.cfg)
     assert_close(got, expected, tol=1e-4)
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-4)
-
-
-def test_a_step_of_the_fused_optimizer_is_seen_by_caches_keyed_on_weight_versions(data, tok):
-    """Sample generations during training multiply by reordered copies of the weights, kept while a weight's
-    version is unchanged; the fused AdamW kernel updates weights without bumping it, so train_step must."""
-    from generate import generate_tokens
-    from train import build_optimizer
-
-    model = tiny_model(tok)
-    prompt = [tok.bos_id, 100, 200]
-    before = list(generate_tokens(model.eval(), prompt, 8, stop_ids=[]))  # caches the reordered weights
-    optimizer = build_optimizer(model.train(), config(data, max_lr=0.5, weight_decay=0.0), CPU.device)
-    assert optimizer.defaults["fused"]
-    train_step(model, sft(data, tok), optimizer, torch.amp.GradScaler("cpu", enabled=False),
-               [chat_loader(data, tok).next_batch()], config(data), CPU, 0.5, types.SimpleNamespace(requested=False))
-    model.eval()
-    after = list(generate_tokens(model, prompt, 8, stop_ids=[]))
-    with torch.no_grad():  # the same greedy decoding with plain linears, from the updated weights
-        ids = list(prompt)
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
-    assert after == ids[len(prompt):] and after != before
 
 
 def test_a_teacher_padded_past_the_tokenizer_is_sliced_and_a_smaller_one_refused(data, tok):

@@ -294,7 +294,7 @@ batch = lambda: {"tokens": torch.randint(0, 64, (2, 16)), "targets": torch.randi
 stop = types.SimpleNamespace(requested=False)
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 for micro_batches in (1, 3):
-    train.train_step(ddp, stage, optimizer, scaler, [batch() for _ in range(micro_batches)], cfg, d, 0.0, stop)
+    train.OptimizerStep(ddp, stage, optimizer, scaler, cfg, d)([batch() for _ in range(micro_batches)], 0.0, stop)
     print(len(reductions))
 del ddp, stage
 dist.destroy_process_group()
@@ -303,7 +303,7 @@ dist.destroy_process_group()
 
 @pytest.mark.e2e
 def test_micro_steps_reduce_gradients_only_once_per_step_end_to_end(tmp_path):
-    """train_step's own use of no_sync, seen by a DDP communication hook: three micro-batches reduce the
+    """OptimizerStep's own use of no_sync, seen by a DDP communication hook: three micro-batches reduce the
     gradients as often as one does."""
     out = subprocess.run([sys.executable, "-c", COUNT_REDUCTIONS, str(ROOT), str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=120, env=clean_env())
