@@ -149,3 +149,44 @@ def test_pairs_mean_log_probabilities_divide_by_each_answers_own_tokens():
     pairs = Pairs(torch.tensor([-6.0, -2.0]), torch.tensor([-9.0, -1.0]), torch.tensor([3, 4]), torch.tensor([3, 1]))
     chosen, rejected = pairs.mean_logps()
     assert chosen.tolist() == [-2.0, -0.5] and rejected.tolist() == [-3.0, -1.0]
+
+
+# ---- through train.py --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_runs(tmp_path_factory):
+    """Pairs prepared by the project's scripts and a tiny 1-process run of each reference-free stage with LoRA,
+    for the runs below to compare with."""
+    from trainer_runs import make_token_data
+
+    root = tmp_path_factory.mktemp("pref-runs")
+    instruct, pairs = prepare_chat_tasks(root, 200, SEQ, 0.1, exact_answers=True, pairs=True)
+    keys = dict(INSTRUCT_DATA_DIR=str(instruct), DPO_DATA_DIR=str(pairs), MAX_SEQ_LEN=str(SEQ), MAX_STEPS="4",
+                TOTAL_BATCH_SIZE=str(2 * 2 * SEQ), VALIDATE_EVERY_X_STEPS="2", SAVE_EVERY_X_STEPS="2",
+                INSTRUCT_EVAL_EXAMPLES="4", LORA_ENABLED="true", LORA_RANK="4", LORA_DROPOUT="0.0")
+    return root, make_token_data(root / "tokens"), keys
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage,parallelism", [("orpo", "ddp"), ("simpo", "fsdp")])
+def test_a_reference_free_stage_resumes_bit_exactly_and_two_ranks_equal_one(pair_runs, stage, parallelism):
+    from trainer_runs import close_runs, same_run, step_metric, train, write_env
+
+    root, tokens, keys = pair_runs
+    run = lambda name, *args: train(  # noqa: E731
+        write_env(root / f"{stage}-{name}.env", tokens, root / f"{stage}-{name}", TRAINING_STAGE=stage, **keys), *args)
+    whole = root / f"{stage}-whole"
+    result = run("whole")
+    assert f"stage: {stage} + LoRA" in result.stdout and "pref acc" in result.stdout
+    assert set(step_metric(whole)) == {1, 2, 3, 4} and step_metric(whole, "val_exact_match")
+
+    boxed = root / f"{stage}-boxed"
+    run("boxed", "--stop-step", "2")
+    resumed = train(root / f"{stage}-boxed.env", "--checkpoint", str(boxed / "checkpoints" / "step_000002.pt"))
+    assert f"resuming {stage} from" in resumed.stdout
+    same_run(whole, boxed)
+
+    # 2 ranks x 1 micro-batch = 1 process x 2 micro-batches: the same pairs, the same step
+    two = root / f"{stage}-two"
+    train(write_env(root / f"{stage}-two.env", tokens, two, TRAINING_STAGE=stage, PARALLELISM=parallelism, **keys),
+          torchrun=2)
+    close_runs(whole, two)
