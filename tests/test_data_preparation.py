@@ -421,6 +421,7 @@ def test_cli_does_not_import_torch(tmp_path):
 # ---- the default corpus --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # tokenizes the whole default corpus: 12 s, a run's worth
 def test_default_corpus_is_over_a_million_tokens_of_prose(tok):
     docs = [d["text"] for d in lpd.cpython_documents()]
     assert sum(map(len, docs)) > 4_000_000
