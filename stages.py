@@ -262,11 +262,11 @@ class PreferenceStage(Stage):
 
     def loaders(self) -> tuple[StepLoader, StepLoader]:
         common = self.loader_options()
-        self.train_loader = PairDataLoader(self.data_dir, "train", shuffle=True,
-                                           samples_per_step=self.s.samples_per_step, **common)
+        self.train_loader = self.loader(self.data_dir, "train", shuffle=True,
+                                        samples_per_step=self.s.samples_per_step, **common)
         # validation pairs are numbered after the training pairs: one table of reference log-probs holds both
-        self.val_loader = PairDataLoader(self.data_dir, "val", shuffle=False,
-                                         index_offset=self.train_loader.num_pairs, **common)
+        self.val_loader = self.loader(self.data_dir, "val", shuffle=False,
+                                      index_offset=self.train_loader.num_pairs, **common)
         return self.train_loader, self.val_loader
 
     def count(self, batch: dict) -> torch.Tensor:
@@ -358,7 +358,7 @@ class DPOStage(PreferenceStage):
             chosen_lengths=pairs.chosen_tokens, rejected_lengths=pairs.rejected_tokens)
         extras = reward_figures(chosen, rejected)
         if self.cfg.dpo_sft_weight:  # RPO: keep the chosen answers likely while pushing the rejected ones down
-            nll = -pairs.chosen / pairs.chosen_tokens.clamp(min=1)  # (B,) each pair's mean over its own tokens
+            nll = -pairs.mean_logps()[0]  # (B,) each pair's mean over its own chosen tokens
             losses = losses + self.cfg.dpo_sft_weight * nll
             extras["nll_chosen"] = nll.detach().sum()
         return losses, extras
