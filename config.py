@@ -148,6 +148,12 @@ class Config:
     wandb_run_name: str = _f("", "W&B run name (empty: the run directory's name)")
     wandb_mode: str = _f("online", "online | offline | disabled")
 
+    # ---- offload: models bigger than memory ----------------------------------------------------
+    offload: str = _f("none", "none | disk: the weights (full fine-tuning: also their gradients and AdamW state) live "
+                              "in OFFLOAD_DIR and stream through memory one block at a time, with the same result "
+                              "as training in memory | cpu: host memory as the store for a GPU (not built yet)")
+    offload_dir: str = _f("", "Where OFFLOAD=disk keeps its stores (scratch; empty: RUN_DIR/offload)")
+
     # ---- distributed --------------------------------------------------------------------
     parallelism: str = _f("ddp", "ddp (a full replica per rank) | fsdp (FSDP2: parameters, grads and optimizer state sharded)")
     ddp_backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
@@ -159,6 +165,10 @@ class Config:
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name.upper() for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+
+    @property
+    def offload_path(self) -> Path:
+        return Path(self.offload_dir) if self.offload_dir else self.run_path / "offload"
 
     @property
     def run_path(self) -> Path:
@@ -233,7 +243,27 @@ class Config:
             bad("TOKENIZER_PATH", "an existing tokenizer.model file or tokenizer directory")
         if self.is_model_distillation and not self.teacher_model_checkpoint:
             bad("TEACHER_MODEL_CHECKPOINT", "a teacher checkpoint when IS_MODEL_DISTILLATION=true")
+        self.validate_offload(bad)
         return self
+
+    def validate_offload(self, bad) -> None:
+        """The settings a streamed model cannot honour (offload.py), each refused in one line."""
+        if self.offload not in ("none", "cpu", "disk"):
+            bad("OFFLOAD", "none | disk (or cpu, not built yet)")
+        if self.offload == "cpu":
+            bad("OFFLOAD", "none | disk: cpu (host memory as the store for a GPU) needs a GPU and is not built yet")
+        if self.offload == "none":
+            return
+        for key, wrong, why in (
+                ("COMPILE", True, "false: the streamed blocks change their weights under the compiled graph"),
+                ("PARALLELISM", "fsdp", "ddp: FSDP shards weights that offload keeps on disk instead"),
+                ("TRAINING_PRECISION", "fp16", "auto, bf16 or fp32: fp16 loss scaling is not built for the "
+                                               "stored gradients"),
+                ("DPO_PRECOMPUTE_REFERENCE", True, "false: the table is keyed by the weights in memory"),
+                ("DPO_REFERENCE_DTYPE", "bf16", "auto or fp32: a streamed reference computes in float32")):
+            if getattr(self, key.lower()) == wrong:
+                raise ConfigError(f"{key}={wrong!r} is invalid with OFFLOAD={self.offload}: expected {why}"
+                                  + self.where(key))
 
     def where(self, key: str) -> str:
         """Where a key's value came from, for error messages: the file, the environment, or the default."""

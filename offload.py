@@ -38,12 +38,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from model import ModelArgs, Transformer, rope_cos_sin, rope_frequencies
+from model import KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
 from safetensors_io import load_file, save_file, sharded_files, write_atomically
 
 STORE_FORMAT = "llama3-trainer-offload-store"
@@ -73,8 +73,12 @@ def stored_names(args: ModelArgs) -> dict[str, list[str]]:
     return units
 
 
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
 def check_free_space(directory: Path, needed: int, what: str) -> None:
-    free = shutil.disk_usage(directory).free
+    free = free_bytes(directory)
     if free < needed:
         raise OffloadError(f"{directory}: {what} needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; "
                            f"free some space or set OFFLOAD_DIR to a larger disk")
@@ -110,6 +114,11 @@ class BlockStore:
     @property
     def source(self) -> Optional[str]:
         return self.manifest.get("source")
+
+    @property
+    def pristine(self) -> bool:
+        """The weights are still those it was written with (full fine-tuning updates them in place)."""
+        return self.content_sha256 == self.manifest.get("written_content_sha256")
 
     def path(self, kind: str, unit: str) -> Path:
         return self.directory / kind / f"{unit}.safetensors"
@@ -154,7 +163,7 @@ class BlockStore:
     def write_weights(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace a unit's weights (an optimizer update) and record the file's new hash."""
         path = self.path("weights", unit)
-        save_file(tensors, path)
+        save_file(tensors, path, durable=False)  # scratch: a crash falls back on the last checkpoint
         self.manifest["units"][unit]["sha256"] = _sha256_file(path)
 
     def commit(self) -> None:
@@ -171,7 +180,7 @@ class BlockStore:
             stored = load_file(self.path("grads", unit))
             grads = {n: stored[n] + g for n, g in grads.items()}  # stored + new, as autograd's .grad += new
         self.path("grads", unit).parent.mkdir(exist_ok=True)
-        save_file({n: g.detach().cpu() for n, g in grads.items()}, self.path("grads", unit))
+        save_file({n: g.detach().cpu() for n, g in grads.items()}, self.path("grads", unit), durable=False)
         self._grads_present.add(unit)
 
     def grads(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
@@ -190,7 +199,7 @@ class BlockStore:
 
     def write_optimizer_state(self, unit: str, state: dict[str, torch.Tensor]) -> None:
         self.path("adamw", unit).parent.mkdir(exist_ok=True)
-        save_file(state, self.path("adamw", unit))
+        save_file(state, self.path("adamw", unit), durable=False)
 
 
 def store_bytes(args: ModelArgs, dtype_bytes: dict[str, int] | int) -> int:
@@ -203,9 +212,11 @@ def store_bytes(args: ModelArgs, dtype_bytes: dict[str, int] | int) -> int:
 
 
 def write_store(directory: str | Path, args: ModelArgs, units: Iterable[tuple[str, dict[str, torch.Tensor]]],
-                source: Optional[str] = None, needed_bytes: Optional[int] = None) -> BlockStore:
-    """Write a store from (unit, tensors) pairs, each dropped once written. `needed_bytes` is checked against
-    the free space first; `source` (e.g. the source files' fingerprint) is recorded for the caller to compare."""
+                source: Optional[str] = None, needed_bytes: Optional[int] = None,
+                dtype: Optional[torch.dtype] = None) -> BlockStore:
+    """Write a store from (unit, tensors) pairs, each dropped once written, cast to `dtype` (None: as given).
+    `needed_bytes` is checked against the free space first; `source` (e.g. the source files' fingerprint) is
+    recorded for the caller to compare."""
     directory = Path(directory)
     if (directory / MANIFEST).exists():
         raise OffloadError(f"{directory}: already holds an offload store; open it, or delete it to rebuild")
@@ -219,7 +230,7 @@ def write_store(directory: str | Path, args: ModelArgs, units: Iterable[tuple[st
             raise OffloadError(f"{directory}: unit {unit} holds {list(tensors)[:3]}, the shape expects "
                                f"{expected.get(unit, [])[:3]}")
         path = directory / "weights" / f"{unit}.safetensors"
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, path)
+        save_file({n: t.detach().to("cpu", dtype or t.dtype).contiguous() for n, t in tensors.items()}, path)
         entries[unit] = {"names": list(tensors), "sha256": _sha256_file(path)}
     missing = sorted(set(expected) - set(entries))
     if missing:
@@ -227,6 +238,8 @@ def write_store(directory: str | Path, args: ModelArgs, units: Iterable[tuple[st
     manifest = {"format": STORE_FORMAT, "version": 1, "model_args": asdict(args), "source": source,
                 "units": {u: entries[u] for u in expected}}
     store = BlockStore(directory, manifest)
+    store.commit()
+    store.manifest["written_content_sha256"] = store.content_sha256
     store.commit()
     return store
 
@@ -327,7 +340,8 @@ class _StreamedBlocks(torch.autograd.Function):
             torch.autograd.backward(out, grad)
             grad, ctx.inputs[i] = x.grad, None
             if model.train_base:
-                model.store.accumulate_grads(f"layers.{i}", model.take_grads(block, f"layers.{i}."))
+                with model._io():
+                    model.store.accumulate_grads(f"layers.{i}", model.take_grads(block, f"layers.{i}."))
         return grad, None, None, None, None, None
 
 
@@ -356,12 +370,23 @@ class StreamedTransformer(Transformer):
         self.io_wait_seconds = 0.0  # time spent waiting for a unit to arrive (the step line's I/O share)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-read")
         self._anchor = torch.zeros((), requires_grad=True)  # makes backward run when nothing below requires grad
-        self._outer_loaded = False
-        self._buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
+        self._outer: Optional[str] = None  # how the embedding, norm and output are loaded: "frozen", "trained"
+        self._block_buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
         self._memory_optimizer: Optional[torch.optim.AdamW] = None
+        # The meta placeholders say whether a stored weight trains, so that counting trainable parameters
+        # (and FLOPs) reads the streamed model as it reads a model in memory.
         for name, p in self.named_parameters():
             if unit_of(name) in store.units and not _is_adapter(name):
-                p.requires_grad_(False)
+                p.requires_grad_(train_base)
+
+    @contextmanager
+    def _io(self):
+        """Store reads and writes on the computing thread count as time waiting for I/O."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.io_wait_seconds += time.perf_counter() - started
 
     # ---- loading and releasing ----------------------------------------------------------------------------
     def _read(self, unit: str) -> dict[str, torch.Tensor]:
@@ -373,7 +398,7 @@ class StreamedTransformer(Transformer):
         (fresh buffers per block would page-fault each time, and glibc, freeing them from another thread than
         the one that allocated them, keeps most of them: resident memory grew by a block per block)."""
         prefix = f"layers.{i}."
-        buffers = self._buffers[i % 2]
+        buffers = self._block_buffers[i % 2]
         out = {}
         for name, t in self.store.mapped(f"layers.{i}").items():
             local = name.removeprefix(prefix)
@@ -388,7 +413,7 @@ class StreamedTransformer(Transformer):
             module = self.get_submodule(module_name)
             old = module._parameters[leaf]
             module._parameters[leaf] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
-                                                    requires_grad=False)
+                                                    requires_grad=self.train_base and not _is_adapter(name))
 
     def streamed_blocks(self, order: Iterable[int], trainable: bool) -> Iterator[tuple[int, nn.Module]]:
         """Each block of `order` with its weights in place, the next one read meanwhile; released after use."""
@@ -412,34 +437,35 @@ class StreamedTransformer(Transformer):
         return {prefix + n: p.grad for n, p in module.named_parameters()
                 if not _is_adapter(n) and p.grad is not None}
 
-    def _load_outer(self) -> None:
+    def _load_outer(self, trainable: bool) -> None:
         """Embedding, final norm and output layer. Frozen: the embedding stays memory-mapped in its stored dtype
         (a lookup touches only its rows) and is cast after the lookup; all stay in place across calls. Trained:
         fresh leaves each forward, their gradients sent to the store as soon as autograd has summed them."""
-        if self._outer_loaded and not self.train_base:
+        if self._outer == "frozen" and not trainable:
             return
-        if self.train_base:
+        if trainable:
             for unit in ("tok_embeddings", "norm", "output"):
                 if unit in self.store.units:
                     for name, t in self._read(unit).items():
                         param = _set_tensor(self, name, t, True)
                         param.register_post_accumulate_grad_hook(self._outer_grad_hook(name))
-        else:
+        else:  # requires_grad as the placeholders say (counting reads it); no gradient is taken this way
             _set_tensor(self, "tok_embeddings.weight", self.store.mapped("tok_embeddings")["tok_embeddings.weight"],
-                        False)
+                        self.train_base)
             for unit in ("norm", "output"):
                 if unit in self.store.units:
                     for name, t in self._read(unit).items():
-                        _set_tensor(self, name, t, False)
+                        _set_tensor(self, name, t, self.train_base)
         if self.args.tie_word_embeddings:
             tied = self.tok_embeddings.weight
-            self.output._parameters["weight"] = tied if self.train_base else \
-                nn.Parameter(tied.to(self.device, self.compute_dtype, copy=True), requires_grad=False)
-        self._outer_loaded = True
+            self.output._parameters["weight"] = tied if trainable else \
+                nn.Parameter(tied.to(self.device, self.compute_dtype, copy=True), requires_grad=self.train_base)
+        self._outer = "trained" if trainable else "frozen"
 
     def _outer_grad_hook(self, name: str):
         def hook(param: torch.Tensor) -> None:
-            self.store.accumulate_grads(unit_of(name), {name: param.grad})
+            with self._io():
+                self.store.accumulate_grads(unit_of(name), {name: param.grad})
             param.grad = None
         return hook
 
@@ -449,27 +475,40 @@ class StreamedTransformer(Transformer):
         self._release(names)
         if self.args.tie_word_embeddings:
             self._release(["output.weight"])
-        self._outer_loaded = False
+        self._outer = None
+
+    def load_outer(self) -> None:
+        """Embedding, norm and output layer in place (frozen), so that callers reading
+        `tok_embeddings.weight.device` (generation, evaluation) find a real device."""
+        self._load_outer(trainable=False)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None):
+        """Caches in the compute dtype on the compute device; decoding then streams every block per token."""
+        self.load_outer()
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                            dtype or self.compute_dtype, self.device)
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, *, start_pos: int = 0, attn_mask: Optional[torch.Tensor] = None,
                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if start_pos != 0 or any(layer.attention.cache is not None for layer in self.layers):
-            raise OffloadError("a streamed model decodes without a KV cache (start_pos 0); "
-                               "generation with offload is not supported yet")
-        self._load_outer()
+        training = torch.is_grad_enabled() and (self.train_base or any(p.requires_grad for p in self.parameters()))
+        cached = any(layer.attention.cache is not None for layer in self.layers)
+        if training and (start_pos != 0 or cached):
+            raise OffloadError("a streamed model trains without a KV cache (start_pos 0)")
+        self._load_outer(trainable=training and self.train_base)
         seqlen = tokens.shape[1]
         table = self.tok_embeddings.weight  # gathered where it lives, then cast: as casting the table first would
         h = self.tok_embeddings(tokens.to(table.device)).to(self.device, self.compute_dtype)
         if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device)
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)
-        mask = self._attention_mask(seqlen, 0, attn_mask, tokens.device)
-        if torch.is_grad_enabled() and (self.train_base or any(p.requires_grad for p in self.parameters())):
+        mask = self._attention_mask(seqlen, start_pos, attn_mask, tokens.device)
+        if training:
             h = _StreamedBlocks.apply(h, self._anchor, self, cos, sin, mask)
-        else:
+        else:  # evaluation and decoding: with a KV cache, each new token streams every block once
             for _, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
-                h = block(h, cos, sin, 0, mask)
+                h = block(h, cos, sin, start_pos, mask)
         return self.norm(h)
 
     # ---- the update (full fine-tuning) ---------------------------------------------------------------------------
@@ -477,25 +516,38 @@ class StreamedTransformer(Transformer):
         self.store.clear_grads()
 
     @torch.no_grad()
-    def clip_and_step(self, lr: float, max_norm: float, settings: AdamWSettings) -> torch.Tensor:
+    def clip_and_step(self, lr: float, max_norm: float, settings: AdamWSettings,
+                      should_step: Callable[[torch.Tensor], bool] = lambda total: True) -> torch.Tensor:
         """clip_grad_norm_(all trainable parameters, max_norm) and one AdamW step, as in memory; returns the
-        total norm before clipping. Stored gradients are cleared, in-memory ones set to None."""
+        total norm before clipping. `should_step(total)` False (a non-finite norm, a step that trained nothing)
+        skips the update, as train.py skips optimizer.step. Stored gradients are cleared, in-memory ones set to
+        None; the embedding, norm and output layer are left in place, frozen, as they are after the update."""
         self.release()  # the last forward's embedding and output leaves; the next forward reads the updated ones
         order = self._grad_order()
         norms = {}
         for unit, names in self.store.units.items():  # sweep 1: every stored gradient's norm
-            grads = self.store.grads(unit)
+            with self._io():
+                grads = self.store.grads(unit)
             if grads is not None:
                 norms.update(zip(names, torch._foreach_norm([grads[n] for n in names], 2.0)))
         memory = [(n, p) for n, p in self.named_parameters() if p.requires_grad and p.grad is not None]
         if memory:
             norms.update(zip([n for n, _ in memory], torch._foreach_norm([p.grad for _, p in memory], 2.0)))
         if not norms:
+            self.load_outer()
             return torch.tensor(0.0)
         total = torch.linalg.vector_norm(torch.stack([norms[n] for n in order if n in norms]), 2.0)
+        if not should_step(total):
+            self.store.clear_grads()
+            if memory:
+                for _, p in memory:
+                    p.grad = None
+            self.load_outer()
+            return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for unit, names in self.store.units.items():  # sweep 2: the update, unit by unit
-            grads = self.store.grads(unit)
+            with self._io():
+                grads = self.store.grads(unit)
             if grads is not None:
                 self._step_unit(unit, names, grads, coef, lr, settings)
         if memory:
@@ -508,6 +560,7 @@ class StreamedTransformer(Transformer):
             self._memory_optimizer.zero_grad(set_to_none=True)
         self.store.clear_grads()
         self.store.commit()
+        self.load_outer()
         return total
 
     def _grad_order(self) -> list[str]:
@@ -523,21 +576,22 @@ class StreamedTransformer(Transformer):
 
     def _step_unit(self, unit: str, names: list[str], grads: dict[str, torch.Tensor], coef: torch.Tensor, lr: float,
                    settings: AdamWSettings) -> None:
-        weights = self.store.load(unit)
+        with self._io():
+            weights, state = self.store.load(unit), self.store.optimizer_state(unit)
         params = [nn.Parameter(weights[n]) for n in names]
         torch._foreach_mul_([grads[n] for n in names], coef)
         for p, n in zip(params, names):
             p.grad = grads[n]
         optimizer = settings.optimizer(params, lr)
-        state = self.store.optimizer_state(unit)
         if state is not None:
             for p, n in zip(params, names):
                 optimizer.state[p] = {"step": state[f"{n}.step"], "exp_avg": state[f"{n}.exp_avg"],
                                       "exp_avg_sq": state[f"{n}.exp_avg_sq"]}
         optimizer.step()
-        self.store.write_weights(unit, {n: p.detach() for n, p in zip(names, params)})
-        self.store.write_optimizer_state(unit, {f"{n}.{k}": optimizer.state[p][k] for n, p in zip(names, params)
-                                                for k in ("step", "exp_avg", "exp_avg_sq")})
+        with self._io():
+            self.store.write_weights(unit, {n: p.detach() for n, p in zip(names, params)})
+            self.store.write_optimizer_state(unit, {f"{n}.{k}": optimizer.state[p][k] for n, p in zip(names, params)
+                                                    for k in ("step", "exp_avg", "exp_avg_sq")})
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stored weight, read from the store (for tests and small models: a checkpoint writer should go
@@ -569,3 +623,227 @@ def materialize_adapters(model: StreamedTransformer) -> None:
             module.lora_a.to_empty(device=model.device)
             module.lora_b.to_empty(device=model.device)
             module.reset_adapters()
+
+
+# ---- a training run's offload (train.py) ---------------------------------------------------------------------
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+class RunOffload:
+    """What an offloaded training run (OFFLOAD=disk) holds beside its streamed models: where their stores are and
+    whether a store can be reused, the full fine-tuning update, and the state a checkpoint takes from the store.
+
+    Stores live in OFFLOAD_DIR/<name> (`policy`, and `reference` or `teacher` when a stage needs one). A store is
+    reused only when its manifest names the same source (the weights' content fingerprint and the stored dtype),
+    its weights are still those it was written with, and every file hashes as the manifest says; otherwise it
+    is rebuilt, saying why. Full fine-tuning always rebuilds (its store is scratch that training rewrites); the
+    checkpoints, not the store, are what is kept."""
+
+    def __init__(self, directory: Path, device: torch.device, train_base: bool, adamw: AdamWSettings):
+        self.directory, self.device, self.train_base, self.adamw = Path(directory), device, train_base, adamw
+        self.notes: list[str] = []
+        self.model: Optional[StreamedTransformer] = None  # the policy
+        self.others: list[StreamedTransformer] = []  # a frozen reference or a teacher, streamed too
+
+    # ---- stores --------------------------------------------------------------------------------------------
+    def _store(self, name: str, args: ModelArgs, units: Callable[[], Iterable[tuple[str, dict]]],
+               identity: Optional[str], dtype: Optional[torch.dtype], itemsize: int) -> BlockStore:
+        directory = self.directory / name
+        parameters = sum(n for n in _unit_numels(args).values())
+        scratch = 3 * 4 * parameters if name == "policy" and self.train_base else 0  # grads + AdamW's two
+        reason = "none there"
+        if (directory / MANIFEST).is_file():
+            try:
+                store = BlockStore.open(directory)
+                if identity is not None and store.source == identity and store.pristine and store.args == args:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    check_free_space(directory, scratch, "full fine-tuning's gradients and AdamW state")
+                    self.notes.append(f"{name} store {directory} reused (content verified)")
+                    return store
+                reason = "written from other weights" if store.pristine else "its weights were trained since"
+            except OffloadError as e:
+                reason = str(e).split(": ", 1)[-1]
+        elif directory.is_dir() and any(directory.iterdir()):
+            raise OffloadError(f"{directory}: holds files but no offload store ({MANIFEST}); set OFFLOAD_DIR to "
+                               f"another directory or empty this one")
+        if directory.exists():
+            shutil.rmtree(directory)
+            self.notes.append(f"{name} store {directory} rebuilt ({reason})")
+        else:
+            self.notes.append(f"{name} store {directory} written")
+        directory.mkdir(parents=True)
+        needed = store_bytes(args, itemsize) + scratch
+        try:
+            return write_store(directory, args, units(), identity, needed, dtype)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)  # half a store is no store: the next start writes it
+            raise
+
+    def _open(self, name: str, args: ModelArgs, units: Callable, identity: Optional[str], itemsize: int,
+              compute_dtype: torch.dtype = torch.float32) -> StreamedTransformer:
+        trains = name == "policy" and self.train_base
+        dtype = torch.float32 if trains else None  # full fine-tuning's store holds the fp32 master weights
+        if identity is not None:
+            identity = f"{identity} {dtype or 'as stored'}"
+        store = self._store(name, args, units, None if trains else identity, dtype, 4 if trains else itemsize)
+        model = open_streamed(store, compute_dtype, self.device, train_base=trains)
+        if name == "policy":
+            self.model = model
+        else:
+            self.others.append(model)
+        return model
+
+    def from_source(self, name: str, path: str | Path, args: ModelArgs, fingerprint: str,
+                    compute_dtype: torch.dtype = torch.float32) -> StreamedTransformer:
+        """Weights of a Meta, Hugging Face or project checkpoint, copied into the store unit by unit."""
+        itemsize = next(iter(next(checkpoint_units(path, args))[1].values())).element_size()
+        return self._open(name, args, lambda: checkpoint_units(path, args), fingerprint, itemsize, compute_dtype)
+
+    def from_model(self, name: str, model: Transformer) -> StreamedTransformer:
+        """A model built in memory (a fresh initialisation), which the caller then drops."""
+        itemsize = model.tok_embeddings.weight.element_size()
+        return self._open(name, model.args, lambda: model_units(model), None, itemsize)
+
+    def from_weights(self, name: str, weights: dict[str, torch.Tensor], args: ModelArgs) -> StreamedTransformer:
+        """A checkpoint's state dict (memory-mapped; LoRA adapters in it are left out)."""
+        units = lambda: ((u, {n: weights[n] for n in names}) for u, names in stored_names(args).items())  # noqa
+        return self._open(name, args, units, None, weights["tok_embeddings.weight"].element_size())
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def add_adapters(model: StreamedTransformer, settings, seed: int) -> None:
+        """Adapters as lora.with_new_adapters draws them on a model in memory (the same values)."""
+        from lora import apply_lora
+
+        torch.manual_seed(seed)
+        apply_lora(model, settings)
+        materialize_adapters(model)
+
+    def resumed_lora(self, record, settings, max_seq_len: int) -> StreamedTransformer:
+        """lora.resumed_adapted_model, streamed: the recorded base (verified by its hash) or the weights the
+        checkpoint holds, with the checkpoint's adapters."""
+        from dataclasses import replace
+
+        import lora
+
+        lora.check_settings_match(record.provenance.adapters.settings, settings)
+        args = replace(record.model_args, max_seq_len=max_seq_len)
+        base = record.provenance.adapters.base
+        if base is not None:
+            model = self.from_source("policy", lora.verify_base(base), args, base["sha256"])
+        else:
+            model = self.from_weights("policy", record.weights, args)
+        self.add_adapters(model, settings, 0)  # drawn, then overwritten by the checkpoint's
+        lora.load_lora_state_dict(model, {k: v for k, v in record.weights.items() if lora.is_adapter_key(k)})
+        return model
+
+    # ---- the full fine-tuning update and its state -------------------------------------------------------------
+    def update(self, lr: float, max_norm: float, n_units: float) -> float:
+        """Global-norm clipping and AdamW over the stored gradients (StreamedTransformer.clip_and_step); a step
+        that trains nothing or has a non-finite norm updates nothing, as in memory."""
+        total = self.model.clip_and_step(lr, max_norm, self.adamw,
+                                         should_step=lambda t: n_units > 0 and bool(torch.isfinite(t)))
+        self._lr = lr
+        return total.item()
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The stored weights by their state-dict names, memory-mapped from the store's files: torch.save reads
+        them unit by unit from the page cache, so the checkpoint never needs the whole model in memory."""
+        store = self.model.store
+        mapped = {n: t for unit in store.units for n, t in store.mapped(unit).items()}
+        with torch.device("meta"):
+            names = list(Transformer(store.args).state_dict())
+        return {n: mapped.get(n, mapped["tok_embeddings.weight"]) for n in names}  # a tied output: the embedding
+
+    def optimizer_state(self, lr: float) -> dict:
+        """The store's AdamW state in the layout get_optimizer_state_dict(full_state_dict=True) gives for
+        train.build_optimizer's two groups, so an in-memory run resumes an offloaded checkpoint and back."""
+        store = self.model.store
+        state = {}
+        for unit, names in store.units.items():
+            path = store.path("adamw", unit)
+            if path.is_file():
+                saved = load_file(path)
+                state.update({n: {k: saved[f"{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for n in names})
+        with torch.device("meta"):
+            params = dict(Transformer(store.args).named_parameters())
+        groups = self.adamw.optimizer(list(params.values()), lr).param_groups
+        names_of = {id(p): n for n, p in params.items()}
+        return {"state": state, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                                  "params": [names_of[id(p)] for p in g["params"]]} for g in groups]}
+
+    def load_optimizer_state(self, saved: dict) -> None:
+        store = self.model.store
+        for unit, names in store.units.items():
+            present = [n for n in names if n in saved["state"]]
+            if present:
+                store.write_optimizer_state(unit, {f"{n}.{k}": saved["state"][n][k].to(torch.float32)
+                                                   if k != "step" else saved["state"][n][k]
+                                                   for n in present for k in ("step", "exp_avg", "exp_avg_sq")})
+
+    def checkpoint_state(self, settings, init: Optional[dict], optimizer, options) -> tuple[dict, object, dict]:
+        """(weights, LoRA Adapters or None, optimizer state) for train.Run.save."""
+        import lora
+        from checkpoint import Adapters
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if self.train_base:
+            return self.checkpoint_weights(), None, self.optimizer_state(getattr(self, "_lr", 0.0))
+        optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
+        if init is not None:
+            return (*lora.adapter_weights(self.model, settings, init), optim_state)
+        # no base file (a LoRA run from scratch): every weight, the frozen base read from the store
+        weights = {n: t for unit in self.model.store.units for n, t in self.model.store.mapped(unit).items()}
+        if self.model.args.tie_word_embeddings:
+            weights["output.weight"] = weights["tok_embeddings.weight"]
+        return weights | lora.lora_state_dict(self.model), Adapters(settings.to_dict(), None), optim_state
+
+    # ---- what the run says ---------------------------------------------------------------------------------------
+    def io_seconds(self) -> float:
+        return sum(m.io_wait_seconds for m in [self.model, *self.others])
+
+    def describe(self, micro_batches: int, micro_batch: int, seq_len: int) -> str:
+        """The start-up line: what streams, the bytes each step reads and writes, and the peak memory expected
+        for weights, gradients, optimizer state and activations (beyond the process's own)."""
+        model, store = self.model, self.model.store
+        sizes = {u: sum(f.stat().st_size for f in [store.path("weights", u)]) for u in store.units}
+        blocks = sum(v for u, v in sizes.items() if u.startswith("layers."))
+        outer = sum(v for u, v in sizes.items() if not u.startswith("layers."))
+        numels = _unit_numels(store.args)
+        params = sum(numels.values())
+        c = torch.tensor([], dtype=model.compute_dtype).element_size()
+        a = store.args
+        tokens = micro_batch * seq_len
+        block_params = numels["layers.0"]
+        activations = a.n_layers * tokens * a.dim * c + tokens * (6 * a.dim + 3 * a.ffn_hidden_dim) * 4 * 2
+        peak = 2 * block_params * c + activations
+        if self.train_base:
+            read = micro_batches * (2 * blocks + outer) + (micro_batches + 1) * 4 * params + 3 * 4 * params + outer
+            written = micro_batches * 4 * params + 3 * 4 * params
+            peak += 2 * 4 * (numels.get("tok_embeddings", 0) + numels.get("output", 0)) + 4 * 4 * max(numels.values())
+            what = "every weight, its gradient and its AdamW state"
+        else:
+            read, written = micro_batches * 2 * blocks, 0
+            adapters = sum(p.numel() for p in model.parameters() if p.requires_grad and not p.is_meta)
+            peak += c * a.vocab_size * a.dim + 4 * 4 * adapters
+            what = "the frozen weights (adapters and their AdamW state in memory)"
+        extra = f"; {', '.join(m.store.directory.name for m in self.others)} streamed too" if self.others else ""
+        return (f"offload: disk, {store.directory.parent}: {what}, {len(store.units)} units, {_size(blocks + outer)}"
+                f" of weights on disk, computed in {str(model.compute_dtype).removeprefix('torch.')} on "
+                f"{self.device}{extra} | per step: ~{_size(read)} read, ~{_size(written)} written | "
+                f"expected peak memory ~{_size(peak)} beyond the process's own | {'; '.join(self.notes)}")
+
+
+def _unit_numels(args: ModelArgs) -> dict[str, int]:
+    with torch.device("meta"):
+        state = Transformer(args).state_dict()
+    return {u: sum(state[n].numel() for n in names) for u, names in stored_names(args).items()}
+
+
+def supported(offload: str, world_size: int) -> None:
+    """What a run with OFFLOAD set needs beyond its settings (config.py refuses those): one process."""
+    if offload != "none" and world_size > 1:
+        raise OffloadError(f"OFFLOAD={offload} runs in one process (world size {world_size} given): the streamed "
+                           f"blocks' gradients reach the store inside backward, where DDP cannot reduce them; run "
+                           f"without torchrun, or set OFFLOAD=none")

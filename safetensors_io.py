@@ -142,23 +142,26 @@ def load_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
     """Run `write` on a temporary file beside `path`, fsync, then rename it over `path`: readers see the old
-    file or the whole new one, never a part."""
+    file or the whole new one, never a part. `durable=False` skips the fsync, for scratch files that a crash
+    may lose (an offload store's gradients and optimizer state: the last checkpoint, not they, is kept)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write `tensors` as one safetensors file, atomically (temporary name, fsync, rename)."""
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None,
+              durable: bool = True) -> None:
+    """Write `tensors` as one safetensors file, atomically (temporary name, fsync unless not `durable`, rename)."""
     path = Path(path)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -180,7 +183,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Opti
                 # A flat byte view of the tensor: no copy for contiguous CPU tensors, any dtype (bf16 too).
                 f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
-    write_atomically(path, write)
+    write_atomically(path, write, durable)
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int,

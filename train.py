@@ -32,6 +32,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
+import offload
 from checkpoint import Checkpoint, CheckpointError, Provenance, TrainingState as SavedTraining, WeightSource, \
     local_model_path, unwrap
 from config import Config, ConfigError, exit_on_config_error, load_config
@@ -43,6 +44,7 @@ from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
 from model import IGNORE_INDEX, ModelArgs, Transformer
+from offload import AdamWSettings, OffloadError, RunOffload
 from speedups import keep_freed_memory_on_cpu, reordered_linears
 from stages import TEXT_BYTES, TEXT_NATS, Distillation, Setting, Stage, build_stage, check_teacher, stage_class
 from tokenizer import load_tokenizer
@@ -298,16 +300,25 @@ def starting_weights(source: WeightSource, device: torch.device, max_seq_len: in
 
 
 def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
-                  settings: Optional[lora.LoRASettings]) -> Initial:
-    """Build the model for a fresh, weights-only or resumed start, with LoRA adapters when enabled."""
+                  settings: Optional[lora.LoRASettings], offloaded: Optional[RunOffload] = None) -> Initial:
+    """Build the model for a fresh, weights-only or resumed start, with LoRA adapters when enabled; `offloaded`:
+    a streamed model whose weights it puts in the offload store instead of memory."""
     if start.resume:
-        return resumed_model(cfg, start, tokenizer, vocab_size, device, settings)
+        return resumed_model(cfg, start, tokenizer, vocab_size, device, settings, offloaded)
+    reference = None  # the starting weights' content reference, where the run needs one
     if start.path is None:
         model, init, note = build_model(cfg, vocab_size, device), None, ""
+        if offloaded:
+            model = offloaded.from_model("policy", model)
     else:
         source = start.source
         tokenizer_note = source.check_tokenizer(tokenizer)
-        model = starting_weights(source, device, cfg.max_seq_len).train()
+        if offloaded:  # the store is keyed by the weights' content: computed once, also for the run's record
+            reference = lora.base_reference(start.path)
+            model = offloaded.from_source("policy", start.path, source.model_args(cfg.max_seq_len),
+                                          reference["sha256"])
+        else:
+            model = starting_weights(source, device, cfg.max_seq_len).train()
         changes = rotary_changes(cfg, model.args)
         if settings and changes:
             raise SetupError(f"{', '.join(k.upper() for k in changes)}: changing the rotary settings of a LoRA run "
@@ -320,7 +331,7 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
                                   f"tokenizer's {tokenizer.n_words}")
         # A content hash where the run will need these weights again (LoRA's base, DPO's reference). An adapter
         # checkpoint is recorded as it is: it records its own base by hash, and load_model merges the chain.
-        init = (lora.base_reference(start.path) if settings or stage_class(cfg).needs_starting_weights
+        init = ((reference or lora.base_reference(start.path)) if settings or stage_class(cfg).needs_starting_weights
                 else {"path": str(Path(start.path).resolve())})
         note = (f"{start.line} (step 0, fresh optimizer, the data from its start"
                 f"{', best validation reset' if source.record else ''}); the model shape is theirs")
@@ -331,14 +342,16 @@ def initial_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
         note += f"; {rope}" if rope and model.args.use_scaled_rope else ""
         note += f"\n{context}" if context else ""
         note += f"\n{tokenizer_note}" if tokenizer_note else ""
-    if settings:
+    if settings and offloaded:
+        offloaded.add_adapters(model, settings, cfg.seed)
+    elif settings:
         lora.with_new_adapters(model, settings, cfg.seed)  # adapters start identical on every rank
     model.activation_checkpointing = cfg.activation_checkpointing
-    return Initial(model, None, init, note)
+    return Initial(model.train(), None, init, note)
 
 
 def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device: torch.device,
-                  settings: Optional[lora.LoRASettings]) -> Initial:
+                  settings: Optional[lora.LoRASettings], offloaded: Optional[RunOffload] = None) -> Initial:
     record = start.source.record
     start.source.check_tokenizer(tokenizer)
     saved_args = replace(record.model_args, max_seq_len=cfg.max_seq_len)
@@ -354,8 +367,12 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
     if (adapters is not None) != bool(settings):
         raise CheckpointError(f"{start.path}: {'a LoRA' if adapters else 'not a LoRA'} run; set LORA_ENABLED="
                               f"{'true' if adapters else 'false'} to resume it")
-    if settings:
+    if settings and offloaded:
+        model = offloaded.resumed_lora(record, settings, cfg.max_seq_len)
+    elif settings:
         model = lora.resumed_adapted_model(record, settings, device, cfg.max_seq_len)
+    elif offloaded:
+        model = offloaded.from_weights("policy", record.weights, saved_args)
     else:
         model = build_model(cfg, vocab_size, device, saved_args)
         model.load_state_dict(record.weights)
@@ -364,22 +381,28 @@ def resumed_model(cfg: Config, start: Start, tokenizer, vocab_size: int, device:
 
 
 def initial_weights_fn(cfg: Config, init: Optional[dict], vocab_size: int, device: torch.device,
-                       policy: ModelArgs) -> Callable[[], Transformer]:
+                       policy: ModelArgs, offloaded: Optional[RunOffload] = None) -> Callable[[], Transformer]:
     """A fresh copy of the weights the run started from (DPO's reference without LoRA), with the policy's rotary
-    settings: those of a context-extended start (extend_context) are not in the file it started from."""
+    settings: those of a context-extended start (extend_context) are not in the file it started from.
+    `offloaded`: streamed from a store of its own (OFFLOAD_DIR/reference)."""
     def load() -> Transformer:
         if init is None:
             model = build_model(cfg, vocab_size, device)
+            if offloaded:
+                model = offloaded.from_model("reference", model)
         else:
             path = lora.verify_base(init) if init.get("sha256") else init["path"]
-            model = starting_weights(WeightSource.open(path), device, cfg.max_seq_len)
+            source = WeightSource.open(path)
+            model = offloaded.from_source("reference", path, source.model_args(cfg.max_seq_len),
+                                          init.get("sha256") or lora.base_reference(path)["sha256"]) \
+                if offloaded else starting_weights(source, device, cfg.max_seq_len)
         model.args = replace(model.args, **{k.lower(): getattr(policy, k.lower()) for k in _ROTARY_KEYS})
         return model
     return load
 
 
-def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionChoice, d: DistInfo
-                 ) -> tuple[Transformer, Optional[str]]:
+def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionChoice, d: DistInfo,
+                 offloaded: Optional[RunOffload] = None) -> tuple[Transformer, Optional[str]]:
     """Frozen, eval mode, on the student's device; bf16 when asked (or when training in bf16). Under FSDP its
     blocks are sharded over the ranks (the root stays whole: the loss reads its output weight directly).
     Also returns a note when the teacher carries no tokenizer to compare with the student's."""
@@ -388,7 +411,11 @@ def load_teacher(cfg: Config, tokenizer, vocab_size: int, precision: PrecisionCh
     path = agreed(lambda: local_model_path(cfg.teacher_model_checkpoint), d)  # a hub name: rank 0 downloads
     source = WeightSource.open(local_model_path(path))  # the other ranks find it in the hub's cache
     note = source.check_tokenizer(tokenizer, f"TEACHER_MODEL_CHECKPOINT={cfg.teacher_model_checkpoint}")
-    teacher = starting_weights(source, d.device, cfg.max_seq_len, dtype)
+    if offloaded:  # streamed from OFFLOAD_DIR/teacher, computed in the teacher's dtype
+        teacher = offloaded.from_source("teacher", path, source.model_args(cfg.max_seq_len),
+                                        lora.base_reference(path)["sha256"], compute_dtype=dtype)
+    else:
+        teacher = starting_weights(source, d.device, cfg.max_seq_len, dtype)
     check_teacher(teacher, vocab_size, tokenizer, cfg.teacher_model_checkpoint)
     teacher.requires_grad_(False).eval()
     if d.world_size > 1 and cfg.parallelism == "fsdp":
@@ -477,14 +504,19 @@ def check_run_dir(cfg: Config, start: Start, first_step: int, overwrite: bool) -
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def restore_training_state(ckpt: Checkpoint, model: Transformer, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler, loader: StepLoader, reset_optimizer: bool) -> Progress:
-    """Optimizer (sharded again under FSDP), loss scaler, data position and RNG from a checkpoint."""
+def restore_training_state(ckpt: Checkpoint, model: Transformer, optimizer: Optional[torch.optim.Optimizer],
+                           scaler: torch.amp.GradScaler, loader: StepLoader, reset_optimizer: bool,
+                           offloaded: Optional[RunOffload] = None) -> Progress:
+    """Optimizer (sharded again under FSDP; into the offload store for offloaded full fine-tuning), loss scaler,
+    data position and RNG from a checkpoint."""
     saved = ckpt.training
     if not reset_optimizer:
         if saved.optimizer is None:
             raise CheckpointError("the checkpoint holds no optimizer state; pass --reset-optimizer to start a fresh one")
-        set_optimizer_state_dict(model, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+        if optimizer is None:
+            offloaded.load_optimizer_state(saved.optimizer)
+        else:
+            set_optimizer_state_dict(model, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
         scaler.load_state_dict(saved.scaler)
     if saved.dataloader is not None:
         loader.load_state_dict(saved.dataloader)
@@ -528,6 +560,7 @@ class OptimizerStep:
     scaler: torch.amp.GradScaler
     cfg: Config
     d: DistInfo
+    streamed: Optional[RunOffload] = None  # offloaded full fine-tuning: the gradients and AdamW state are stored
 
     def __call__(self, batches: list[dict], lr: float, stop: StopRequest) -> tuple[Optional[dict], bool]:
         """(figures, stop after this step), or (None, True) when the ranks agree to stop before it. Two host
@@ -573,10 +606,12 @@ class OptimizerStep:
 
     def update(self, lr: float, n_units: float) -> float:
         """Clip, step and clear the gradients; returns their global norm before clipping."""
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        if self.streamed is not None:  # the same clip and AdamW step, unit by unit over the store
+            return self.streamed.update(lr, clip, n_units)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
@@ -662,6 +697,8 @@ class Run:
         self.prompts: list[str] = []
         self.hellaswag: Optional[tuple[list, int]] = None
         self.logger: Optional[RunLogger] = None
+        self.offload: Optional[RunOffload] = None  # OFFLOAD=disk: the stores, the I/O accounting
+        self.figures = self.stage.figures  # what the step line shows beyond the loss
         self.flops, self.peak = StepFlops.of(model, cfg.max_seq_len), 0.0
 
     @classmethod
@@ -680,15 +717,16 @@ class Run:
         hellaswag = load_examples(cfg.hellaswag_path or None, cfg.hellaswag_number_of_examples or None) \
             if cfg.hellaswag_every_x_steps else None
 
-        initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings)
+        offloaded = start_offload(cfg, d)
+        initial = initial_model(cfg, start, tokenizer, vocab_size, d.device, settings, offloaded)
         model = initial.model
         first_step = args.start_step if args.start_step is not None else \
             (int(initial.ckpt.training.step) if initial.ckpt else 0)
         removed = agreed(lambda: check_run_dir(cfg, start, first_step, args.overwrite), d)
         stage = build_stage(Setting(cfg, d, plan.samples_per_step, tokenizer, vocab_size,
-                                    initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args)))
+                                    initial_weights_fn(cfg, initial.init, vocab_size, d.device, model.args, offloaded)))
         if cfg.is_model_distillation:
-            teacher, teacher_note = load_teacher(cfg, tokenizer, vocab_size, precision, d)
+            teacher, teacher_note = load_teacher(cfg, tokenizer, vocab_size, precision, d, offloaded)
             stage = Distillation(stage, teacher)
             initial.note = "\n".join(filter(None, [initial.note, teacher_note]))
         prompts = read_prompts(stage, tokenizer)
@@ -696,11 +734,13 @@ class Run:
         stage.setup(model)
 
         train_model = parallelize(model, cfg, d)
-        optimizer = build_optimizer(model, cfg, d.device)
+        streamed_update = offloaded if offloaded and offloaded.train_base else None
+        optimizer = None if streamed_update else build_optimizer(model, cfg, d.device)
         scaler = torch.amp.GradScaler(d.device.type, enabled=precision.precision == "fp16")
         progress = Progress()
         if initial.ckpt is not None:
-            progress = restore_training_state(initial.ckpt, model, optimizer, scaler, loaders[0], args.reset_optimizer)
+            progress = restore_training_state(initial.ckpt, model, optimizer, scaler, loaders[0], args.reset_optimizer,
+                                              offloaded)
         resumed_from = progress.step
         saved_tokens_per_step = initial.ckpt.training.tokens_per_step if initial.ckpt else None
         initial.ckpt = None
@@ -709,8 +749,10 @@ class Run:
         progress.step = first_step
 
         step = OptimizerStep(torch.compile(train_model) if cfg.compile else train_model, stage, optimizer, scaler,
-                             cfg, d)
+                             cfg, d, streamed_update)
         run = cls(cfg, d, model, step, loaders, tokenizer, plan, progress)
+        if offloaded:
+            run.offload, run.figures = offloaded, stage.figures | {"io_share": "io {:.0%}"}
         run.settings, run.init, run.prompts, run.hellaswag = settings, initial.init, prompts, hellaswag
         run.logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if start.resume else 0,
                                wandb_run_id=progress.wandb_run_id, initial_step=progress.step)
@@ -737,6 +779,8 @@ class Run:
         return [f"model: {describe_parameters(self.model)}, {(self.flops.body + self.flops.head) / 1e6:.1f} MFLOP/token"
                 f" | device {d.device} x {d.world_size}{' (fsdp)' if self.sharded else ''} | {precision.describe()}",
                 f"stage: {stage.name}{teacher}{adapters} | {self.plan.describe(stage.unit)}",
+                self.offload.describe(self.plan.grad_accum, self.plan.micro_batch, self.plan.seq_len)
+                if self.offload else "",
                 f"data: {self.train_loader.describe()}, {self.val_loader.describe()} | metrics: {self.logger.path} | "
                 f"checkpoints: {self.keeper.directory}"]
 
@@ -744,6 +788,7 @@ class Run:
         """The next optimizer step, logged; (None, True) when the ranks stopped before it (its batches go back,
         for the checkpoint to resume from them)."""
         t0 = time.perf_counter()
+        io_before = self.offload.io_seconds() if self.offload else 0.0
         position = self.train_loader.state_dict()
         batches = [to_device(b, self.d.device) for b in self.train_loader.next_step()]
         t_data = time.perf_counter() - t0
@@ -757,9 +802,11 @@ class Run:
         metrics.update(tokens_per_s=metrics["input_tokens"] / step_time, step_time_s=step_time,
                        data_share=t_data / step_time, mfu=plausible_mfu(flops / step_time, self.peak * self.d.world_size),
                        epoch=self.train_loader.epoch)
+        if self.offload:  # time the step waited for the store (prefetch not done, gradients and updates written)
+            metrics["io_share"] = (self.offload.io_seconds() - io_before) / step_time
         step = self.progress.step
         self.logger.advance()
-        self.logger.log(step, metrics, format_step_line(step, self.cfg.max_steps, metrics, self.stage.figures)
+        self.logger.log(step, metrics, format_step_line(step, self.cfg.max_steps, metrics, self.figures)
                         if step % self.cfg.log_every_x_steps == 0 else None)
         if not math.isfinite(metrics["loss"]):
             self.logger.print(f"warning: non-finite loss at step {step}")
@@ -789,11 +836,15 @@ class Run:
         """Called on every rank: FSDP gathers the full weights and optimizer state (rank 0 receives them); rank 0
         writes one file that loads under DDP, FSDP or a single process alike. A LoRA run's checkpoint holds the
         adapters and a reference to its base weights (every weight when there is no base file)."""
-        if self.settings:
+        if self.offload:  # the weights (full fine-tuning: and optimizer state) read from the store, unit by unit
+            weights, adapters, optim_state = self.offload.checkpoint_state(self.settings, self.init, self.optimizer,
+                                                                           FULL_STATE)
+        elif self.settings:
             weights, adapters = lora.adapter_weights(self.model, self.settings, self.init)
         else:
             weights, adapters = get_model_state_dict(self.model, options=FULL_STATE), None
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if not self.offload:
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
         if not self.d.is_main:
             return
         progress, path = self.progress, self.keeper.path_for(self.progress.step)
@@ -876,11 +927,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keep_freed_memory_on_cpu()
     try:
         return train(cfg, args, d)
-    except (SetupError, DataError, CheckpointError, HellaSwagDataError, lora.LoRAError, FileNotFoundError) as e:
+    except (SetupError, DataError, CheckpointError, HellaSwagDataError, lora.LoRAError, OffloadError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         teardown_distributed()
+
+
+def start_offload(cfg: Config, d: DistInfo) -> Optional[RunOffload]:
+    """OFFLOAD=disk: where the run's stores go and how full fine-tuning steps (the optimizer's settings)."""
+    if cfg.offload == "none":
+        return None
+    offload.supported(cfg.offload, d.world_size)
+    adamw = AdamWSettings(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                          fused=d.device.type in ("cuda", "cpu"))  # as build_optimizer: the same kernel
+    return RunOffload(cfg.offload_path, d.device, train_base=not cfg.lora_enabled, adamw=adamw)
 
 
 def check_precision_fits_device(precision: PrecisionChoice, device: torch.device) -> None:
