@@ -4,9 +4,9 @@
     torchrun --nproc_per_node 8 train.py              # DDP (or PARALLELISM=fsdp) on one node
     python train.py --checkpoint runs/pretrain/checkpoints/step_000100.pt   # resume exactly
 
-TRAINING_STAGE picks the stage: pretrain, sft (instruct) or dpo (stages.py holds what differs between
-them); IS_MODEL_DISTILLATION adds a teacher to pretrain or sft; LORA_ENABLED trains adapters in any stage.
-`--checkpoint` of the running stage's with training state resumes it exactly; any other checkpoint, a
+TRAINING_STAGE picks the stage: pretrain, sft (instruct), dpo, orpo or simpo (stages.py holds what differs
+between them, one class each); IS_MODEL_DISTILLATION adds a teacher to pretrain or sft; LORA_ENABLED trains adapters in any stage.
+A `--checkpoint` of the running stage with training state resumes it exactly; any other checkpoint, a
 Meta-format or a Hugging Face directory only gives the starting weights (step 0, fresh optimizer, the data
 from its start). `--pretrain_checkpoint`, `--instruct_checkpoint` and `--dpo_checkpoint` do the same and also
 check that the checkpoint is of the stage they name.
@@ -679,6 +679,32 @@ def read_prompts(stage: Stage, tokenizer) -> list[str]:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
+def resolved_precision(cfg: Config, d: DistInfo) -> tuple[Config, PrecisionChoice]:
+    """The run's settings with TRAINING_PRECISION resolved once (checkpoints record what ran), and the choice."""
+    precision = choose_precision(cfg.training_precision, d.device)
+    check_precision_fits_device(precision, d.device)
+    return replace(cfg, training_precision=precision.precision), precision
+
+
+def tokenizer_and_vocab(cfg: Config) -> tuple[object, int]:
+    tokenizer = load_tokenizer(cfg.tokenizer_path or None)
+    vocab_size = cfg.vocab_size or tokenizer.n_words
+    if vocab_size < tokenizer.n_words:
+        raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
+    return tokenizer, vocab_size
+
+
+def resume_lines(start: Start, args: argparse.Namespace, resumed_from: int, step: int,
+                 saved_tokens_per_step: Optional[int], tokens_per_step: int) -> list[str]:
+    """What a resumed run says about where it continues, and a batch geometry that changed."""
+    lines = [start.line + (f", continuing as step {step}" if step != resumed_from else "")
+             + (", fresh optimizer" if args.reset_optimizer else "")]
+    if saved_tokens_per_step and saved_tokens_per_step != tokens_per_step:
+        lines.append(f"batch geometry changed: {saved_tokens_per_step:,} -> {tokens_per_step:,} token "
+                     f"positions per step; the data continues from the same sample position")
+    return lines
+
+
 class Run:
     """A training run, built once by `Run.start` from the settings, the command line and the ranks: the model
     and how it steps, the stage and its data, where figures and checkpoints go, and how far it has come."""
@@ -704,13 +730,8 @@ class Run:
     @classmethod
     def start(cls, cfg: Config, args: argparse.Namespace, d: DistInfo) -> tuple["Run", int]:
         """Everything the loop needs, checked before the first step; returns the run and its last step."""
-        precision = choose_precision(cfg.training_precision, d.device)
-        check_precision_fits_device(precision, d.device)
-        cfg = replace(cfg, training_precision=precision.precision)  # resolved once: checkpoints record what ran
-        tokenizer = load_tokenizer(cfg.tokenizer_path or None)
-        vocab_size = cfg.vocab_size or tokenizer.n_words
-        if vocab_size < tokenizer.n_words:
-            raise SetupError(f"VOCAB_SIZE={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
+        cfg, precision = resolved_precision(cfg, d)
+        tokenizer, vocab_size = tokenizer_and_vocab(cfg)
         plan = BatchPlan.derive(cfg, d.world_size)
         settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
         start = Start.from_args(args, cfg)
@@ -761,11 +782,7 @@ class Run:
 
         lines = [*removed, precision.warning, *run.describe(precision), initial.note]
         if start.resume:
-            lines.append(start.line + (f", continuing as step {progress.step}" if progress.step != resumed_from else "")
-                         + (", fresh optimizer" if args.reset_optimizer else ""))
-            if saved_tokens_per_step and saved_tokens_per_step != plan.tokens_per_step:
-                lines.append(f"batch geometry changed: {saved_tokens_per_step:,} -> {plan.tokens_per_step:,} token "
-                             f"positions per step; the data continues from the same sample position")
+            lines += resume_lines(start, args, resumed_from, progress.step, saved_tokens_per_step, plan.tokens_per_step)
         for line in filter(None, lines):
             run.logger.print(line)
         stop_step = min(cfg.max_steps, args.stop_step if args.stop_step is not None else cfg.max_steps)
