@@ -4,7 +4,6 @@ LoRA with adapter dropout, and for DPO with a streamed frozen reference or the a
 checkpoint resumes bit-exactly (offloaded or in memory); a store is trusted by content; SIGTERM loses nothing; and
 what offload cannot do ends with one line."""
 
-import json
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from config import ConfigError, load_config
 from model import ModelArgs, Transformer
 from prep_helpers import prepare_chat_tasks
 from tokenizer import Tokenizer
-from trainer_runs import ROOT, clean_env, final_weights, make_token_data, step_metric, train, write_env
+from trainer_runs import ROOT, clean_env, final_weights, make_token_data, same_run, step_metric, train, write_env
 
 SEQ = 64
 CLIP = 0.05  # far below the tiny model's gradient norms: every step clips
@@ -30,7 +29,6 @@ RUN = dict(DIM="64", N_LAYERS="2", N_HEADS="4", N_KV_HEADS="2", MULTIPLE_OF="32"
            VALIDATE_EVERY_X_STEPS="2", VALIDATION_STEPS="1", SAVE_EVERY_X_STEPS="2", GRAD_CLIP=str(CLIP),
            INSTRUCT_EVAL_EXAMPLES="3")
 SFT = dict(TRAINING_STAGE="sft")  # full fine-tuning runs: SFT, whose validation includes greedy exact match
-UNTIMED = ("time", "tokens_per_s", "step_time_s", "data_share", "mfu", "io_share")
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +56,6 @@ def env_for(tmp_path: Path, name: str, data: dict, **overrides) -> Path:
                      **{**RUN, **overrides})
 
 
-def records(run: Path) -> list[dict]:
-    """Every logged record (steps, validations, samples) less what depends on time."""
-    return [{k: v for k, v in json.loads(line).items() if k not in UNTIMED}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert records(a) == records(b)
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-
-
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory, data, start) -> dict:
     """Full fine-tuning (SFT from `start`) in memory and offloaded."""
@@ -90,7 +74,7 @@ def test_offloaded_full_fine_tuning_equals_in_memory_with_accumulation_and_clipp
     assert "offload: disk" in stdout and "every weight, its gradient and its AdamW state" in stdout
     assert all(norm > CLIP for norm in step_metric(memory, "grad_norm").values())  # clipping scaled every step
     assert sorted(step_metric(memory, "val_exact_match")) == [0, 2, 4]  # streamed greedy decoding was compared
-    assert_same_run(memory, disk)
+    same_run(memory, disk)
     shares = step_metric(disk, "io_share")
     assert len(shares) == 4 and all(0 < s < 1 for s in shares.values())
     assert " | io " in stdout
@@ -106,7 +90,7 @@ def test_an_offloaded_checkpoint_resumes_bit_exactly_offloaded_and_in_memory(tmp
     train(boxed, "--checkpoint", str(start), "--stop-step", "2")
     out = train(boxed, "--checkpoint", str(tmp_path / "boxed" / "checkpoints" / "step_000002.pt"))
     assert "resuming sft" in out.stdout and "policy store" in out.stdout
-    assert_same_run(disk, tmp_path / "boxed")
+    same_run(disk, tmp_path / "boxed")
 
     # the checkpoint is a normal one: weights and optimizer state load in memory too
     memory = env_for(tmp_path, "in-memory", data, OFFLOAD="none", **SFT)
@@ -114,7 +98,7 @@ def test_an_offloaded_checkpoint_resumes_bit_exactly_offloaded_and_in_memory(tmp
     (tmp_path / "in-memory" / "checkpoints" / "step_000004.pt").unlink()
     shutil.copyfile(tmp_path / "boxed" / "metrics.jsonl", tmp_path / "in-memory" / "metrics.jsonl")
     train(memory, "--checkpoint", str(tmp_path / "in-memory" / "checkpoints" / "step_000002.pt"))
-    assert_same_run(disk, tmp_path / "in-memory")
+    same_run(disk, tmp_path / "in-memory")
 
 
 @pytest.mark.e2e
@@ -124,13 +108,13 @@ def test_offloaded_lora_equals_in_memory_with_dropout_and_its_store_is_trusted_b
     disk = env_for(tmp_path, "disk", data, OFFLOAD="disk", OFFLOAD_DIR=str(tmp_path / "stores"), **lora)
     out = train(disk, "--checkpoint", str(start))
     assert "the frozen weights (adapters and their AdamW state in memory)" in out.stdout
-    assert_same_run(tmp_path / "memory", tmp_path / "disk")
+    same_run(tmp_path / "memory", tmp_path / "disk")
     assert set(final_weights(tmp_path / "disk")) == {n for n in final_weights(tmp_path / "memory")}  # adapters only
     assert all(".lora_" in n for n in final_weights(tmp_path / "disk"))
 
     out = train(disk, "--checkpoint", str(start), "--overwrite")
     assert f"policy store {tmp_path / 'stores' / 'policy'} reused (content verified)" in out.stdout
-    assert_same_run(tmp_path / "memory", tmp_path / "disk")
+    same_run(tmp_path / "memory", tmp_path / "disk")
 
     # another model's block under the same name: found by its hash, the store rebuilt from the weights
     torch.manual_seed(9)
@@ -140,7 +124,7 @@ def test_offloaded_lora_equals_in_memory_with_dropout_and_its_store_is_trusted_b
     shutil.copyfile(other.directory / block, tmp_path / "stores" / "policy" / block)
     out = train(disk, "--checkpoint", str(start), "--overwrite")
     assert "policy store" in out.stdout and "rebuilt (" in out.stdout and "content differs" in out.stdout
-    assert_same_run(tmp_path / "memory", tmp_path / "disk")
+    same_run(tmp_path / "memory", tmp_path / "disk")
 
 
 @pytest.mark.e2e
@@ -152,7 +136,7 @@ def test_offloaded_dpo_equals_in_memory(tmp_path, data, start, lora):
     out = train(env_for(tmp_path, "disk", data, OFFLOAD="disk", **settings), "--checkpoint", str(start))
     assert ("reference streamed too" in out.stdout) != lora
     assert step_metric(tmp_path / "disk")[1] == pytest.approx(0.6931, abs=1e-3)  # the policy is its own reference
-    assert_same_run(tmp_path / "memory", tmp_path / "disk")
+    same_run(tmp_path / "memory", tmp_path / "disk")
 
 
 @pytest.mark.e2e
@@ -170,7 +154,7 @@ def test_sigterm_during_an_offloaded_run_loses_nothing_and_a_rerun_resumes(tmp_p
     saved = sorted((tmp_path / "stopped" / "checkpoints").glob("step_*.pt"))
     assert "stopped by signal" in "".join(seen) and len(saved) == 1 and saved[0].name != "step_000004.pt"
     train(env, "--checkpoint", str(saved[0]))
-    assert_same_run(full_runs["disk"][0], tmp_path / "stopped")
+    same_run(full_runs["disk"][0], tmp_path / "stopped")
 
 
 @pytest.mark.e2e

@@ -76,10 +76,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(latest)["model"]
 
 
+UNTIMED = ("time", "tokens_per_s", "step_time_s", "data_share", "mfu", "io_share")  # figures that depend on time
+
+
 def same_run(a: Path, b: Path) -> None:
-    """Bit for bit: every logged figure of every step, and the final weights."""
-    records = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s",
-                                                                                 "step_time_s", "data_share", "mfu", "io_share")}
+    """Bit for bit: every logged record (steps, validations, samples) less what depends on time, and the final
+    weights."""
+    records = lambda run: [{k: v for k, v in json.loads(line).items() if k not in UNTIMED}  # noqa: E731
                            for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records(a) == records(b)
     wa, wb = final_weights(a), final_weights(b)
