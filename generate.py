@@ -4,25 +4,38 @@ base in memory), a Meta-format or a Hugging Face directory.
     python generate.py --checkpoint PATH --prompt "The capital of France is" --temperature 0
     python generate.py --checkpoint PATH --prompt FILE:prompt.txt --chat --top_p 0.9
     python generate.py --checkpoint PATH --chat          # interactive: a conversation in the terminal
+    python generate.py --checkpoint PATH --offload disk --prompt "Hi"   # a model bigger than memory
 
 The prompt is shown (dimmed on a terminal) and the completion streams after it; generation stops at
 <|eot_id|> or <|end_of_text|>.
+
+`--offload disk` copies the weights into a block store (offload.py, one safetensors file per block) and streams
+them through two reused block buffers, so beside the KV cache only two blocks, the embedding rows looked up, the
+final norm and the output layer are in memory; every new token reads every block from disk again. The store is
+reused while it verifies as the checkpoint's weights and rebuilt, saying why, when they change. The arithmetic is
+the in-memory model's, so greedy tokens are the same; a LoRA checkpoint's adapters are applied unmerged over its
+streamed base, equal to the merged model up to float rounding.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import hashlib
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from checkpoint import CheckpointError, checked_tokenizer, load_model, rope_scaling_note
+import lora
+from checkpoint import Checkpoint, CheckpointError, WeightSource, checked_tokenizer, load_model, rope_scaling_note
 from hardware import weights_dtype
 from model import Transformer
+from offload import AdamWSettings, RunOffload, StreamedTransformer
 from speedups import reordered_linears
+
+OFFLOAD_ROOT = Path("~/.cache/llama3-trainer/offload").expanduser()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -49,7 +62,7 @@ def generate_tokens(model: Transformer, prompt: Sequence[int], max_new_tokens: i
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     generator: Optional[torch.Generator] = None) -> Iterator[int]:
     """Yield new token ids one at a time, using the KV cache; stops after a stop id (not yielded)."""
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
     if len(prompt) >= total:
         raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {model.args.max_seq_len}")
@@ -95,7 +108,7 @@ def stream_ids(model, tokenizer, ids: Sequence[int], max_new_tokens: int, temper
     """Text pieces of the continuation of prompt token ids."""
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+        generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in generate_tokens(model, ids, max_new_tokens, tokenizer.stop_tokens, temperature, top_k, top_p,
                                  generator):
@@ -116,6 +129,86 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that have it and on CPUs that run it natively and fast, else float32 (hardware.py)."""
     return weights_dtype(name, device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model computes: a streamed model's device (its embedding table stays memory-mapped on the
+    CPU), else its first weight's."""
+    return model.device if isinstance(model, StreamedTransformer) else next(model.parameters()).device
+
+
+# ---- weights in memory or streamed from disk ---------------------------------------------------------------
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", default="none", choices=["none", "disk"],
+                   help="disk: stream the weights from a block store one block at a time, for a model bigger than "
+                        "memory (slow: every forward reads every block); none: load them into memory")
+    p.add_argument("--offload_dir", default=None, metavar="DIR",
+                   help="with --offload disk: the store goes in DIR/policy, as in train.py's OFFLOAD_DIR (a LoRA "
+                        "run's OFFLOAD_DIR holds its base's store, reused here); default: "
+                        f"{OFFLOAD_ROOT}/<checkpoint name>-<hash of its path>, so a read-only checkpoint works")
+
+
+def check_offload_args(args: argparse.Namespace) -> None:
+    """ValueError (one line) for offload flags that cannot work together."""
+    if args.offload == "none" and args.offload_dir is not None:
+        raise ValueError("--offload_dir is for --offload disk: add --offload disk, or drop --offload_dir")
+    if args.offload == "disk" and getattr(args, "compile", False):
+        raise ValueError("--compile cannot be used with --offload disk (a streamed model swaps its weights in and "
+                         "out every block, which torch.compile cannot trace); drop one of them")
+    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
+        raise ValueError(f"--offload_dir {args.offload_dir}: not a directory")
+
+
+def default_offload_dir(checkpoint: str | Path) -> Path:
+    """One store per checkpoint path, in the user's cache: the checkpoint's own directory may be read-only."""
+    path = Path(checkpoint).resolve()
+    return OFFLOAD_ROOT / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+def load_weights(checkpoint: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
+                 offload_dir: Optional[str] = None) -> tuple[Transformer, str]:
+    """The model to run in eval mode and a line saying where its weights are ('' in memory)."""
+    if offload == "none":
+        return load_model(checkpoint, device=device, dtype=dtype), ""
+    return streamed_model(checkpoint, device, dtype, Path(offload_dir or default_offload_dir(checkpoint)))
+
+
+def streamed_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype,
+                   directory: Path) -> tuple[StreamedTransformer, str]:
+    """The checkpoint's weights in the block store directory/policy, computed in `dtype` one block at a time.
+
+    offload.RunOffload decides whether the store there is reused (it holds these weights, by content hash, and
+    every file verifies) or rebuilt, and says which. A LoRA adapter checkpoint streams its base (checked against
+    the hash it records) with its adapters in memory, unmerged; one trained from no base file is merged into the
+    store."""
+    source = WeightSource.open(checkpoint)
+    stores = RunOffload(directory, device, train_base=False, adamw=AdamWSettings())  # adamw: never steps
+    adapters = source.adapters
+    if adapters is not None and adapters.base is not None:
+        model = _streamed_adapters(stores, source.record, checkpoint, dtype)
+    else:
+        model = stores.from_source("policy", checkpoint, source.model_args(), lora.base_fingerprint(checkpoint),
+                                   dtype)
+    source.close()
+    model.eval().load_outer()  # the embedding, norm and output stay in place; the blocks stream
+    return model, f"offload: disk, {'; '.join(stores.notes)}; each forward streams {model.args.n_layers} blocks"
+
+
+def _streamed_adapters(stores: RunOffload, record: Checkpoint, checkpoint: str | Path,
+                       dtype: torch.dtype) -> StreamedTransformer:
+    recorded = record.provenance.adapters
+    try:
+        base = lora.verify_base(recorded.base)
+    except lora.LoRAError as e:
+        raise CheckpointError(f"{checkpoint}: {e}") from None
+    args = record.model_args
+    if WeightSource.open(base).model_args(args.max_seq_len) != args:
+        raise CheckpointError(f"{checkpoint}: trained on a model of another shape than its base {base}")
+    model = stores.from_source("policy", base, args, recorded.base["sha256"], dtype)
+    with torch.random.fork_rng(devices=[]):  # the adapters' draw is overwritten at once: the caller's RNG stays
+        stores.add_adapters(model, lora.LoRASettings.from_dict(recorded.settings), 0)
+    lora.load_lora_state_dict(model, record.weights)
+    return model
 
 
 def read_prompt(prompt: str) -> str:
@@ -147,6 +240,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (dynamic shapes: one compilation serves every position); "
                         "worth it on GPUs; on CPU the eager path's reordered-weight kernels decode faster")
+    add_offload_arguments(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
@@ -202,16 +296,19 @@ def chat_loop(model, tokenizer, args: argparse.Namespace, read=input, out=sys.st
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        check_offload_args(args)
         prompt = read_prompt(args.prompt) if args.prompt is not None else None
         device = pick_device(args.device)
-        model = load_model(args.checkpoint, device=device, dtype=pick_dtype(args.dtype, device))
         tokenizer = checked_tokenizer(args.checkpoint, args.tokenizer)
+        model, where = load_weights(args.checkpoint, device, pick_dtype(args.dtype, device), args.offload,
+                                    args.offload_dir)
         note = rope_scaling_note(args.checkpoint)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if note:
-        print(note, file=sys.stderr)
+    for line in (where, note):
+        if line:
+            print(line, file=sys.stderr)
     if tokenizer.n_words > model.args.vocab_size:
         print(f"error: tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 
     python hellaswag_utils.py --checkpoint PATH [--limit N] [--path FILE] [--batch_size B]
     torchrun --nproc_per_node 8 hellaswag_utils.py --checkpoint PATH   # each rank scores its share
+    python hellaswag_utils.py --checkpoint PATH --offload disk        # a model bigger than memory, streamed
 
 Data: the official validation split (10,042 items), downloaded once from the authors' repository
 into a cache and verified, or a local `.jsonl` in the same schema (`activity_label`, `ctx_a`,
@@ -56,6 +57,7 @@ import torch
 from tqdm import tqdm
 
 from distributed import all_reduce_sum
+from generate import add_offload_arguments, check_offload_args, load_weights, model_device, pick_dtype
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_LINES = 10042  # items in the official validation split
@@ -218,7 +220,7 @@ def score_batch(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
     Rows are right-padded: the causal mask keeps padding out of every earlier position, and
     padded positions are never scored, so a row's score does not depend on its batch.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     pairs = [pair for example in examples for pair in encode_example(tokenizer, example)]
     rows = len(pairs)
     width = max(len(ctx) + len(end) for ctx, end in pairs)
@@ -296,7 +298,7 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], bat
     local = [len(share)] + [int((chosen[k] == labels).sum()) for k in ("acc", "acc_norm", "acc_norm_tokens")]
     gold_nats = -loglik[torch.arange(len(share)), labels].sum().item() if share else 0.0
     # float64 counts stay exact far beyond the 10,042 items; one all-reduce carries the counts and the sums
-    device = next(model.parameters()).device
+    device = model_device(model)
     totals = torch.tensor(local + [gold_nats, sum(gold_bytes(tokenizer, ex) for ex in share)], dtype=torch.float64,
                           device=device)
     n, acc, acc_norm, acc_norm_tokens, nats, nbytes = all_reduce_sum(totals).tolist()
@@ -338,6 +340,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights' dtype (auto: bf16 on GPUs that support it, else fp32)")
+    add_offload_arguments(p)
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
@@ -347,23 +350,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from checkpoint import CheckpointError, checked_tokenizer, load_model
+    from checkpoint import CheckpointError, checked_tokenizer
     from distributed import setup_distributed, teardown_distributed
-    from generate import pick_dtype
 
     args = parse_args(argv)
     d = setup_distributed(args.device)
     try:
+        check_offload_args(args)
+        if args.offload != "none" and d.world_size > 1:
+            raise ValueError(f"--offload {args.offload} scores in one process ({d.world_size} ranks given: they would "
+                             f"write one store at once); run without torchrun")
         examples, skipped = load_examples(args.path, args.limit, Path(args.cache_dir))
-        model = load_model(args.checkpoint, device=d.device, dtype=pick_dtype(args.dtype, d.device))
         tokenizer = checked_tokenizer(args.checkpoint, args.tokenizer)
+        model, where = load_weights(args.checkpoint, d.device, pick_dtype(args.dtype, d.device), args.offload,
+                                    args.offload_dir)
+        if where:
+            print(where, file=sys.stderr)
         if tokenizer.n_words > model.args.vocab_size:
             raise CheckpointError(f"tokenizer has {tokenizer.n_words} tokens but the model only "
                                   f"{model.args.vocab_size}")
         start = time.perf_counter()
         result = evaluate(model, tokenizer, examples, args.batch_size, d.rank, d.world_size, progress=d.is_main)
         elapsed = time.perf_counter() - start
-    except (HellaSwagDataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (HellaSwagDataError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
