@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
@@ -282,10 +282,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def atomic_torch_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over `path`, and fsync the directory."""
+class _AfterEachWrite:
+    """A file that calls `after` once each write is done (torch.save writes a tensor's bytes in one write)."""
+
+    def __init__(self, f: BinaryIO, after: Callable[[], None]):
+        self.f, self.after = f, after
+
+    def write(self, data) -> int:
+        written = self.f.write(data)
+        self.after()
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj: dict, path: Path, after_each_write: Optional[Callable[[], None]] = None) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over `path`, and fsync the directory.
+    `after_each_write`: called after each tensor is written (an offloaded run drops the store pages it read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: torch.save(obj, f))
+    write_atomically(path, lambda f: torch.save(obj, _AfterEachWrite(f, after_each_write) if after_each_write else f))
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -377,9 +393,9 @@ class Checkpoint:
     def read(cls, path: str | Path) -> "Checkpoint":
         return cls.from_dict(read_checkpoint(path), path)
 
-    def write(self, path: str | Path) -> None:
+    def write(self, path: str | Path, after_each_write: Optional[Callable[[], None]] = None) -> None:
         """Atomically: a crash while saving leaves the previous file at `path` intact."""
-        atomic_torch_save(self.to_dict(), Path(path))
+        atomic_torch_save(self.to_dict(), Path(path), after_each_write)
 
 
 def read_checkpoint(path: str | Path) -> dict:

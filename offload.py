@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from model import KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
-from safetensors_io import load_file, save_file, sharded_files, write_atomically
+from safetensors_io import MappedPages, load_file, save_file, sharded_files, write_atomically
+from speedups import release_freed_memory
 
 STORE_FORMAT = "llama3-trainer-offload-store"
 MANIFEST = "manifest.json"
@@ -156,9 +157,9 @@ class BlockStore:
         mapped = load_file(self.path("weights", unit))
         return {n: t.to(device=device, dtype=dtype or t.dtype, copy=True) for n, t in mapped.items()}
 
-    def mapped(self, unit: str) -> dict[str, torch.Tensor]:
+    def mapped(self, unit: str, pages: Optional[MappedPages] = None) -> dict[str, torch.Tensor]:
         """The unit's tensors memory-mapped: pages are read when touched (an embedding lookup reads its rows)."""
-        return load_file(self.path("weights", unit))
+        return load_file(self.path("weights", unit), pages=pages)
 
     def write_weights(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         """Replace a unit's weights (an optimizer update) and record the file's new hash."""
@@ -324,8 +325,8 @@ class _StreamedBlocks(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type),
                         torch.is_autocast_cache_enabled())
         ctx.inputs, ctx.rng = [], []
-        for _, block in model.streamed_blocks(range(model.args.n_layers), trainable=False):
-            ctx.inputs.append(h)
+        for i, block in model.streamed_blocks(range(model.args.n_layers), trainable=False):
+            ctx.inputs.append(model.keep_input(i, h))
             ctx.rng.append(_rng_state(h.device))
             h = block(h, cos, sin, 0, mask)
         return h
@@ -334,7 +335,7 @@ class _StreamedBlocks(torch.autograd.Function):
     def backward(ctx, grad):
         model = ctx.model
         for i, block in model.streamed_blocks(reversed(range(model.args.n_layers)), trainable=model.train_base):
-            x = ctx.inputs[i].detach().requires_grad_(True)
+            x = model.kept_input(ctx.inputs[i]).detach().requires_grad_(True)
             with torch.enable_grad(), _replayed(ctx.rng[i], x.device, ctx.autocast):
                 out = block(x, ctx.cos, ctx.sin, 0, ctx.mask)
             torch.autograd.backward(out, grad)
@@ -364,8 +365,13 @@ class AdamWSettings:
 class StreamedTransformer(Transformer):
     """A Transformer computing with weights streamed from a BlockStore; build it with `open_streamed`."""
 
-    def attach(self, store: BlockStore, compute_dtype: torch.dtype, device: torch.device | str, train_base: bool):
+    def attach(self, store: BlockStore, compute_dtype: torch.dtype, device: torch.device | str, train_base: bool,
+               autocast_dtype: Optional[torch.dtype] = None):
         self.store, self.compute_dtype, self.train_base = store, compute_dtype, train_base
+        # Frozen weights stored in the dtype autocast computes in stay in it: autocast would cast them to it for
+        # every product anyway, and a norm's weight promotes exactly, so the arithmetic is the same and a bf16
+        # 8B model holds half the bytes. Trained weights are the fp32 master copy.
+        self.held_dtype = None if train_base else autocast_dtype
         self.device = torch.device(device)
         self.io_wait_seconds = 0.0  # time spent waiting for a unit to arrive (the step line's I/O share)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-read")
@@ -373,6 +379,9 @@ class StreamedTransformer(Transformer):
         self._outer: Optional[str] = None  # how the embedding, norm and output are loaded: "frozen", "trained"
         self._block_buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
         self._memory_optimizer: Optional[torch.optim.AdamW] = None
+        self.reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None  # over ranks (RunOffload)
+        self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
+        self._kept = 0
         # The meta placeholders say whether a stored weight trains, so that counting trainable parameters
         # (and FLOPs) reads the streamed model as it reads a model in memory.
         for name, p in self.named_parameters():
@@ -389,8 +398,13 @@ class StreamedTransformer(Transformer):
             self.io_wait_seconds += time.perf_counter() - started
 
     # ---- loading and releasing ----------------------------------------------------------------------------
+    def _dtype_for(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a weight is held in while in use: its stored one when autocast computes in that, else the
+        compute dtype (fp32 on a CPU without bf16: each block upcast as it arrives)."""
+        return stored if stored == self.held_dtype else self.compute_dtype
+
     def _read(self, unit: str) -> dict[str, torch.Tensor]:
-        return self.store.load(unit, self.compute_dtype, self.device)
+        return {n: t.to(self.device, self._dtype_for(t.dtype), copy=True) for n, t in self.store.mapped(unit).items()}
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's weights, cast into buffer set i % 2. Every block has the same shapes, so two sets serve all:
@@ -403,7 +417,7 @@ class StreamedTransformer(Transformer):
         for name, t in self.store.mapped(f"layers.{i}").items():
             local = name.removeprefix(prefix)
             if local not in buffers:
-                buffers[local] = torch.empty(t.shape, dtype=self.compute_dtype, device=self.device)
+                buffers[local] = torch.empty(t.shape, dtype=self._dtype_for(t.dtype), device=self.device)
             out[name] = buffers[local].copy_(t)
         return out
 
@@ -432,6 +446,25 @@ class StreamedTransformer(Transformer):
             finally:
                 self._release(self.store.units[f"layers.{i}"])
 
+    def keep_input(self, i: int, h: torch.Tensor) -> torch.Tensor | Path:
+        """Block i's input until its backward: the tensor, or with `activation_dir` a file holding it (named by a
+        running count: a stage may run several forwards before one backward)."""
+        if self.activation_dir is None:
+            return h
+        self._kept += 1
+        path = self.activation_dir / f"input-{self._kept}-block{i}.safetensors"
+        with self._io():
+            save_file({"h": h}, path, durable=False)
+        return path
+
+    def kept_input(self, kept: torch.Tensor | Path) -> torch.Tensor:
+        if isinstance(kept, torch.Tensor):
+            return kept
+        with self._io():
+            h = load_file(kept)["h"].to(self.device, copy=True)
+            kept.unlink()
+        return h
+
     def take_grads(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         """The gradients of a loaded unit's stored weights, by full name (the adapters' stay where they are)."""
         return {prefix + n: p.grad for n, p in module.named_parameters()
@@ -459,7 +492,7 @@ class StreamedTransformer(Transformer):
         if self.args.tie_word_embeddings:
             tied = self.tok_embeddings.weight
             self.output._parameters["weight"] = tied if trainable else \
-                nn.Parameter(tied.to(self.device, self.compute_dtype, copy=True), requires_grad=self.train_base)
+                nn.Parameter(tied.to(self.device, self._dtype_for(tied.dtype), copy=True), requires_grad=self.train_base)
         self._outer = "trained" if trainable else "frozen"
 
     def _outer_grad_hook(self, name: str):
@@ -526,12 +559,12 @@ class StreamedTransformer(Transformer):
         order = self._grad_order()
         norms = {}
         for unit, names in self.store.units.items():  # sweep 1: every stored gradient's norm
-            with self._io():
-                grads = self.store.grads(unit)
+            grads = self._reduced_grads(unit)
             if grads is not None:
                 norms.update(zip(names, torch._foreach_norm([grads[n] for n in names], 2.0)))
         memory = [(n, p) for n, p in self.named_parameters() if p.requires_grad and p.grad is not None]
         if memory:
+            self.reduce_grads([p.grad for _, p in memory])
             norms.update(zip([n for n, _ in memory], torch._foreach_norm([p.grad for _, p in memory], 2.0)))
         if not norms:
             self.load_outer()
@@ -546,8 +579,7 @@ class StreamedTransformer(Transformer):
             return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for unit, names in self.store.units.items():  # sweep 2: the update, unit by unit
-            with self._io():
-                grads = self.store.grads(unit)
+            grads = self._reduced_grads(unit)  # reduced again rather than written back: the same sums, no writes
             if grads is not None:
                 self._step_unit(unit, names, grads, coef, lr, settings)
         if memory:
@@ -562,6 +594,14 @@ class StreamedTransformer(Transformer):
         self.store.commit()
         self.load_outer()
         return total
+
+    def _reduced_grads(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
+        """A unit's stored gradients, averaged over the ranks when there are several (each rank stores its own)."""
+        with self._io():
+            grads = self.store.grads(unit)
+        if grads is not None:
+            self.reduce_grads(list(grads.values()))
+        return grads
 
     def _grad_order(self) -> list[str]:
         """Names in the order clip_grad_norm_ stacks their norms: grouped by (device, dtype) in order of first
@@ -604,12 +644,13 @@ def _is_adapter(name: str) -> bool:
 
 
 def open_streamed(store: BlockStore, compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  train_base: bool = False) -> StreamedTransformer:
+                  train_base: bool = False, autocast_dtype: Optional[torch.dtype] = None) -> StreamedTransformer:
     """A StreamedTransformer of the store's shape, all weights on the meta device until used. Apply LoRA to it
-    (lora.apply_lora) and then `materialize_adapters` for adapters in memory."""
+    (lora.apply_lora) and then `materialize_adapters` for adapters in memory. `autocast_dtype`: the dtype the
+    caller's autocast computes in, if any (frozen weights stored in it are then held in it)."""
     with torch.device("meta"):
         model = StreamedTransformer(store.args)
-    model.attach(store, compute_dtype, device, train_base)
+    model.attach(store, compute_dtype, device, train_base, autocast_dtype)
     return model
 
 
@@ -640,8 +681,12 @@ class RunOffload:
     is rebuilt, saying why. Full fine-tuning always rebuilds (its store is scratch that training rewrites); the
     checkpoints, not the store, are what is kept."""
 
-    def __init__(self, directory: Path, device: torch.device, train_base: bool, adamw: AdamWSettings):
+    def __init__(self, directory: Path, device: torch.device, train_base: bool, adamw: AdamWSettings,
+                 autocast_dtype: Optional[torch.dtype] = None, world_size: int = 1, activations_on_disk: bool = False):
         self.directory, self.device, self.train_base, self.adamw = Path(directory), device, train_base, adamw
+        self.autocast_dtype = autocast_dtype  # the run's autocast (None: fp32), for open_streamed
+        self.world_size, self.activations_on_disk = world_size, activations_on_disk
+        self.pages = MappedPages()  # the store's files a checkpoint being written maps
         self.notes: list[str] = []
         self.model: Optional[StreamedTransformer] = None  # the policy
         self.others: list[StreamedTransformer] = []  # a frozen reference or a teacher, streamed too
@@ -679,6 +724,8 @@ class RunOffload:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)  # half a store is no store: the next start writes it
             raise
+        finally:
+            release_freed_memory()
 
     def _open(self, name: str, args: ModelArgs, units: Callable, identity: Optional[str], itemsize: int,
               compute_dtype: torch.dtype = torch.float32) -> StreamedTransformer:
@@ -687,9 +734,15 @@ class RunOffload:
         if identity is not None:
             identity = f"{identity} {dtype or 'as stored'}"
         store = self._store(name, args, units, None if trains else identity, dtype, 4 if trains else itemsize)
-        model = open_streamed(store, compute_dtype, self.device, train_base=trains)
+        model = open_streamed(store, compute_dtype, self.device, train_base=trains, autocast_dtype=self.autocast_dtype)
         if name == "policy":
             self.model = model
+            if self.world_size > 1:
+                model.reduce_grads = self.mean_over_ranks
+            if self.activations_on_disk:
+                model.activation_dir = self.directory / "activations"
+                shutil.rmtree(model.activation_dir, ignore_errors=True)  # an interrupted step's: never read again
+                model.activation_dir.mkdir(parents=True)
         else:
             self.others.append(model)
         return model
@@ -738,6 +791,21 @@ class RunOffload:
         lora.load_lora_state_dict(model, {k: v for k, v in record.weights.items() if lora.is_adapter_key(k)})
         return model
 
+    # ---- several ranks ------------------------------------------------------------------------------------------
+    def mean_over_ranks(self, grads: list[torch.Tensor]) -> None:
+        """Each gradient replaced by its mean over the ranks, as DDP reduces them (there is no DDP wrapper around a
+        streamed model: its stored gradients reach the store inside backward, out of DDP's reach)."""
+        import torch.distributed as dist
+
+        for g in grads:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            g.div_(self.world_size)
+
+    def reduce_memory_grads(self) -> None:
+        """A LoRA run's adapter gradients averaged over the ranks, before clipping and the optimizer step."""
+        if self.world_size > 1 and not self.train_base:
+            self.mean_over_ranks([p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None])
+
     # ---- the full fine-tuning update and its state -------------------------------------------------------------
     def update(self, lr: float, max_norm: float, n_units: float) -> float:
         """Global-norm clipping and AdamW over the stored gradients (StreamedTransformer.clip_and_step); a step
@@ -751,7 +819,7 @@ class RunOffload:
         """The stored weights by their state-dict names, memory-mapped from the store's files: torch.save reads
         them unit by unit from the page cache, so the checkpoint never needs the whole model in memory."""
         store = self.model.store
-        mapped = {n: t for unit in store.units for n, t in store.mapped(unit).items()}
+        mapped = {n: t for unit in store.units for n, t in store.mapped(unit, self.pages).items()}
         with torch.device("meta"):
             names = list(Transformer(store.args).state_dict())
         return {n: mapped.get(n, mapped["tok_embeddings.weight"]) for n in names}  # a tied output: the embedding
@@ -764,7 +832,7 @@ class RunOffload:
         for unit, names in store.units.items():
             path = store.path("adamw", unit)
             if path.is_file():
-                saved = load_file(path)
+                saved = load_file(path, pages=self.pages)
                 state.update({n: {k: saved[f"{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for n in names})
         with torch.device("meta"):
             params = dict(Transformer(store.args).named_parameters())
@@ -783,7 +851,9 @@ class RunOffload:
                                                    for n in present for k in ("step", "exp_avg", "exp_avg_sq")})
 
     def checkpoint_state(self, settings, init: Optional[dict], optimizer, options) -> tuple[dict, object, dict]:
-        """(weights, LoRA Adapters or None, optimizer state) for train.Run.save."""
+        """(weights, LoRA Adapters or None, optimizer state) for train.Run.save; what they map from the store is
+        in `self.pages`, for the checkpoint writer to release as it goes (release_pages)."""
+        self.pages = MappedPages()
         import lora
         from checkpoint import Adapters
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -794,10 +864,13 @@ class RunOffload:
         if init is not None:
             return (*lora.adapter_weights(self.model, settings, init), optim_state)
         # no base file (a LoRA run from scratch): every weight, the frozen base read from the store
-        weights = {n: t for unit in self.model.store.units for n, t in self.model.store.mapped(unit).items()}
+        weights = {n: t for unit in self.model.store.units for n, t in self.model.store.mapped(unit, self.pages).items()}
         if self.model.args.tie_word_embeddings:
             weights["output.weight"] = weights["tok_embeddings.weight"]
         return weights | lora.lora_state_dict(self.model), Adapters(settings.to_dict(), None), optim_state
+
+    def release_pages(self) -> None:
+        self.pages.release()
 
     # ---- what the run says ---------------------------------------------------------------------------------------
     def io_seconds(self) -> float:
@@ -812,12 +885,15 @@ class RunOffload:
         outer = sum(v for u, v in sizes.items() if not u.startswith("layers."))
         numels = _unit_numels(store.args)
         params = sum(numels.values())
-        c = torch.tensor([], dtype=model.compute_dtype).element_size()
+        c = model.compute_dtype.itemsize
+        stored = next(iter(store.mapped("layers.0").values())).dtype
+        held = model._dtype_for(stored).itemsize
+        holding = "held as stored" if model._dtype_for(stored) == stored else "upcast as each block arrives"
         a = store.args
         tokens = micro_batch * seq_len
         block_params = numels["layers.0"]
         activations = a.n_layers * tokens * a.dim * c + tokens * (6 * a.dim + 3 * a.ffn_hidden_dim) * 4 * 2
-        peak = 2 * block_params * c + activations
+        peak = 2 * block_params * held + activations
         if self.train_base:
             read = micro_batches * (2 * blocks + outer) + (micro_batches + 1) * 4 * params + 3 * 4 * params + outer
             written = micro_batches * 4 * params + 3 * 4 * params
@@ -826,12 +902,12 @@ class RunOffload:
         else:
             read, written = micro_batches * 2 * blocks, 0
             adapters = sum(p.numel() for p in model.parameters() if p.requires_grad and not p.is_meta)
-            peak += c * a.vocab_size * a.dim + 4 * 4 * adapters
+            peak += held * a.vocab_size * a.dim + 4 * 4 * adapters
             what = "the frozen weights (adapters and their AdamW state in memory)"
         extra = f"; {', '.join(m.store.directory.name for m in self.others)} streamed too" if self.others else ""
         return (f"offload: disk, {store.directory.parent}: {what}, {len(store.units)} units, {_size(blocks + outer)}"
-                f" of weights on disk, computed in {str(model.compute_dtype).removeprefix('torch.')} on "
-                f"{self.device}{extra} | per step: ~{_size(read)} read, ~{_size(written)} written | "
+                f" of weights on disk ({str(stored).removeprefix('torch.')}, {holding}), activations in "
+                f"{str(model.compute_dtype).removeprefix('torch.')} on {self.device}{extra} | per step: ~{_size(read)} read, ~{_size(written)} written | "
                 f"expected peak memory ~{_size(peak)} beyond the process's own | {'; '.join(self.notes)}")
 
 
@@ -839,11 +915,3 @@ def _unit_numels(args: ModelArgs) -> dict[str, int]:
     with torch.device("meta"):
         state = Transformer(args).state_dict()
     return {u: sum(state[n].numel() for n in names) for u, names in stored_names(args).items()}
-
-
-def supported(offload: str, world_size: int) -> None:
-    """What a run with OFFLOAD set needs beyond its settings (config.py refuses those): one process."""
-    if offload != "none" and world_size > 1:
-        raise OffloadError(f"OFFLOAD={offload} runs in one process (world size {world_size} given): the streamed "
-                           f"blocks' gradients reach the store inside backward, where DDP cannot reduce them; run "
-                           f"without torchrun, or set OFFLOAD=none")

@@ -82,8 +82,23 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
                                f"the file holds {data_size}")
 
 
-def load_file(path: str | Path, names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+class MappedPages:
+    """File mappings whose pages a caller drops from the resident set once read (a mapped file's pages count in
+    it while mapped): writing a checkpoint from a model's mapped files then holds one tensor's pages, not all."""
+
+    def __init__(self):
+        self.mappings: list[mmap.mmap] = []
+
+    def release(self) -> None:
+        """Drop every page read so far; the mappings stay valid (a page touched again is read again)."""
+        for m in self.mappings:
+            m.madvise(mmap.MADV_DONTNEED)  # clean private pages: dropping loses nothing
+
+
+def load_file(path: str | Path, names: Optional[Iterable[str]] = None,
+              pages: Optional[MappedPages] = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (or only `names`), memory-mapped: pages are read when first touched.
+    `pages` collects the mapping, for its owner to release.
 
     The mapping is private (copy-on-write): writing to a returned tensor never changes the file."""
     path = Path(path)
@@ -91,6 +106,8 @@ def load_file(path: str | Path, names: Optional[Iterable[str]] = None) -> dict[s
     wanted = header.keys() if names is None else names
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # each tensor keeps `buf` alive
+    if pages is not None:
+        pages.mappings.append(buf)
     out = {}
     for name in wanted:
         entry = header[name]

@@ -39,7 +39,7 @@ from config import Config, ConfigError, exit_on_config_error, load_config
 from dataloaders import DataError, StepLoader
 from distributed import DistInfo, all_reduce_sum, broadcast_object, setup_distributed, teardown_distributed
 from generate import complete
-from hardware import PrecisionChoice, autocast_context, choose_precision, peak_flops, plausible_mfu
+from hardware import DTYPES, PrecisionChoice, autocast_context, choose_precision, peak_flops, plausible_mfu
 from hellaswag_utils import HellaSwagDataError, as_metrics, format_result, load_examples
 from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
@@ -161,7 +161,7 @@ class StepFlops:
 def parallelize(model: Transformer, cfg: Config, d: DistInfo) -> torch.nn.Module:
     """DDP keeps a full replica per rank; FSDP2 shards every block and the root in place, so
     parameters, gradients and optimizer state are split over the ranks."""
-    if d.world_size == 1:
+    if d.world_size == 1 or isinstance(model, offload.StreamedTransformer):  # offload: RunOffload reduces instead
         return model
     if cfg.parallelism == "fsdp":
         for layer in model.layers:
@@ -560,7 +560,8 @@ class OptimizerStep:
     scaler: torch.amp.GradScaler
     cfg: Config
     d: DistInfo
-    streamed: Optional[RunOffload] = None  # offloaded full fine-tuning: the gradients and AdamW state are stored
+    offload: Optional[RunOffload] = None  # OFFLOAD=disk: gradients reduced over ranks by it; full fine-tuning's
+    # gradients and AdamW state are stored, and it makes the update
 
     def __call__(self, batches: list[dict], lr: float, stop: StopRequest) -> tuple[Optional[dict], bool]:
         """(figures, stop after this step), or (None, True) when the ranks agree to stop before it. Two host
@@ -607,8 +608,10 @@ class OptimizerStep:
     def update(self, lr: float, n_units: float) -> float:
         """Clip, step and clear the gradients; returns their global norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        if self.streamed is not None:  # the same clip and AdamW step, unit by unit over the store
-            return self.streamed.update(lr, clip, n_units)
+        if self.offload is not None and self.offload.train_base:  # the same clip and AdamW, unit by unit
+            return self.offload.update(lr, clip, n_units)
+        if self.offload is not None:
+            self.offload.reduce_memory_grads()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
@@ -755,8 +758,7 @@ class Run:
         stage.setup(model)
 
         train_model = parallelize(model, cfg, d)
-        streamed_update = offloaded if offloaded and offloaded.train_base else None
-        optimizer = None if streamed_update else build_optimizer(model, cfg, d.device)
+        optimizer = None if offloaded and offloaded.train_base else build_optimizer(model, cfg, d.device)
         scaler = torch.amp.GradScaler(d.device.type, enabled=precision.precision == "fp16")
         progress = Progress()
         if initial.ckpt is not None:
@@ -770,7 +772,7 @@ class Run:
         progress.step = first_step
 
         step = OptimizerStep(torch.compile(train_model) if cfg.compile else train_model, stage, optimizer, scaler,
-                             cfg, d, streamed_update)
+                             cfg, d, offloaded)
         run = cls(cfg, d, model, step, loaders, tokenizer, plan, progress)
         if offloaded:
             run.offload, run.figures = offloaded, stage.figures | {"io_share": "io {:.0%}"}
@@ -872,7 +874,8 @@ class Run:
             wandb_run_id=progress.wandb_run_id, config=self.cfg.to_dict(), world_size=self.plan.world_size,
             tokens_per_step=self.plan.tokens_per_step)
         Checkpoint(weights, unwrap(self.model).args, self.cfg.training_stage, self.tokenizer.identity(),
-                   str(self.tokenizer.path), Provenance(init=self.init, adapters=adapters), training).write(path)
+                   str(self.tokenizer.path), Provenance(init=self.init, adapters=adapters), training).write(
+            path, self.offload.release_pages if self.offload else None)
         self.keeper.saved(path)
         self.logger.print(f"checkpoint: {path}")
 
@@ -940,8 +943,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if d.device.type == "cpu":
-        keep_freed_memory_on_cpu()
+    if d.device.type == "cpu" and cfg.offload == "none":  # an offloaded run is for memory: glibc returns its
+        keep_freed_memory_on_cpu()  # big buffers at once (kept, a full fine-tuning step's grew by 2 GB a step)
     try:
         return train(cfg, args, d)
     except (SetupError, DataError, CheckpointError, HellaSwagDataError, lora.LoRAError, OffloadError,
@@ -956,10 +959,12 @@ def start_offload(cfg: Config, d: DistInfo) -> Optional[RunOffload]:
     """OFFLOAD=disk: where the run's stores go and how full fine-tuning steps (the optimizer's settings)."""
     if cfg.offload == "none":
         return None
-    offload.supported(cfg.offload, d.world_size)
     adamw = AdamWSettings(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                           fused=d.device.type in ("cuda", "cpu"))  # as build_optimizer: the same kernel
-    return RunOffload(cfg.offload_path, d.device, train_base=not cfg.lora_enabled, adamw=adamw)
+    autocast = None if cfg.training_precision == "fp32" else DTYPES[cfg.training_precision]
+    directory = cfg.offload_path if d.world_size == 1 else cfg.offload_path / f"rank{d.rank}"  # a store per rank
+    return RunOffload(directory, d.device, train_base=not cfg.lora_enabled, adamw=adamw, autocast_dtype=autocast,
+                      world_size=d.world_size, activations_on_disk=cfg.offload_activations == "disk")
 
 
 def check_precision_fits_device(precision: PrecisionChoice, device: torch.device) -> None:

@@ -128,6 +128,21 @@ def test_lora_training_streamed_equals_in_memory_with_dropout_accumulation_and_c
                            adapters(streamed)["layers.0.attention.wq.lora_a.weight"])
 
 
+def test_block_inputs_kept_on_disk_train_as_in_memory_and_leave_no_file_behind(tmp_path, monkeypatch):
+    reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
+    streamed.activation_dir = tmp_path / "activations"
+    streamed.activation_dir.mkdir()
+    saved, real_save = [], offload.save_file
+    monkeypatch.setattr(offload, "save_file", lambda tensors, path, durable=True: (saved.append(path),
+                                                                                   real_save(tensors, path, durable)))
+    ref_losses, _ = run_steps(reference, in_memory_step(reference))
+    losses, _ = run_steps(streamed, in_memory_step(streamed))
+    assert len(saved) == STEPS * 2 * tiny_args().n_layers  # every block's input of every micro-batch went to disk
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert_same(adapters(reference), adapters(streamed))
+    assert not list(streamed.activation_dir.iterdir())  # each read back once by its backward, then deleted
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path, tied):
     """Every weight trains (base and adapters, so dropout is on): the base's gradients and AdamW state live in
@@ -163,6 +178,31 @@ def test_a_bf16_store_upcast_block_by_block_gives_the_in_memory_fp32_logits(tmp_
         expected, _ = model.float()(tokens)
         logits, _ = streamed(tokens)
     assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+
+
+def test_under_bf16_autocast_a_bf16_store_is_held_in_bf16_and_lora_trains_as_in_memory(tmp_path):
+    """Autocast casts every weight to bf16 for its product anyway, and a norm's bf16 weight promotes exactly:
+    holding a bf16 store's blocks in bf16 (half an fp32 copy's memory) changes no number."""
+    torch.manual_seed(0)
+    reference = Transformer(tiny_args()).to(torch.bfloat16)
+    store = offload.write_store_from_model(tmp_path / "store", reference)
+    reference.float()  # in memory: the weights upcast, as starting weights are loaded
+    torch.manual_seed(1)
+    apply_lora(reference, LORA)
+    streamed = offload.open_streamed(store, autocast_dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    apply_lora(streamed, LORA)
+    offload.materialize_adapters(streamed)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+        losses, norms = run_steps(streamed, in_memory_step(streamed))
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert_same(adapters(reference), adapters(streamed))
+    streamed.load_outer()
+    assert streamed.output.weight.dtype == torch.bfloat16  # held as stored, not upcast
+    assert {t.dtype for buffers in streamed._block_buffers for t in buffers.values()} == {torch.bfloat16}
 
 
 def load_dtypes(directory: Path) -> set[str]:
