@@ -3,6 +3,7 @@
     python bench.py                                         # CPU, `small` preset: about 10 minutes on 2 cores
     python bench.py --device cuda --preset 1b --precisions bf16 --skip variants,data_prep --decode_batches 1,16
     python bench.py --preset tiny --quick --json out.json   # seconds: checks that the tool works
+    python bench.py --only offload --json offload.json      # the offload row alone: about 6 minutes on 2 cores
 
 What is measured, printed as one table and written with the environment to --json:
 
@@ -13,6 +14,10 @@ What is measured, printed as one table and written with the environment to --jso
 - training variants of ours on the same shape against plain pretraining rows: packed SFT rows, LoRA, DPO with
   a live and a precomputed reference, distillation from a wider teacher (tokens/s and peak memory), each
   through its stage's own loss in stages.py, on a batch laid out as that stage's loader lays it out;
+- offload: train.py's SFT step on a model that fits in memory (OFFLOAD_PRESETS: 320M parameters for `small`), in
+  memory and streamed from an OFFLOAD=disk store whose files are in the page cache, for full fine-tuning and LoRA:
+  seconds per step, their ratio, the share of the offloaded step spent waiting for the store, and whether both
+  trained through the same losses and gradient norms (they are exact, so anything else means other work);
 - data preparation: the shard writer (`prepare_pretrain_dataset`) with 1 and 2 worker processes against
   a plain single-process tiktoken loop over the same documents, and that loop split over 2 processes
   (the most 2 processes get out of the machine: the ceiling for the writer's scaling).
@@ -33,6 +38,12 @@ Method
   trainer's fused chunked output layer + cross-entropy. Both use the trainer's `build_optimizer`.
 - Generation: tokens/s = new tokens (all rows) / wall time of the whole call, prompt included, eager. The
   first call is timed apart: ours reorders its weights for the CPU kernels then, once per set of weights.
+- Offload: both sides are train.py's own objects (initial_model, start_offload, OptimizerStep: the clipped AdamW
+  update, through the store's clip_and_step for offloaded full fine-tuning) with train.py's allocator setting, on
+  packed SFT rows, one pair of processes per precision running the methods in turn (so no peak memory: the
+  README measures offloaded runs' memory whole); the I/O share is RunOffload.io_seconds (the streamed model's
+  waits) over the step. The store lives in the system's temporary directory (TMPDIR); how much of it is in the
+  page cache is read with mincore before and after the timed steps and printed.
 - Data preparation runs in its own interpreter; see DATA_PREP_RUN for what is on the clock. Its
   "after start-up" ratio counts each writer run from the moment every worker has returned a batch.
 - On CPU the allocator matters: glibc maps tensors above its mmap threshold (at most 32 MB) afresh and
@@ -44,14 +55,17 @@ Method
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import inspect
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,8 +93,8 @@ from model import ModelArgs, Transformer
 from stages import Distillation, DPOStage, Setting, SFTStage, Stage
 import hardware
 from hardware import datasheet_peak, plausible_mfu
-from speedups import reordered_linears
-from train import build_optimizer
+from speedups import keep_freed_memory_on_cpu, reordered_linears
+from train import OptimizerStep, Start, build_optimizer, initial_model, start_offload, to_device
 
 ROOT = Path(__file__).resolve().parent
 SEED = 1234
@@ -88,7 +102,7 @@ KINDS = ("ours", "hf")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-SECTIONS = ("generate", "variants", "data_prep")  # besides the training step, which every run measures
+SECTIONS = ("train", "generate", "variants", "offload", "data_prep")
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -110,6 +124,15 @@ PRESETS: dict[str, Preset] = {
     # Llama 3.2 1B, for GPUs. Batch 2 because both models share the GPU: by estimate HF's fp32 step (~40 GB)
     # then fits beside the other model's idle weights and AdamW state (~15 GB) in 80 GB. --batch changes it.
     "1b": Preset(MODEL_PRESETS["llama3.2-1b"], batch=2, seq_len=2048),
+}
+# The offload row's model for each preset: one that also fits in memory, so that both ways can train it. For `small`
+# a few hundred million parameters: 320M (1024 wide, 16 blocks; the tied 128k embedding is 131M of them), SFT rows of
+# 256 tokens. None for `1b`: offloaded full fine-tuning moves about 45 GB through the store per step at that size;
+# train.py with OFFLOAD=disk measures it (README).
+OFFLOAD_PRESETS: dict[str, Preset] = {
+    "tiny": PRESETS["tiny"],
+    "small": Preset(dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=8, multiple_of=256, tie_word_embeddings=True),
+                    batch=2, seq_len=256),
 }
 
 
@@ -137,12 +160,16 @@ class Rounds:
     generate: int
     data_prep: int
     corpus_chars: int  # the data-preparation corpus: CPython's documentation, repeated up to this size
+    corpus_source_chars: Optional[int] = None  # how much of the documentation is read before repeating (None: all)
 
 
 # 40M characters are about 9.3M tokens. A full CPU run of the small preset takes about 4 minutes.
 FULL = Rounds(train_warmup=2, train=5, generate_warmup=1, generate=5, data_prep=5, corpus_chars=40_000_000)
-# QUICK: a corpus of a few worker batches, so the rate after start-up has something to measure.
-QUICK = Rounds(train_warmup=1, train=2, generate_warmup=1, generate=2, data_prep=1, corpus_chars=3_000_000)
+# QUICK: no warm-up, two steps (the second after an update, so the offload row's losses compare updates), and a
+# corpus of a few worker batches, so the rate after start-up has something to measure, made of the documentation's
+# first 500k characters (reading 3M of it takes 8 s: every module's docstrings and comments are parsed).
+QUICK = Rounds(train_warmup=0, train=2, generate_warmup=1, generate=2, data_prep=1, corpus_chars=3_000_000,
+               corpus_source_chars=500_000)
 
 
 def hf_takes_shift_labels() -> bool:
@@ -359,6 +386,16 @@ def packed_row(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(positions), torch.tensor(documents), torch.tensor(trained)
 
 
+def packed_sft(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """(B, T) rows laid out as the SFT loader packs conversations (packed_row): (the model's inputs, the targets,
+    kept on the answers only). Positions restart and the document id changes at each conversation."""
+    B, T = tokens.shape
+    positions, documents, trained = packed_row(T)
+    targets = targets.clone()
+    targets[:, ~trained.to(targets.device)] = IGNORE_INDEX
+    return {"tokens": tokens, "positions": positions.expand(B, T), "document_ids": documents.expand(B, T)}, targets
+
+
 class VariantRunner(ModelRunner):
     """Ours, set up as one of VARIANTS ("ours:packed", ...): the same weights, the batch that variant's loader
     would make of the same shape, and its stage's loss (stages.py), divided by the stage's count as the
@@ -373,9 +410,7 @@ class VariantRunner(ModelRunner):
                           vocab_size=LLAMA3_VOCAB, starting_weights=self._build)
         batch, targets = {"tokens": self.x}, self.y.clone()
         if self.variant in ("packed", "lora"):
-            positions, documents, trained = packed_row(T)
-            targets[:, ~trained.to(self.device)] = IGNORE_INDEX
-            batch |= {"positions": positions.expand(B, T), "document_ids": documents.expand(B, T)}
+            batch, targets = packed_sft(self.x, self.y)
             self.stage: Stage = SFTStage(setting)
         elif self.variant.startswith("dpo"):
             if B % 2:
@@ -413,9 +448,93 @@ class VariantRunner(ModelRunner):
         return loss / self.stage.count(self.batch)
 
 
+# ---- the offload row: train.py's step in memory and streamed from disk ---------------------------------------------
+OFFLOAD_METHODS = {"full": "full fine-tuning", "lora": "LoRA r=16"}  # LoRA: the trainer's default adapter settings
+
+
+def offload_config(preset: str, device: str, precision: str, method: str, where: str, directory: str) -> Config:
+    """The .env of an SFT run of the offload row's shape: `method` full or lora, `where` memory (OFFLOAD=none) or
+    disk (OFFLOAD=disk, its stores in `directory`); every other setting the trainer's default."""
+    shape = OFFLOAD_PRESETS[preset]
+    return Config(**shape.model, max_seq_len=shape.seq_len, max_batch_size=shape.batch,
+                  total_batch_size=shape.batch * shape.seq_len, training_stage="sft", training_precision=precision,
+                  instruct_eval_examples=0, lora_enabled=method == "lora",
+                  offload="disk" if where == "disk" else "none", offload_dir=directory, device=device).validate()
+
+
+class _NeverStop:
+    """OptimizerStep's stop request, never made (train.py's StopRequest would take over the signals)."""
+    requested = False
+
+
+class OffloadRunner(ModelRunner):
+    """One side of the offload row, kind "offload:memory" or "offload:disk": for each method in turn, the model,
+    stage and optimizer step train.py builds for an SFT run of the row's shape, in memory or streamed from an
+    OFFLOAD=disk store, stepping one batch of packed SFT rows. Every step's loss and gradient norm is kept, warm-up
+    included. No peak memory is taken: the methods share the process (and an offloaded peak would count the
+    store's mapped pages)."""
+
+    def __init__(self, kind: str, plan: Plan):
+        super().__init__(kind, plan)
+        self.where = kind.split(":")[1]
+        # train.py's main does this first on a CPU: both sides allocate as a user's run allocates
+        self.keeps_freed_memory = self.device.type == "cpu" and keep_freed_memory_on_cpu()
+
+    def setup_training(self, precision: str, method: str, directory: str) -> dict:
+        self.precision = precision
+        cfg = offload_config(self.plan.preset, self.plan.device, precision, method, self.where, directory)
+        d = DistInfo(0, 0, 1, self.device)
+        settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
+        self.offloaded = start_offload(cfg, d)  # None in memory
+        self.model = initial_model(cfg, Start(), None, LLAMA3_VOCAB, self.device, settings, self.offloaded).model
+        stage = SFTStage(Setting(cfg, d, cfg.max_batch_size, tokenizer=None, vocab_size=LLAMA3_VOCAB))
+        stage.setup(self.model)
+        streamed = self.offloaded if self.offloaded and self.offloaded.train_base else None
+        self.optimizer = None if streamed else build_optimizer(self.model, cfg, self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp16 only, which the row does not run
+        self.optimizer_step = OptimizerStep(self.model, stage, self.optimizer, scaler, cfg, d, streamed)
+        self.lr = cfg.max_lr
+        window = torch.randint(0, LLAMA3_VOCAB, (cfg.max_batch_size, cfg.max_seq_len + 1),
+                               generator=torch.Generator().manual_seed(SEED + 1))
+        inputs, targets = packed_sft(window[:, :-1].contiguous(), window[:, 1:].contiguous())
+        self.batch = to_device(inputs | {"targets": targets, "trained_rows": trained_rows(targets.numpy()),
+                                         "input_tokens": torch.tensor(targets.numel())}, self.device)
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        info = {"trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "keeps_freed_memory": self.keeps_freed_memory, "grad_clip": cfg.grad_clip, "lr": cfg.max_lr}
+        if self.offloaded:  # the run's start-up line: what streams, bytes read and written per step
+            info["offload_line"] = self.offloaded.describe(1, cfg.max_batch_size, cfg.max_seq_len)
+        return info
+
+    def io_seconds(self) -> float:
+        return self.offloaded.io_seconds() if self.offloaded else 0.0
+
+    def _step(self) -> float:
+        figures, _ = self.optimizer_step([self.batch], self.lr, _NeverStop())
+        self.losses.append(figures["loss"])
+        self.grad_norms.append(figures["grad_norm"])
+        return figures["loss"]
+
+    def train_step(self) -> dict:
+        """One timed step, and the seconds of it spent waiting for the store (as train.py's io_share)."""
+        sync(self.device)
+        io_before, start = self.io_seconds(), time.perf_counter()
+        loss = self._step()
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "loss": loss, "io_seconds": self.io_seconds() - io_before}
+
+    def finish_training(self) -> dict:
+        out = {"losses": self.losses, "grad_norms": self.grad_norms}
+        self.model = self.optimizer = self.optimizer_step = self.offloaded = None
+        gc.collect()
+        return out
+
+
 def _serve(conn, kind: str, plan: Plan) -> None:
     """A model process's loop: (method, args) in, (ok, result or traceback) out, None to stop."""
-    runner = VariantRunner(kind, plan) if kind.startswith("ours:") else ModelRunner(kind, plan)
+    runner = (VariantRunner if kind.startswith("ours:") else OffloadRunner if kind.startswith("offload:")
+              else ModelRunner)(kind, plan)
     conn.send((True, None))
     while (request := conn.recv()) is not None:
         method, args = request
@@ -456,8 +575,10 @@ class ModelProcess:
         return result
 
     def stop(self) -> None:
-        if self.process.is_alive():
+        """Ask the process to exit (once: a stopped process is left alone)."""
+        if self.process.is_alive() and not self.conn.closed:
             self.conn.send(None)
+            self.conn.close()
 
 
 @contextmanager
@@ -568,26 +689,137 @@ def generation_key(precision: str, batch: int) -> str:
 
 
 def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
-    """Each variant against plain pretraining rows of the same shape, alternated in a fresh pair of processes:
-    tokens/s (of the rows' positions) and peak memory, each as a ratio to the pretraining rows."""
-    out: dict = {"precision": precision, "code_path": "stages.py"}
-    tokens_per_step = plan.batch * plan.seq_len
-    for variant in VARIANTS:
-        with model_processes(plan, ("ours", f"ours:{variant}")) as procs:
+    """Each variant against plain pretraining rows of the same shape: tokens/s (of the rows' positions) and peak
+    memory, each as a ratio to the rows'. Each variant has a fresh process of its own, alternated with one process
+    of plain rows that serves them all (set up once, its model goes on training; its peak is over all the rounds).
+    All start together, so their imports share the cores, and each variant's process ends once it is measured,
+    before the next one builds its model."""
+    kinds = ("ours", *(f"ours:{variant}" for variant in VARIANTS))
+    measured = {}
+    with model_processes(plan, kinds) as procs:
+        rows = procs["ours"]
+        rows_info = rows.call("setup_training", precision)
+        for variant in VARIANTS:
             print(f"variant {variant}, {precision} ...", file=sys.stderr)
-            info = call_both(procs, "setup_training", precision)
-            runs = alternate({kind: (lambda p=p: p.call("train_step")) for kind, p in procs.items()},
+            process = procs[f"ours:{variant}"]
+            info = process.call("setup_training", precision)
+            runs = alternate({"ours": lambda: rows.call("train_step"), variant: lambda: process.call("train_step")},
                              rounds.train_warmup, rounds.train)
-            memory = call_both(procs, "finish_training")
-        base, other = (tokens_per_step / statistics.median(r["seconds"] for r in runs[k])
-                       for k in ("ours", f"ours:{variant}"))
+            measured[variant] = info, runs, process.call("finish_training")
+            process.stop()
+            process.process.join(timeout=60)
+        rows_memory = rows.call("finish_training")["peak_bytes"] / 2**20
+    out: dict = {"precision": precision, "code_path": "stages.py", "baseline": "one process for all variants"}
+    tokens_per_step = plan.batch * plan.seq_len
+    for variant, (info, runs, memory) in measured.items():
+        base, other = (tokens_per_step / statistics.median(r["seconds"] for r in runs[k]) for k in ("ours", variant))
         out[variant] = {"tokens_per_s": other, "baseline_tokens_per_s": base, "speed_ratio": other / base,
-                        "peak_memory_mib": memory[f"ours:{variant}"]["peak_bytes"] / 2**20,
-                        "baseline_peak_memory_mib": memory["ours"]["peak_bytes"] / 2**20,
-                        "trainable": info[f"ours:{variant}"]["trainable"], "params": info["ours"]["params"]}
-        out[variant]["memory_ratio"] = out[variant]["peak_memory_mib"] / out[variant]["baseline_peak_memory_mib"]
+                        "peak_memory_mib": memory["peak_bytes"] / 2**20, "baseline_peak_memory_mib": rows_memory,
+                        "trainable": info["trainable"], "params": rows_info["params"]}
+        out[variant]["memory_ratio"] = out[variant]["peak_memory_mib"] / rows_memory
         if variant == "dpo":
-            out[variant]["reference_dtype"] = info[f"ours:{variant}"]["reference_dtype"]
+            out[variant]["reference_dtype"] = info["reference_dtype"]
+    return out
+
+
+def page_cache_share(directory: Path) -> float:
+    """The share of the pages of the files under `directory` that are in the page cache (Linux mincore: each
+    file is mapped, not read, so measuring changes nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    resident = total = 0
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.stat().st_size):
+        size = path.stat().st_size
+        pages = -(-size // mmap.PAGESIZE)
+        with open(path, "rb") as f:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(address), size, vector):
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+        finally:
+            libc.munmap(ctypes.c_void_p(address), size)
+        resident += sum(v & 1 for v in vector)
+        total += pages
+    if not total:
+        raise ValueError(f"{directory}: no files to look for in the page cache")
+    return resident / total
+
+
+def filesystem_type(path: str) -> Optional[str]:
+    """The type of the filesystem holding `path` (ext4, tmpfs, ...) from /proc/mounts; None off Linux."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    resolved = os.path.realpath(path)
+    inside = [(point, kind) for point, kind in mounts
+              if resolved == point or resolved.startswith(point.rstrip("/") + "/")]
+    return max(inside, key=lambda m: len(m[0]))[1] if inside else None
+
+
+def bench_offload_precision(plan: Plan, precision: str, rounds: Rounds) -> dict:
+    """Each method in memory against offloaded, in one pair of processes, alternated step by step (rounds as the
+    training step's); each method's store lives in a temporary directory that outlives both processes."""
+    kinds = {"memory": "offload:memory", "disk": "offload:disk"}
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as tmp, \
+            model_processes(plan, tuple(kinds.values())) as procs:
+        for method in OFFLOAD_METHODS:
+            print(f"offload, {method}, {precision} ...", file=sys.stderr)
+            store = Path(tmp) / method
+            info = call_both(procs, "setup_training", precision, method, str(store))
+            runs = {kind: (lambda p=p: p.call("train_step")) for kind, p in procs.items()}
+            alternate(runs, rounds.train_warmup, 0)
+            cached_before = page_cache_share(store)
+            steps = alternate(runs, 0, rounds.train)
+            cached_after = page_cache_share(store)
+            done = call_both(procs, "finish_training")
+            shutil.rmtree(store)
+            out[method] = offload_figures({where: (info[k], steps[k], done[k]) for where, k in kinds.items()})
+            out[method]["page_cache_share"] = {"before": cached_before, "after": cached_after}
+    return out
+
+
+def offload_figures(sides: dict[str, tuple[dict, list, dict]]) -> dict:
+    """memory / disk: (set-up info, timed steps, every step's loss and gradient norm) -> the row's figures."""
+    out: dict = {}
+    for where, (info, steps, done) in sides.items():
+        seconds = [s["seconds"] for s in steps]
+        out[where] = {"seconds_per_step": statistics.median(seconds), "step_seconds": seconds,
+                      "io_seconds": [s["io_seconds"] for s in steps], **done, **info}
+    memory, disk = out["memory"], out["disk"]
+    out["ratio_per_round"] = [d / m for m, d in zip(memory["step_seconds"], disk["step_seconds"])]
+    out["ratio"] = statistics.median(out["ratio_per_round"])  # paired by round, as the data-prep ratios
+    out["io_share_per_step"] = [io / s for io, s in zip(disk["io_seconds"], disk["step_seconds"])]
+    out["io_share"] = statistics.median(out["io_share_per_step"])
+    # Offloading is exact: the same losses and gradient norms step by step, or the two did different work.
+    out["same_steps"] = memory["losses"] == disk["losses"] and memory["grad_norms"] == disk["grad_norms"]
+    return out
+
+
+def bench_offload(plan: Plan, skip: dict, rounds: Rounds) -> dict:
+    """The offload row: every method at every precision that runs, on the preset's OFFLOAD_PRESETS shape."""
+    shape = OFFLOAD_PRESETS.get(plan.preset)
+    if shape is None:
+        return {"not_run": f"no offload shape for --preset {plan.preset} (see OFFLOAD_PRESETS)"}
+    args = ModelArgs(**shape.model, vocab_size=LLAMA3_VOCAB, max_seq_len=shape.seq_len)
+    with torch.device("meta"):
+        params = Transformer(args).num_params()
+    out: dict = {"shape": {"model_args": asdict(args), "params": params, "embedding_params": args.vocab_size * args.dim,
+                           "batch": shape.batch, "seq_len": shape.seq_len, "layout": "packed SFT rows",
+                           "trained_share": packed_row(shape.seq_len)[2].float().mean().item()},
+                 "store_under": tempfile.gettempdir(), "store_filesystem": filesystem_type(tempfile.gettempdir()),
+                 "load_average_start": os.getloadavg(), "runs": {}}
+    for precision in PRECISIONS:
+        out["runs"][precision] = {"not_run": skip[precision]} if skip[precision] else \
+            bench_offload_precision(plan, precision, rounds)
+    out["load_average_end"] = os.getloadavg()
     return out
 
 
@@ -598,7 +830,7 @@ def bench_variants(plan: Plan, precision: str, rounds: Rounds) -> dict:
 # not per token. Worker start-up (spawn, imports, tokenizer) stays on the clock: every run pays it.
 # The modes alternate as in `alternate`: plain, plain in 2, 1, 2, then 2, 1, plain in 2, plain, ...
 DATA_PREP_RUN = r"""
-import bisect, itertools, json, subprocess, sys, time
+import bisect, itertools, json, os, subprocess, sys, time
 from pathlib import Path
 from data_preparation_utils import cached_tokenizer
 from data_sources import Source, open_source
@@ -647,7 +879,8 @@ for r in range(rounds):
 for helper in helpers:
     helper.stdin.close()
     helper.wait()
-print(json.dumps(runs))
+print(json.dumps(runs), flush=True)
+os._exit(0)  # nothing left to write; tearing down an interpreter that holds torch and datasets takes seconds
 """
 
 # One of the two processes of `plain_loop_2_processes`: reads "start stop" lines, encodes those documents.
@@ -664,12 +897,19 @@ for line in sys.stdin:
 """
 
 
-def write_corpus(path: Path, target_chars: int) -> dict:
-    """CPython's documentation (the project's offline default corpus) as .jsonl, repeated up to `target_chars`."""
+def write_corpus(path: Path, target_chars: int, source_chars: Optional[int] = None) -> dict:
+    """CPython's documentation (the project's offline default corpus) as .jsonl, its first `source_chars` (None:
+    all of it) repeated up to `target_chars`."""
     from load_pretrain_dataset import cpython_documents
 
+    source, read = [], 0
+    for doc in cpython_documents():
+        source.append(doc)
+        read += len(doc["text"])
+        if source_chars is not None and read >= source_chars:
+            break
     docs, chars = [], 0
-    for doc in itertools.cycle(cpython_documents()):
+    for doc in itertools.cycle(source):
         docs.append(doc["text"])
         chars += len(doc["text"])
         if chars >= target_chars:
@@ -690,7 +930,7 @@ def _paired_ratios(out: dict, key: str, numerators: list, denominators: list) ->
 def bench_data_prep(rounds: Rounds) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
-        out = {"corpus": write_corpus(corpus, rounds.corpus_chars)}
+        out = {"corpus": write_corpus(corpus, rounds.corpus_chars, rounds.corpus_source_chars)}
         proc = subprocess.run([sys.executable, "-c", DATA_PREP_RUN, str(corpus), tmp, str(rounds.data_prep),
                                PLAIN_LOOP_HELPER],
                               cwd=ROOT, capture_output=True, text=True)
@@ -749,6 +989,72 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
 
+def _precision_label(precision: str) -> str:
+    return "bf16 autocast" if precision == "bf16" else precision
+
+
+def _training_lines(train: dict, widths: list[int]) -> list[str]:
+    lines = [_row(["training step", "ours tok/s", "HF tok/s", "ratio", "ours MiB", "HF MiB", "matmul peak",
+                   "MFU ours / HF", "nominal MFU"], widths)]
+    for precision, t in train.items():
+        if "not_run" in t:
+            lines.append(_row([_precision_label(precision), "not run"], widths[:2]) + f"    {t['not_run']}")
+            continue
+        ours, hf = t["ours"], t["hf"]
+        nominal = "-" if t["nominal_peak_flops"] is None else \
+            f"{_pct(ours['mfu_nominal_peak'])} / {_pct(hf['mfu_nominal_peak'])}"
+        lines.append(_row([
+            _precision_label(precision), f"{ours['tokens_per_s']:,.0f}",
+            f"{hf['tokens_per_s']:,.0f}", f"{t['ratio']:.2f}x", f"{ours['peak_memory_mib']:,.0f}",
+            f"{hf['peak_memory_mib']:,.0f}", f"{t['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s",
+            f"{_pct(ours['mfu_measured_peak'])} / {_pct(hf['mfu_measured_peak'])}", nominal], widths))
+    lines.append("first-step loss (same weights, same batch): " + "; ".join(
+        f"{p} ours {t['ours']['first_step_loss']:.4f}, HF {t['hf']['first_step_loss']:.4f}"
+        for p, t in train.items() if "not_run" not in t))
+    return lines
+
+
+def _offload_lines(o: dict, rounds: dict) -> list[str]:
+    widths = [32, 9, 9, 6, 8, 10]
+    if "not_run" in o:
+        return ["", _row(["offload", "not run"], widths[:2]) + f"    {o['not_run']}"]
+    lines = ["", _row(["offload, seconds per step", "in memory", "offloaded", "ratio", "I/O wait", "same steps"],
+                      widths)
+             + "    ours, OFFLOAD=disk against in memory: same weights and batch, alternated"]
+    measured = []
+    for precision, runs in o["runs"].items():
+        if "not_run" in runs:
+            lines.append(_row([_precision_label(precision), "not run"], widths[:2]) + f"    {runs['not_run']}")
+            continue
+        for method, label in OFFLOAD_METHODS.items():
+            r = runs[method]
+            measured.append(r)
+            lines.append(_row([
+                f"{label}, {_precision_label(precision)}", f"{r['memory']['seconds_per_step']:.2f} s",
+                f"{r['disk']['seconds_per_step']:.2f} s", f"{r['ratio']:.2f}x", _pct(r["io_share"]),
+                "yes" if r["same_steps"] else "NO"], widths)
+                + f"    ratio per round {min(r['ratio_per_round']):.2f}x to {max(r['ratio_per_round']):.2f}x")
+    shape, a = o["shape"], o["shape"]["model_args"]
+    embedding = "tied" if a["tie_word_embeddings"] else "untied"
+    lines.append(f"model: {shape['params'] / 1e6:.1f}M parameters ({a['dim']} wide, {a['n_layers']} blocks, the "
+                 f"{embedding} {a['vocab_size']:,}-token embedding {shape['embedding_params'] / 1e6:.1f}M of them), "
+                 f"{shape['layout']} ({_pct(shape['trained_share'])} of positions trained), batch {shape['batch']} x "
+                 f"{shape['seq_len']} tokens; medians of {rounds['train']} alternated steps after "
+                 f"{rounds['train_warmup']} warm-up, the ratio paired by round")
+    if measured:
+        side = measured[0]["memory"]
+        cached = min(min(r["page_cache_share"].values()) for r in measured)
+        allocator = "its allocator setting (freed memory kept)" if side["keeps_freed_memory"] else \
+            "the default allocator (MALLOC_* set)"
+        filesystem = f" ({o['store_filesystem']})" if o.get("store_filesystem") else ""
+        lines.append(f"train.py's step: OptimizerStep, clip {side['grad_clip']:g}, AdamW at LR {side['lr']:g} "
+                     f"(offloaded full fine-tuning: the store's clip_and_step), {allocator}; the store under "
+                     f"{o['store_under']}{filesystem}, {_pct(cached)} of its pages in the page cache before and "
+                     f"after the timed steps; load average {o['load_average_start'][0]:.1f} -> "
+                     f"{o['load_average_end'][0]:.1f}")
+    return lines
+
+
 def format_table(report: dict) -> str:
     env, cfg, rounds = report["environment"], report["config"], report["config"]["rounds"]
     lines = [
@@ -757,28 +1063,10 @@ def format_table(report: dict) -> str:
         f"model: {cfg['params'] / 1e6:.1f}M parameters, vocab {cfg['vocab_size']:,}, batch {cfg['batch']} x "
         f"{cfg['seq_len']} tokens, {cfg['flops_per_token'] / 1e6:.1f} MFLOP/token (6N + 12 L d T)"
         f"{', compiled' if cfg['compile'] else ', eager'}; medians of {rounds['train']} alternated steps",
-        "",
     ]
     widths = [24, 10, 9, 6, 9, 8, 14, 15, 15]
-    lines.append(_row(["training step", "ours tok/s", "HF tok/s", "ratio", "ours MiB", "HF MiB", "matmul peak",
-                       "MFU ours / HF", "nominal MFU"], widths))
-    for precision, t in report["train"].items():
-        if "not_run" in t:
-            lines.append(_row(["bf16 autocast" if precision == "bf16" else precision, "not run"], widths[:2])
-                         + f"    {t['not_run']}")
-            continue
-        ours, hf = t["ours"], t["hf"]
-        nominal = "-" if t["nominal_peak_flops"] is None else \
-            f"{_pct(ours['mfu_nominal_peak'])} / {_pct(hf['mfu_nominal_peak'])}"
-        lines.append(_row([
-            "fp32" if precision == "fp32" else "bf16 autocast", f"{ours['tokens_per_s']:,.0f}",
-            f"{hf['tokens_per_s']:,.0f}", f"{t['ratio']:.2f}x", f"{ours['peak_memory_mib']:,.0f}",
-            f"{hf['peak_memory_mib']:,.0f}", f"{t['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s",
-            f"{_pct(ours['mfu_measured_peak'])} / {_pct(hf['mfu_measured_peak'])}", nominal], widths))
-    lines.append("first-step loss (same weights, same batch): " + "; ".join(
-        f"{p} ours {t['ours']['first_step_loss']:.4f}, HF {t['hf']['first_step_loss']:.4f}"
-        for p, t in report["train"].items() if "not_run" not in t))
-
+    if report["train"]:
+        lines += ["", *_training_lines(report["train"], widths)]
     generated = [g for g in report.get("generate", {}).values() if "not_run" not in g]
     if generated:
         g0, gen_widths = generated[0], widths[:4] + [13, 20]
@@ -813,6 +1101,8 @@ def format_table(report: dict) -> str:
                                f"{r['speed_ratio']:.2f}x", f"{r['peak_memory_mib']:,.0f}",
                                f"{r['baseline_peak_memory_mib']:,.0f}", f"{r['memory_ratio']:.2f}x"], var_widths))
 
+    if "offload" in report:
+        lines += _offload_lines(report["offload"], rounds)
     if "data_prep" not in report:
         return "\n".join(lines)
     d = report["data_prep"]
@@ -869,14 +1159,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--precisions", type=_names(PRECISIONS), default=list(PRECISIONS),
                    help="training and generation precisions to measure (default: fp32,bf16)")
-    p.add_argument("--skip", type=_names(SECTIONS), default=[],
-                   help=f"sections to leave out, of {','.join(SECTIONS)} (the training step always runs)")
+    sections = p.add_mutually_exclusive_group()
+    sections.add_argument("--skip", type=_names(SECTIONS), default=[],
+                          help=f"sections to leave out, of {','.join(SECTIONS)}")
+    sections.add_argument("--only", type=_names(SECTIONS), default=None,
+                          help="the sections to measure, leaving out the others (e.g. --only offload)")
     p.add_argument("--decode_batches", type=_batches, default=[1],
                    help="generation batch sizes (default: 1); ours decodes a batch through its KV cache")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.only is not None:
+        args.skip = [s for s in SECTIONS if s not in args.only]
     return args
+
+
+def model_figures(plan: Plan) -> tuple[int, float]:
+    """(parameters, training FLOPs per token) of the preset's model, counted on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(plan.model_args())
+    return model.num_params(), model.flops_per_token(plan.seq_len)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -900,26 +1202,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no precision to measure: {'; '.join(f'{p}: {why}' for p, why in skip.items())}",
               file=sys.stderr)
         return 2
+    timing = "train" not in args.skip
     for precision in PRECISIONS:  # a fresh pair of processes per precision: separate memory peaks
-        if skip[precision]:
+        generation = precision == running[-1] and "generate" not in args.skip  # no memory is measured there
+        if skip[precision] and timing:
             print(f"training step, {precision}: not run ({skip[precision]})", file=sys.stderr)
             report["train"][precision] = {"not_run": skip[precision]}
+        if skip[precision] or not (timing or generation):
             continue
         with model_processes(plan) as procs:
-            print(f"training step, {precision} ...", file=sys.stderr)
-            report["train"][precision] = bench_training(procs, plan, precision, rounds)
-            if precision == running[-1] and "generate" not in args.skip:  # no memory is measured there
+            if timing:
+                print(f"training step, {precision} ...", file=sys.stderr)
+                report["train"][precision] = bench_training(procs, plan, precision, rounds)
+            if generation:
                 bench_all_generation(procs, plan, skip, args.precisions, rounds, args.decode_batches,
                                      report["generate"])
     if "variants" not in args.skip:
         report["variants"] = bench_variants(plan, running[-1], rounds)
+    if "offload" not in args.skip:
+        report["offload"] = bench_offload(plan, skip, rounds)
     if "data_prep" not in args.skip:
         print("data preparation ...", file=sys.stderr)
         report["data_prep"] = bench_data_prep(rounds)
 
-    train = report["train"][running[0]]
+    params, flops_per_token = model_figures(plan)
     report["config"] = {**asdict(plan), "model_args": asdict(plan.model_args()), "vocab_size": LLAMA3_VOCAB,
-                        "params": train["ours"]["params"], "flops_per_token": train["flops_per_token"],
+                        "params": params, "flops_per_token": flops_per_token,
                         "rounds": asdict(rounds), "seconds": time.perf_counter() - started}
     report["environment"]["load_average_end"] = os.getloadavg()[0]
     table = format_table(report)
