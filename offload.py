@@ -406,6 +406,15 @@ class StreamedTransformer(Transformer):
     def _read(self, unit: str) -> dict[str, torch.Tensor]:
         return {n: t.to(self.device, self._dtype_for(t.dtype), copy=True) for n, t in self.store.mapped(unit).items()}
 
+    def _block_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """A frozen block matrix is only ever a linear layer's weight, which autocast casts to its dtype for
+        every product (forward and the input gradient alike): casting it once as it is read gives the same
+        numbers, takes the cast off the computing thread and halves the copy. Norm weights (vectors) stay as
+        _dtype_for says: a norm multiplies in float32."""
+        if self.held_dtype is not None and t.dim() == 2:
+            return self.held_dtype
+        return self._dtype_for(t.dtype)
+
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's weights, cast into buffer set i % 2. Every block has the same shapes, so two sets serve all:
         block i+1 fills one while block i computes with the other, and no block allocates memory of its own
@@ -417,7 +426,7 @@ class StreamedTransformer(Transformer):
         for name, t in self.store.mapped(f"layers.{i}").items():
             local = name.removeprefix(prefix)
             if local not in buffers:
-                buffers[local] = torch.empty(t.shape, dtype=self._dtype_for(t.dtype), device=self.device)
+                buffers[local] = torch.empty(t.shape, dtype=self._block_dtype(t), device=self.device)
             out[name] = buffers[local].copy_(t)
         return out
 
@@ -886,9 +895,11 @@ class RunOffload:
         numels = _unit_numels(store.args)
         params = sum(numels.values())
         c = model.compute_dtype.itemsize
-        stored = next(iter(store.mapped("layers.0").values())).dtype
-        held = model._dtype_for(stored).itemsize
-        holding = "held as stored" if model._dtype_for(stored) == stored else "upcast as each block arrives"
+        matrix = next(t for t in store.mapped("layers.0").values() if t.dim() == 2)
+        stored, held_dtype = matrix.dtype, model._block_dtype(matrix)
+        held = held_dtype.itemsize
+        holding = "held as stored" if held_dtype == stored else \
+            f"{'up' if held > stored.itemsize else ''}cast to {str(held_dtype).removeprefix('torch.')} as each block arrives"
         a = store.args
         tokens = micro_batch * seq_len
         block_params = numels["layers.0"]

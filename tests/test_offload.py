@@ -205,6 +205,30 @@ def test_under_bf16_autocast_a_bf16_store_is_held_in_bf16_and_lora_trains_as_in_
     assert {t.dtype for buffers in streamed._block_buffers for t in buffers.values()} == {torch.bfloat16}
 
 
+def test_under_bf16_autocast_a_frozen_fp32_stores_matrices_arrive_in_bf16_and_lora_trains_as_in_memory(tmp_path):
+    """Autocast casts each linear weight to bf16 for every product; casting it once as the block is read gives the
+    same numbers. The norms' vectors stay float32 (a norm multiplies in float32)."""
+    torch.manual_seed(0)
+    reference = Transformer(tiny_args())
+    store = offload.write_store_from_model(tmp_path / "store", reference)
+    torch.manual_seed(1)
+    apply_lora(reference, LORA)
+    streamed = offload.open_streamed(store, autocast_dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    apply_lora(streamed, LORA)
+    offload.materialize_adapters(streamed)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+        losses, norms = run_steps(streamed, in_memory_step(streamed))
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert_same(adapters(reference), adapters(streamed))
+    held = {name: t.dtype for name, t in streamed._block_buffers[0].items()}
+    assert {d for n, d in held.items() if n.endswith("norm.weight")} == {torch.float32}
+    assert {d for n, d in held.items() if not n.endswith("norm.weight")} == {torch.bfloat16}
+
+
 def load_dtypes(directory: Path) -> set[str]:
     from safetensors_io import read_header
 
