@@ -146,6 +146,7 @@ class Plan:
     compile: bool
     prompt_len: int
     new_tokens: int
+    offload_micro_batches: int = 1  # the offload row's gradient accumulation: micro-batches per optimizer step
 
     def model_args(self) -> ModelArgs:
         max_seq_len = max(self.seq_len, self.prompt_len + self.new_tokens)
@@ -452,12 +453,15 @@ class VariantRunner(ModelRunner):
 OFFLOAD_METHODS = {"full": "full fine-tuning", "lora": "LoRA r=16"}  # LoRA: the trainer's default adapter settings
 
 
-def offload_config(preset: str, device: str, precision: str, method: str, where: str, directory: str) -> Config:
+def offload_config(preset: str, device: str, precision: str, method: str, where: str, directory: str,
+                   micro_batches: int = 1) -> Config:
     """The .env of an SFT run of the offload row's shape: `method` full or lora, `where` memory (OFFLOAD=none) or
-    disk (OFFLOAD=disk, its stores in `directory`); every other setting the trainer's default."""
+    disk (OFFLOAD=disk, its stores in `directory`), `micro_batches` per step; every other setting the trainer's
+    default."""
     shape = OFFLOAD_PRESETS[preset]
     return Config(**shape.model, max_seq_len=shape.seq_len, max_batch_size=shape.batch,
-                  total_batch_size=shape.batch * shape.seq_len, training_stage="sft", training_precision=precision,
+                  total_batch_size=shape.batch * shape.seq_len * micro_batches, training_stage="sft",
+                  training_precision=precision,
                   instruct_eval_examples=0, lora_enabled=method == "lora",
                   offload="disk" if where == "disk" else "none", offload_dir=directory, device=device).validate()
 
@@ -482,7 +486,8 @@ class OffloadRunner(ModelRunner):
 
     def setup_training(self, precision: str, method: str, directory: str) -> dict:
         self.precision = precision
-        cfg = offload_config(self.plan.preset, self.plan.device, precision, method, self.where, directory)
+        cfg = offload_config(self.plan.preset, self.plan.device, precision, method, self.where, directory,
+                             self.plan.offload_micro_batches)
         d = DistInfo(0, 0, 1, self.device)
         settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
         self.offloaded = start_offload(cfg, d)  # None in memory
@@ -494,24 +499,27 @@ class OffloadRunner(ModelRunner):
         scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp16 only, which the row does not run
         self.optimizer_step = OptimizerStep(self.model, stage, self.optimizer, scaler, cfg, d, streamed)
         self.lr = cfg.max_lr
-        window = torch.randint(0, LLAMA3_VOCAB, (cfg.max_batch_size, cfg.max_seq_len + 1),
-                               generator=torch.Generator().manual_seed(SEED + 1))
-        inputs, targets = packed_sft(window[:, :-1].contiguous(), window[:, 1:].contiguous())
-        self.batch = to_device(inputs | {"targets": targets, "trained_rows": trained_rows(targets.numpy()),
-                                         "input_tokens": torch.tensor(targets.numel())}, self.device)
+        self.batches = [self._micro_batch(cfg, SEED + 1 + k) for k in range(self.plan.offload_micro_batches)]
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         info = {"trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                 "keeps_freed_memory": self.keeps_freed_memory, "grad_clip": cfg.grad_clip, "lr": cfg.max_lr}
         if self.offloaded:  # the run's start-up line: what streams, bytes read and written per step
-            info["offload_line"] = self.offloaded.describe(1, cfg.max_batch_size, cfg.max_seq_len)
+            info["offload_line"] = self.offloaded.describe(len(self.batches), cfg.max_batch_size, cfg.max_seq_len)
         return info
+
+    def _micro_batch(self, cfg: Config, seed: int) -> dict:
+        window = torch.randint(0, LLAMA3_VOCAB, (cfg.max_batch_size, cfg.max_seq_len + 1),
+                               generator=torch.Generator().manual_seed(seed))
+        inputs, targets = packed_sft(window[:, :-1].contiguous(), window[:, 1:].contiguous())
+        return to_device(inputs | {"targets": targets, "trained_rows": trained_rows(targets.numpy()),
+                                   "input_tokens": torch.tensor(targets.numel())}, self.device)
 
     def io_seconds(self) -> float:
         return self.offloaded.io_seconds() if self.offloaded else 0.0
 
     def _step(self) -> float:
-        figures, _ = self.optimizer_step([self.batch], self.lr, _NeverStop())
+        figures, _ = self.optimizer_step(self.batches, self.lr, _NeverStop())
         self.losses.append(figures["loss"])
         self.grad_norms.append(figures["grad_norm"])
         return figures["loss"]
@@ -812,7 +820,8 @@ def bench_offload(plan: Plan, skip: dict, rounds: Rounds) -> dict:
     with torch.device("meta"):
         params = Transformer(args).num_params()
     out: dict = {"shape": {"model_args": asdict(args), "params": params, "embedding_params": args.vocab_size * args.dim,
-                           "batch": shape.batch, "seq_len": shape.seq_len, "layout": "packed SFT rows",
+                           "batch": shape.batch, "seq_len": shape.seq_len, "micro_batches": plan.offload_micro_batches,
+                           "layout": "packed SFT rows",
                            "trained_share": packed_row(shape.seq_len)[2].float().mean().item()},
                  "store_under": tempfile.gettempdir(), "store_filesystem": filesystem_type(tempfile.gettempdir()),
                  "load_average_start": os.getloadavg(), "runs": {}}
@@ -1039,7 +1048,8 @@ def _offload_lines(o: dict, rounds: dict) -> list[str]:
     lines.append(f"model: {shape['params'] / 1e6:.1f}M parameters ({a['dim']} wide, {a['n_layers']} blocks, the "
                  f"{embedding} {a['vocab_size']:,}-token embedding {shape['embedding_params'] / 1e6:.1f}M of them), "
                  f"{shape['layout']} ({_pct(shape['trained_share'])} of positions trained), batch {shape['batch']} x "
-                 f"{shape['seq_len']} tokens; medians of {rounds['train']} alternated steps after "
+                 f"{shape['seq_len']} tokens x {shape.get('micro_batches', 1)} micro-batches per step; medians of "
+                 f"{rounds['train']} alternated steps after "
                  f"{rounds['train_warmup']} warm-up, the ratio paired by round")
     if measured:
         side = measured[0]["memory"]
@@ -1164,11 +1174,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                           help=f"sections to leave out, of {','.join(SECTIONS)}")
     sections.add_argument("--only", type=_names(SECTIONS), default=None,
                           help="the sections to measure, leaving out the others (e.g. --only offload)")
+    p.add_argument("--offload_micro_batches", type=int, default=1, metavar="N",
+                   help="the offload row: micro-batches per optimizer step (gradient accumulation; the store is "
+                        "read and written once per step, so its cost per token falls as N grows)")
     p.add_argument("--decode_batches", type=_batches, default=[1],
                    help="generation batch sizes (default: 1); ours decodes a batch through its KV cache")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.offload_micro_batches < 1:
+        p.error(f"--offload_micro_batches {args.offload_micro_batches}: expected 1 or more")
     if args.only is not None:
         args.skip = [s for s in SECTIONS if s not in args.only]
     return args
@@ -1188,7 +1203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = Plan(preset=args.preset, device=args.device, batch=args.batch or preset.batch,
                 seq_len=args.seq_len or preset.seq_len,
                 compile=args.device == "cuda" if args.compile is None else args.compile,
-                prompt_len=8 if args.quick else 32, new_tokens=8 if args.quick else 64)
+                prompt_len=8 if args.quick else 32, new_tokens=8 if args.quick else 64,
+                offload_micro_batches=args.offload_micro_batches)
     device = torch.device(args.device)
     report: dict = {"environment": environment(device), "train": {}, "generate": {}}
     started = time.perf_counter()

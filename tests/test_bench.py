@@ -165,6 +165,17 @@ def test_a_report_of_the_offload_row_alone_renders_without_the_other_sections(qu
     assert not any(line.startswith(("training step", "generation", "data preparation")) for line in lines)
 
 
+def test_offload_micro_batches_make_the_row_accumulate_and_zero_is_refused(capsys):
+    """--offload_micro_batches N: each optimizer step of the row takes N micro-batches of the preset's shape."""
+    shape = bench.OFFLOAD_PRESETS["tiny"]
+    cfg = bench.offload_config("tiny", "cpu", "fp32", "full", "memory", "unused", micro_batches=3)
+    assert cfg.total_batch_size // (cfg.max_batch_size * cfg.max_seq_len) == 3
+    assert (cfg.max_batch_size, cfg.max_seq_len) == (shape.batch, shape.seq_len)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--offload_micro_batches", "0"])
+    assert "--offload_micro_batches 0: expected 1 or more" in capsys.readouterr().err
+
+
 def test_page_cache_share_counts_the_pages_fincore_counts(tmp_path):
     """Half of a file's pages dropped from the page cache: the share agrees with util-linux's fincore."""
     fincore = shutil.which("fincore")
