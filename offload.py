@@ -78,11 +78,12 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def check_free_space(directory: Path, needed: int, what: str) -> None:
-    free = free_bytes(directory)
+def check_free_space(directory: Path, needed: int, what: str, setting: str = "OFFLOAD_DIR") -> None:
+    """One line naming `directory` if its disk (that of its nearest existing parent) has less than `needed`."""
+    free = free_bytes(next(p for p in (directory, *directory.parents) if p.exists()))
     if free < needed:
         raise OffloadError(f"{directory}: {what} needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; "
-                           f"free some space or set OFFLOAD_DIR to a larger disk")
+                           f"free some space or set {setting} to a larger disk")
 
 
 def _sha256_file(path: Path) -> str:
@@ -884,6 +885,14 @@ class RunOffload:
     # ---- what the run says ---------------------------------------------------------------------------------------
     def io_seconds(self) -> float:
         return sum(m.io_wait_seconds for m in [self.model, *self.others])
+
+    def check_checkpoint_space(self, directory: Path) -> None:
+        """Refuse at start, not at the first save hours later, a run whose checkpoint cannot fit: a fully
+        fine-tuned one holds every weight in float32 and AdamW's two moments, 12 bytes a parameter (39 GB for a 3B
+        model); a LoRA run's adapters are small beside the store it has already written."""
+        if self.train_base:
+            needed = 12 * sum(_unit_numels(self.model.store.args).values())
+            check_free_space(directory, needed, "a checkpoint of this run", "RUN_DIR")
 
     def describe(self, micro_batches: int, micro_batch: int, seq_len: int) -> str:
         """The start-up line: what streams, the bytes each step reads and writes, and the peak memory expected

@@ -775,6 +775,7 @@ class Run:
                              cfg, d, offloaded)
         run = cls(cfg, d, model, step, loaders, tokenizer, plan, progress)
         if offloaded:
+            agreed(lambda: offloaded.check_checkpoint_space(cfg.run_path / "checkpoints"), d)
             run.offload, run.figures = offloaded, stage.figures | {"io_share": "io {:.0%}"}
         run.settings, run.init, run.prompts, run.hellaswag = settings, initial.init, prompts, hellaswag
         run.logger = RunLogger(cfg, d.is_main, resume_step=resumed_from if start.resume else 0,
@@ -981,7 +982,7 @@ def agreed(check: Callable[[], object], d: DistInfo):
     if d.is_main:
         try:
             outcome = ("ok", check())
-        except (SetupError, CheckpointError) as e:
+        except (SetupError, CheckpointError, OffloadError) as e:
             outcome = ("error", str(e))
     kind, value = broadcast_object(outcome)
     if kind == "error":

@@ -189,6 +189,26 @@ def test_too_little_disk_space_ends_with_one_line_before_the_store_is_written(tm
     assert not list((tmp_path / "run" / "offload").rglob("*.safetensors"))  # nothing half-written left
 
 
+def test_a_full_fine_tuning_checkpoint_that_cannot_fit_is_refused_at_start_with_one_line(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The store fits, the run's checkpoint (float32 weights and AdamW's two moments) would not: refused before
+    step 1 rather than at the first save, the store kept to be reused."""
+    data = make_token_data(tmp_path / "data", documents=8)
+    run_dir = tmp_path / "run"
+    env = write_env(tmp_path / "run.env", data, run_dir, **{**RUN, "OFFLOAD": "disk"})
+    monkeypatch.setattr(offload, "free_bytes", lambda d: 10**6 if Path(d) in (run_dir, run_dir / "checkpoints")
+                        else 10**12)  # the offload store's disk is roomy, the run directory's has 1 MB
+    assert train_module.main(["--env_file", str(env)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {run_dir / 'checkpoints'}: ")
+    with torch.device("meta"):
+        params = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=Tokenizer().n_words,
+                                       multiple_of=32, tie_word_embeddings=True)).num_params()
+    assert f"a checkpoint of this run needs {params * 12 / 1e9:.2f} GB, only 0.00 GB free" in err and "RUN_DIR" in err
+    assert (run_dir / "offload" / "policy" / "manifest.json").is_file()  # the store is kept for the rerun
+    assert not list(run_dir.rglob("step_*.pt"))
+
+
 @pytest.mark.parametrize("key, value", [("COMPILE", "true"), ("PARALLELISM", "fsdp"), ("TRAINING_PRECISION", "fp16"),
                                         ("DPO_PRECOMPUTE_REFERENCE", "true"), ("DPO_REFERENCE_DTYPE", "bf16")])
 def test_settings_offload_cannot_honour_are_refused_with_one_line(key, value):
