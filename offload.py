@@ -907,8 +907,8 @@ class RunOffload:
         matrix = next(t for t in store.mapped("layers.0").values() if t.dim() == 2)
         stored, held_dtype = matrix.dtype, model._block_dtype(matrix)
         held = held_dtype.itemsize
-        holding = "held as stored" if held_dtype == stored else \
-            f"{'up' if held > stored.itemsize else ''}cast to {str(held_dtype).removeprefix('torch.')} as each block arrives"
+        cast = f"{'up' if held > stored.itemsize else ''}cast to {str(held_dtype).removeprefix('torch.')}"
+        holding = "held as stored" if held_dtype == stored else f"{cast} as each block arrives"
         a = store.args
         tokens = micro_batch * seq_len
         block_params = numels["layers.0"]
