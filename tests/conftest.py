@@ -2,6 +2,7 @@
 
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # torchrun's ranks do, instead of every worker spinning a thread per core.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most end-to-end tests run first, each file's tests in their own order: with a file per worker
+    (pytest.ini's --dist loadfile) the long files start early and the workers finish together, instead of one
+    idling while the other works through a long file that happened to sort last."""
+    first_seen = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    e2e = Counter(item.path for item in items if item.get_closest_marker("e2e"))
+    items.sort(key=lambda item: (-e2e[item.path], first_seen[item.path]))
 
 
 @pytest.fixture(scope="module")
