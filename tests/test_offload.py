@@ -180,6 +180,24 @@ def test_a_bf16_store_upcast_block_by_block_gives_the_in_memory_fp32_logits(tmp_
     assert logits.dtype == torch.float32 and torch.equal(logits, expected)
 
 
+def streamed_lora_trains_as_in_memory_under_bf16_autocast(reference: Transformer, store) -> offload.StreamedTransformer:
+    """The same adapters on `reference` (in memory) and on the store's streamed model, a few steps of each under
+    bf16 autocast: bit-equal losses, gradient norms and adapters. Returns the streamed model."""
+    torch.manual_seed(1)
+    apply_lora(reference, LORA)
+    streamed = offload.open_streamed(store, autocast_dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    apply_lora(streamed, LORA)
+    offload.materialize_adapters(streamed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+        losses, norms = run_steps(streamed, in_memory_step(streamed))
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert_same(adapters(reference), adapters(streamed))
+    return streamed
+
+
 def test_under_bf16_autocast_a_bf16_store_is_held_in_bf16_and_lora_trains_as_in_memory(tmp_path):
     """Autocast casts every weight to bf16 for its product anyway, and a norm's bf16 weight promotes exactly:
     holding a bf16 store's blocks in bf16 (half an fp32 copy's memory) changes no number."""
@@ -187,19 +205,7 @@ def test_under_bf16_autocast_a_bf16_store_is_held_in_bf16_and_lora_trains_as_in_
     reference = Transformer(tiny_args()).to(torch.bfloat16)
     store = offload.write_store_from_model(tmp_path / "store", reference)
     reference.float()  # in memory: the weights upcast, as starting weights are loaded
-    torch.manual_seed(1)
-    apply_lora(reference, LORA)
-    streamed = offload.open_streamed(store, autocast_dtype=torch.bfloat16)
-    torch.manual_seed(1)
-    apply_lora(streamed, LORA)
-    offload.materialize_adapters(streamed)
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
-        losses, norms = run_steps(streamed, in_memory_step(streamed))
-    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
-    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
-    assert_same(adapters(reference), adapters(streamed))
+    streamed = streamed_lora_trains_as_in_memory_under_bf16_autocast(reference, store)
     streamed.load_outer()
     assert streamed.output.weight.dtype == torch.bfloat16  # held as stored, not upcast
     assert {t.dtype for buffers in streamed._block_buffers for t in buffers.values()} == {torch.bfloat16}
@@ -211,19 +217,7 @@ def test_under_bf16_autocast_a_frozen_fp32_stores_matrices_arrive_in_bf16_and_lo
     torch.manual_seed(0)
     reference = Transformer(tiny_args())
     store = offload.write_store_from_model(tmp_path / "store", reference)
-    torch.manual_seed(1)
-    apply_lora(reference, LORA)
-    streamed = offload.open_streamed(store, autocast_dtype=torch.bfloat16)
-    torch.manual_seed(1)
-    apply_lora(streamed, LORA)
-    offload.materialize_adapters(streamed)
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
-        losses, norms = run_steps(streamed, in_memory_step(streamed))
-    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
-    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
-    assert_same(adapters(reference), adapters(streamed))
+    streamed = streamed_lora_trains_as_in_memory_under_bf16_autocast(reference, store)
     held = {name: t.dtype for name, t in streamed._block_buffers[0].items()}
     assert {d for n, d in held.items() if n.endswith("norm.weight")} == {torch.float32}
     assert {d for n, d in held.items() if not n.endswith("norm.weight")} == {torch.bfloat16}
