@@ -25,7 +25,9 @@ accumulation). `clip_and_step` then makes the update in-memory training makes: s
 norm (stored ones and in-memory ones, ordered as clip_grad_norm_ orders them) for the global norm; sweep 2,
 unit by unit, scales the gradient by the same clamped coefficient and applies torch.optim.AdamW with the unit's
 stored state (`adamw/<unit>.safetensors`); AdamW is elementwise per parameter, so one optimizer per unit gives
-what one optimizer over the whole model gives.
+what one optimizer over the whole model gives. Gradient, AdamW and (once trained) weight files are scratch,
+updated in place through writable mappings rather than rewritten each step; a trained store's manifest then no
+longer vouches for its content, and a restart rebuilds it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _layout(tensors: dict[str, torch.Tensor]) -> list:
+    return [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+
+
 def _content_sha256(args: dict, hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([args, sorted(hashes.items())], sort_keys=True).encode()).hexdigest()
 
@@ -108,6 +114,7 @@ class BlockStore:
         self.args = ModelArgs(**manifest["model_args"])
         self.units: dict[str, list[str]] = {u: e["names"] for u, e in manifest["units"].items()}
         self._grads_present: set[str] = set()
+        self._grad_layout: dict[str, list] = {}  # the names, shapes and dtypes each unit's gradient file holds
 
     @property
     def content_sha256(self) -> str:
@@ -120,7 +127,7 @@ class BlockStore:
     @property
     def pristine(self) -> bool:
         """The weights are still those it was written with (full fine-tuning updates them in place)."""
-        return self.content_sha256 == self.manifest.get("written_content_sha256")
+        return self.content_sha256 is not None and self.content_sha256 == self.manifest.get("written_content_sha256")
 
     def path(self, kind: str, unit: str) -> Path:
         return self.directory / kind / f"{unit}.safetensors"
@@ -143,6 +150,9 @@ class BlockStore:
 
     def verify(self) -> None:
         """Every weight file hashes as the manifest says: a store is trusted by content, not by file names."""
+        if self.content_sha256 is None:
+            raise OffloadError(f"{self.directory}: its weights were trained in place and not hashed since (a full "
+                               f"fine-tuning run's scratch); rebuild it from a checkpoint (delete {self.directory})")
         for unit, entry in self.manifest["units"].items():
             path = self.path("weights", unit)
             if not path.is_file():
@@ -158,46 +168,64 @@ class BlockStore:
         mapped = load_file(self.path("weights", unit))
         return {n: t.to(device=device, dtype=dtype or t.dtype, copy=True) for n, t in mapped.items()}
 
-    def mapped(self, unit: str, pages: Optional[MappedPages] = None) -> dict[str, torch.Tensor]:
-        """The unit's tensors memory-mapped: pages are read when touched (an embedding lookup reads its rows)."""
-        return load_file(self.path("weights", unit), pages=pages)
+    def mapped(self, unit: str, pages: Optional[MappedPages] = None, writable: bool = False,
+               ) -> dict[str, torch.Tensor]:
+        """The unit's tensors memory-mapped: pages are read when touched (an embedding lookup reads its rows).
+        `writable` (after `mark_trained`): updates made to them in place are the file's new content."""
+        return load_file(self.path("weights", unit), pages=pages, writable=writable)
 
-    def write_weights(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace a unit's weights (an optimizer update) and record the file's new hash."""
-        path = self.path("weights", unit)
-        save_file(tensors, path, durable=False)  # scratch: a crash falls back on the last checkpoint
-        self.manifest["units"][unit]["sha256"] = _sha256_file(path)
+    def mark_trained(self) -> None:
+        """Before the first in-place update: the manifest stops vouching for the files' content. Hashing every
+        updated weight each step would cost more than the update (0.76 s a step for a 320M model), and a trained
+        store is never reused: a restart rebuilds it from the last checkpoint."""
+        if self.content_sha256 is not None:
+            for entry in self.manifest["units"].values():
+                entry["sha256"] = None
+            self.commit()
 
     def commit(self) -> None:
-        """Write the manifest for the weights as they are now (after a whole update sweep)."""
+        """Write the manifest for the weights as they are now (content hash None once trained in place)."""
         hashes = {u: e["sha256"] for u, e in self.manifest["units"].items()}
-        self.manifest["content_sha256"] = _content_sha256(self.manifest["model_args"], hashes)
+        trained = any(h is None for h in hashes.values())
+        self.manifest["content_sha256"] = None if trained else _content_sha256(self.manifest["model_args"], hashes)
         text = (json.dumps(self.manifest, indent=1) + "\n").encode()
         write_atomically(self.directory / MANIFEST, lambda f: f.write(text))
 
     # ---- gradients and optimizer state (full fine-tuning) -----------------------------------------------------
+    # Gradient and AdamW files are scratch written once and then updated in place through writable mappings:
+    # rewriting them whole each step (new pages, the old file's freed) cost three times the update itself.
     def accumulate_grads(self, unit: str, grads: dict[str, torch.Tensor]) -> None:
-        """Add to the unit's stored gradients (the first micro-batch of a step writes them)."""
-        if unit in self._grads_present:
-            stored = load_file(self.path("grads", unit))
-            grads = {n: stored[n] + g for n, g in grads.items()}  # stored + new, as autograd's .grad += new
-        self.path("grads", unit).parent.mkdir(exist_ok=True)
-        save_file({n: g.detach().cpu() for n, g in grads.items()}, self.path("grads", unit), durable=False)
+        """Add to the unit's stored gradients; the step's first micro-batch overwrites what the last step left."""
+        path = self.path("grads", unit)
+        if path.is_file() and self._grad_layout.get(unit) == _layout(grads):
+            stored = load_file(path, writable=True)
+            adding = unit in self._grads_present
+            for n, g in grads.items():  # stored + new, as autograd's .grad += new
+                stored[n].add_(g) if adding else stored[n].copy_(g)
+        else:
+            if unit in self._grads_present:
+                raise OffloadError(f"{path}: a micro-batch's gradients of {unit} differ in names or shapes "
+                                   f"from the step's first")
+            path.parent.mkdir(exist_ok=True)
+            save_file({n: g.detach().cpu() for n, g in grads.items()}, path, durable=False)
+            self._grad_layout[unit] = _layout(grads)
         self._grads_present.add(unit)
 
     def grads(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
+        """This step's gradients of the unit, mapped writable (scaling or reducing them in place is fine: the
+        next step overwrites them), or None."""
         if unit not in self._grads_present:
             return None
-        return {n: t.clone() for n, t in load_file(self.path("grads", unit)).items()}
+        return load_file(self.path("grads", unit), writable=True)
 
     def clear_grads(self) -> None:
-        for unit in self._grads_present:
-            self.path("grads", unit).unlink(missing_ok=True)
+        """Forget this step's gradients; their files stay, to be overwritten by the next step's."""
         self._grads_present.clear()
 
     def optimizer_state(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
+        """The unit's AdamW state mapped writable (the step updates it in place), or None before its first step."""
         path = self.path("adamw", unit)
-        return {n: t.clone() for n, t in load_file(path).items()} if path.is_file() else None
+        return load_file(path, writable=True) if path.is_file() else None
 
     def write_optimizer_state(self, unit: str, state: dict[str, torch.Tensor]) -> None:
         self.path("adamw", unit).parent.mkdir(exist_ok=True)
@@ -405,7 +433,9 @@ class StreamedTransformer(Transformer):
         return stored if stored == self.held_dtype else self.compute_dtype
 
     def _read(self, unit: str) -> dict[str, torch.Tensor]:
-        return {n: t.to(self.device, self._dtype_for(t.dtype), copy=True) for n, t in self.store.mapped(unit).items()}
+        """A unit's weights on the device in the dtype they are held in: where that is the stored one on the CPU,
+        the mapped file itself (read, never written: the mapping is private), with no copy."""
+        return {n: t.to(self.device, self._dtype_for(t.dtype)) for n, t in self.store.mapped(unit).items()}
 
     def _block_dtype(self, t: torch.Tensor) -> torch.dtype:
         """A frozen block matrix is only ever a linear layer's weight, which autocast casts to its dtype for
@@ -569,7 +599,7 @@ class StreamedTransformer(Transformer):
         order = self._grad_order()
         norms = {}
         for unit, names in self.store.units.items():  # sweep 1: every stored gradient's norm
-            grads = self._reduced_grads(unit)
+            grads = self._reduced_grads(unit)  # averaged over the ranks in place: sweep 2 reads them so
             if grads is not None:
                 norms.update(zip(names, torch._foreach_norm([grads[n] for n in names], 2.0)))
         memory = [(n, p) for n, p in self.named_parameters() if p.requires_grad and p.grad is not None]
@@ -588,8 +618,10 @@ class StreamedTransformer(Transformer):
             self.load_outer()
             return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        self.store.mark_trained()
         for unit, names in self.store.units.items():  # sweep 2: the update, unit by unit
-            grads = self._reduced_grads(unit)  # reduced again rather than written back: the same sums, no writes
+            with self._io():
+                grads = self.store.grads(unit)
             if grads is not None:
                 self._step_unit(unit, names, grads, coef, lr, settings)
         if memory:
@@ -601,12 +633,12 @@ class StreamedTransformer(Transformer):
             self._memory_optimizer.step()
             self._memory_optimizer.zero_grad(set_to_none=True)
         self.store.clear_grads()
-        self.store.commit()
         self.load_outer()
         return total
 
     def _reduced_grads(self, unit: str) -> Optional[dict[str, torch.Tensor]]:
-        """A unit's stored gradients, averaged over the ranks when there are several (each rank stores its own)."""
+        """A unit's stored gradients, averaged in place over the ranks when there are several (each rank stores
+        its own)."""
         with self._io():
             grads = self.store.grads(unit)
         if grads is not None:
@@ -626,8 +658,9 @@ class StreamedTransformer(Transformer):
 
     def _step_unit(self, unit: str, names: list[str], grads: dict[str, torch.Tensor], coef: torch.Tensor, lr: float,
                    settings: AdamWSettings) -> None:
+        """AdamW on the unit's mapped weights and state: the step writes the files in place."""
         with self._io():
-            weights, state = self.store.load(unit), self.store.optimizer_state(unit)
+            weights, state = self.store.mapped(unit, writable=True), self.store.optimizer_state(unit)
         params = [nn.Parameter(weights[n]) for n in names]
         torch._foreach_mul_([grads[n] for n in names], coef)
         for p, n in zip(params, names):
@@ -638,10 +671,10 @@ class StreamedTransformer(Transformer):
                 optimizer.state[p] = {"step": state[f"{n}.step"], "exp_avg": state[f"{n}.exp_avg"],
                                       "exp_avg_sq": state[f"{n}.exp_avg_sq"]}
         optimizer.step()
-        with self._io():
-            self.store.write_weights(unit, {n: p.detach() for n, p in zip(names, params)})
-            self.store.write_optimizer_state(unit, {f"{n}.{k}": optimizer.state[p][k] for n, p in zip(names, params)
-                                                    for k in ("step", "exp_avg", "exp_avg_sq")})
+        if state is None:  # the unit's first step: AdamW made its state; from now on it is updated in place
+            with self._io():
+                self.store.write_optimizer_state(unit, {f"{n}.{k}": optimizer.state[p][k] for n, p in
+                                                        zip(names, params) for k in ("step", "exp_avg", "exp_avg_sq")})
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stored weight, read from the store (for tests and small models: a checkpoint writer should go
@@ -710,8 +743,9 @@ class RunOffload:
         reason = "none there"
         if (directory / MANIFEST).is_file():
             try:
-                store = BlockStore.open(directory)
+                store = BlockStore.open(directory, verify=False)  # hashed below only if it would be reused
                 if identity is not None and store.source == identity and store.pristine and store.args == args:
+                    store.verify()
                     directory.mkdir(parents=True, exist_ok=True)
                     check_free_space(directory, scratch, "full fine-tuning's gradients and AdamW state")
                     self.notes.append(f"{name} store {directory} reused (content verified)")

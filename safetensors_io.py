@@ -96,16 +96,20 @@ class MappedPages:
 
 
 def load_file(path: str | Path, names: Optional[Iterable[str]] = None,
-              pages: Optional[MappedPages] = None) -> dict[str, torch.Tensor]:
+              pages: Optional[MappedPages] = None, writable: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (or only `names`), memory-mapped: pages are read when first touched.
     `pages` collects the mapping, for its owner to release.
 
-    The mapping is private (copy-on-write): writing to a returned tensor never changes the file."""
+    The mapping is private (copy-on-write): writing to a returned tensor never changes the file. `writable`:
+    shared instead, every page read in at once, so that an in-place update (an optimizer step on an offload
+    store's scratch files) writes the file itself, with no copy out and back; a crash can leave such a file
+    half updated, so it is only for scratch."""
     path = Path(path)
     header, _, data_start = read_header(path)
     wanted = header.keys() if names is None else names
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # each tensor keeps `buf` alive
+    with open(path, "r+b" if writable else "rb") as f:  # each tensor keeps `buf` alive
+        buf = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if writable
+               else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
     if pages is not None:
         pages.mappings.append(buf)
     out = {}
@@ -119,6 +123,9 @@ def load_file(path: str | Path, names: Optional[Iterable[str]] = None,
         elif offset % dtype.itemsize == 0:
             out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                          offset=offset).view(shape)
+        elif writable:
+            raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {offset}, not aligned to its "
+                                   f"{dtype.itemsize}-byte elements, so it cannot be updated in place")
         else:  # other writers need not align the data: copy these few into aligned memory
             raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=offset).clone()
             out[name] = raw.view(dtype).view(shape)

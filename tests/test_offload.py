@@ -162,11 +162,37 @@ def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path
         del expected["output.weight"]
     assert_same(expected, streamed.stored_state_dict())
     assert_same(adapters(reference), adapters(streamed))
-    assert not list((tmp_path / "store" / "grads").iterdir())  # a step leaves no gradients behind
-    offload.BlockStore.open(tmp_path / "store")  # the manifest describes the updated files
+    # Gradient files are scratch overwritten in place each step (the equal later steps show nothing of an
+    # earlier step's gradients survives): one fp32 gradient per stored weight on disk, however many steps ran.
+    grad_files = list((tmp_path / "store" / "grads").iterdir())
+    assert sorted(f.stem for f in grad_files) == sorted(streamed.store.units)
+    stored_numel = sum(t.numel() for t in expected.values())
+    assert 4 * stored_numel <= sum(f.stat().st_size for f in grad_files) < 4 * stored_numel + 4096 * len(grad_files)
+    # Updated in place and not re-hashed, the store no longer vouches for its content, so it is never reused.
+    assert not offload.BlockStore.open(tmp_path / "store", verify=False).pristine
+    with pytest.raises(offload.OffloadError, match="trained in place"):
+        offload.BlockStore.open(tmp_path / "store")
 
 
 # ---- the store -----------------------------------------------------------------------------------------------------
+def test_a_writable_mapping_updates_the_file_in_place_as_the_safetensors_package_reads_it(tmp_path):
+    """The store's gradient and AdamW files are updated through writable mappings (no rewrite per step)."""
+    from safetensors.torch import load_file as reference_load
+
+    import safetensors_io
+
+    path = tmp_path / "adamw.safetensors"
+    safetensors_io.save_file({"step": torch.tensor(3.0), "exp_avg": torch.arange(6.0).view(2, 3)}, path)
+    size, inode = path.stat().st_size, path.stat().st_ino
+    mapped = safetensors_io.load_file(path, writable=True)
+    mapped["step"] += 1
+    mapped["exp_avg"].mul_(0.5)
+    del mapped
+    got = reference_load(path)
+    assert got["step"].item() == 4.0 and torch.equal(got["exp_avg"], torch.arange(6.0).view(2, 3) * 0.5)
+    assert (path.stat().st_size, path.stat().st_ino) == (size, inode)  # the same file, not a new one
+
+
 def test_a_bf16_store_upcast_block_by_block_gives_the_in_memory_fp32_logits(tmp_path):
     torch.manual_seed(0)
     model = Transformer(tiny_args()).to(torch.bfloat16)

@@ -79,9 +79,12 @@ def test_offloaded_full_fine_tuning_equals_in_memory_with_accumulation_and_clipp
     shares = step_metric(disk, "io_share")
     assert len(shares) == 4 and all(0 < s < 1 for s in shares.values())
     assert " | io " in stdout
-    store = disk / "offload" / "policy"
-    assert not list((store / "grads").iterdir())  # a finished step leaves no gradients behind
-    offload.BlockStore.open(store)  # its manifest describes the trained files
+    store = offload.BlockStore.open(disk / "offload" / "policy", verify=False)
+    # Gradients are scratch overwritten in place each step: one fp32 gradient per stored weight on disk.
+    stored_numel = sum(t.numel() for unit in store.units for t in store.mapped(unit).values())
+    grad_bytes = sum(f.stat().st_size for f in (store.directory / "grads").iterdir())
+    assert 4 * stored_numel <= grad_bytes < 4 * stored_numel + 4096 * len(store.units)
+    assert not store.pristine  # trained in place: a rerun rebuilds it from its checkpoint, never reuses it
 
 
 @pytest.mark.e2e
