@@ -11,8 +11,8 @@ StreamedTransformer is a Transformer whose stored weights are meta tensors excep
     forward   embed; blocks 0..N-1 each loaded (block i+1 read by a background thread while block i computes),
               upcast to the compute dtype, run, released; only each block's input and RNG state are kept
     backward  blocks N-1..0 each loaded again, recomputed from its saved input under the same RNG state and
-              autocast settings (dropout draws the same masks), back-propagated, released; the gradient w.r.t.
-              its input goes down to the next
+              autocast settings (LoRA dropout replays the masks the forward drew: DropoutTape),
+              back-propagated, released; the gradient w.r.t. its input goes down to the next
 
 That is a custom autograd Function around the blocks, so `loss.backward()` does all of it and every stage's
 `loss(model, batch)`, which calls `model(tokens, head=...)`, runs unchanged: Transformer.forward is inherited,
@@ -36,6 +36,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
@@ -345,6 +347,53 @@ def _replayed(rng: tuple, device: torch.device, autocast: tuple):
             yield
 
 
+class DropoutTape:
+    """The LoRA dropout masks of one block's forward, kept for its recompute: replaying them costs nothing, where
+    drawing them again from the replayed RNG took a quarter of a LoRA step (CPU random numbers are slow). Bool
+    masks: a byte per adapter input element (10 MB per block of an 8B model at 256 tokens)."""
+
+    def __init__(self):
+        self.masks: Optional[deque] = None  # None: dropout draws as nn.Dropout does, keeping nothing
+        self.replaying = False
+
+    @contextmanager
+    def recording(self) -> Iterator[deque]:
+        self.masks, self.replaying = deque(), False
+        try:
+            yield self.masks
+        finally:
+            self.masks = None
+
+    @contextmanager
+    def replaying_from(self, masks: deque):
+        self.masks, self.replaying = masks, True
+        try:
+            yield
+        finally:
+            self.masks, self.replaying = None, False
+
+
+class TapedDropout(nn.Module):
+    """nn.Dropout as a streamed model's adapters use it: the same masks and the same arithmetic (F.dropout on the
+    CPU is `x * bernoulli(1 - p) / (1 - p)`), recorded on a DropoutTape in the forward and replayed by the
+    recompute."""
+
+    def __init__(self, p: float, tape: DropoutTape):
+        super().__init__()
+        self.p, self.tape = p, tape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = self.tape.masks
+        if not self.training or masks is None:
+            return F.dropout(x, self.p, self.training)
+        if self.tape.replaying:
+            noise = masks.popleft().to(x.dtype)
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - self.p)
+            masks.append(noise.bool())
+        return x * noise.div_(1 - self.p)
+
+
 class _StreamedBlocks(torch.autograd.Function):
     """h (B, T, dim) -> the last block's output, keeping only each block's input (see the module doc)."""
 
@@ -353,11 +402,13 @@ class _StreamedBlocks(torch.autograd.Function):
         ctx.model, ctx.cos, ctx.sin, ctx.mask = model, cos, sin, mask
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type),
                         torch.is_autocast_cache_enabled())
-        ctx.inputs, ctx.rng = [], []
+        ctx.inputs, ctx.rng, ctx.masks = [], [], []
         for i, block in model.streamed_blocks(range(model.args.n_layers), trainable=False):
             ctx.inputs.append(model.keep_input(i, h))
             ctx.rng.append(_rng_state(h.device))
-            h = block(h, cos, sin, 0, mask)
+            with model.dropout_tape.recording() as masks:
+                h = block(h, cos, sin, 0, mask)
+            ctx.masks.append(masks)
         return h
 
     @staticmethod
@@ -365,8 +416,10 @@ class _StreamedBlocks(torch.autograd.Function):
         model = ctx.model
         for i, block in model.streamed_blocks(reversed(range(model.args.n_layers)), trainable=model.train_base):
             x = model.kept_input(ctx.inputs[i]).detach().requires_grad_(True)
-            with torch.enable_grad(), _replayed(ctx.rng[i], x.device, ctx.autocast):
+            with torch.enable_grad(), _replayed(ctx.rng[i], x.device, ctx.autocast), \
+                    model.dropout_tape.replaying_from(ctx.masks[i]):
                 out = block(x, ctx.cos, ctx.sin, 0, ctx.mask)
+            ctx.masks[i] = None
             torch.autograd.backward(out, grad)
             grad, ctx.inputs[i] = x.grad, None
             if model.train_base:
@@ -411,6 +464,7 @@ class StreamedTransformer(Transformer):
         self.reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None  # over ranks (RunOffload)
         self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
         self._kept = 0
+        self.dropout_tape = DropoutTape()  # the adapters' dropout masks between a block's forward and its recompute
         # The meta placeholders say whether a stored weight trains, so that counting trainable parameters
         # (and FLOPs) reads the streamed model as it reads a model in memory.
         for name, p in self.named_parameters():
@@ -699,7 +753,8 @@ def open_streamed(store: BlockStore, compute_dtype: torch.dtype = torch.float32,
 
 def materialize_adapters(model: StreamedTransformer) -> None:
     """Adapters applied to a meta-device model get memory and their initial values, drawn from the global RNG
-    in module order exactly as apply_lora draws them on a model in memory."""
+    in module order exactly as apply_lora draws them on a model in memory; their dropout keeps its masks on the
+    model's DropoutTape for the recompute."""
     from lora import LoRALinear
 
     for module in model.modules():
@@ -707,6 +762,8 @@ def materialize_adapters(model: StreamedTransformer) -> None:
             module.lora_a.to_empty(device=model.device)
             module.lora_b.to_empty(device=model.device)
             module.reset_adapters()
+            if isinstance(module.dropout, nn.Dropout):
+                module.dropout = TapedDropout(module.dropout.p, model.dropout_tape)
 
 
 # ---- a training run's offload (train.py) ---------------------------------------------------------------------
@@ -947,7 +1004,9 @@ class RunOffload:
         tokens = micro_batch * seq_len
         block_params = numels["layers.0"]
         activations = a.n_layers * tokens * a.dim * c + tokens * (6 * a.dim + 3 * a.ffn_hidden_dim) * 4 * 2
-        peak = 2 * block_params * held + activations
+        masks = tokens * sum(m.weight.shape[1] for m in model.modules() if isinstance(getattr(m, "dropout", None),
+                                                                                   TapedDropout))
+        peak = 2 * block_params * held + activations + masks  # masks: a byte per adapter input, every block
         if self.train_base:
             read = micro_batches * (2 * blocks + outer) + (micro_batches + 1) * 4 * params + 3 * 4 * params + outer
             written = micro_batches * 4 * params + 3 * 4 * params

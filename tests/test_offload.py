@@ -128,6 +128,32 @@ def test_lora_training_streamed_equals_in_memory_with_dropout_accumulation_and_c
                            adapters(streamed)["layers.0.attention.wq.lora_a.weight"])
 
 
+def test_the_recompute_replays_the_forwards_dropout_masks_instead_of_drawing_new_ones(tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountDraws(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.draws = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.draws += func.overloadpacket is torch.ops.aten.bernoulli_
+            return func(*args, **(kwargs or {}))
+
+    reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
+    batch = micro_batches()[0][0]
+    counts = []
+    for model in (reference, streamed):
+        model.train()
+        with CountDraws() as forward:
+            loss = stage_loss(model, batch)
+        with CountDraws() as backward:
+            loss.backward()
+        counts.append((forward.draws, backward.draws))
+    adapted_linears = 7 * tiny_args().n_layers
+    assert counts == [(adapted_linears, 0), (adapted_linears, 0)]  # the in-memory draws, and none again
+
+
 def test_block_inputs_kept_on_disk_train_as_in_memory_and_leave_no_file_behind(tmp_path, monkeypatch):
     reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
     streamed.activation_dir = tmp_path / "activations"
