@@ -153,9 +153,11 @@ class Config:
                               "in OFFLOAD_DIR and stream through memory one block at a time, with the same result "
                               "as training in memory | cpu: host memory as the store for a GPU (not built yet)")
     offload_dir: str = _f("", "Where OFFLOAD=disk keeps its stores (scratch; empty: RUN_DIR/offload)")
-    offload_activations: str = _f("memory", "memory | disk: where OFFLOAD=disk keeps each block's input between the "
-                                            "forward and the backward pass (disk: OFFLOAD_DIR/activations, for long "
-                                            "sequences; exact either way)")
+    offload_activations: str = _f("memory", "memory | disk | all: what OFFLOAD=disk keeps between the forward and "
+                                            "the backward pass: each block's input in memory or on disk "
+                                            "(OFFLOAD_DIR/activations, for long sequences), the backward recomputing "
+                                            "each block; all (LoRA only): every activation in memory as training in "
+                                            "memory keeps them, no recompute (faster, more memory); exact every way")
 
     # ---- distributed --------------------------------------------------------------------
     parallelism: str = _f("ddp", "ddp (a full replica per rank) | fsdp (FSDP2: parameters, grads and optimizer state sharded)")
@@ -255,12 +257,15 @@ class Config:
             bad("OFFLOAD", "none | disk (or cpu, not built yet)")
         if self.offload == "cpu":
             bad("OFFLOAD", "none | disk: cpu (host memory as the store for a GPU) needs a GPU and is not built yet")
-        if self.offload_activations not in ("memory", "disk"):
-            bad("OFFLOAD_ACTIVATIONS", "memory | disk")
+        if self.offload_activations not in ("memory", "disk", "all"):
+            bad("OFFLOAD_ACTIVATIONS", "memory | disk | all")
         if self.offload == "none":
-            if self.offload_activations == "disk":
-                bad("OFFLOAD_ACTIVATIONS", "memory without OFFLOAD=disk (disk keeps a streamed model's block inputs)")
+            if self.offload_activations != "memory":
+                bad("OFFLOAD_ACTIVATIONS", "memory without OFFLOAD=disk (disk and all are about a streamed model)")
             return
+        if self.offload_activations == "all" and not self.lora_enabled:
+            bad("OFFLOAD_ACTIVATIONS", "memory or disk without LoRA (all keeps every activation only for a frozen "
+                                       "base: a trained weight's gradient would keep every block in memory)")
         for key, wrong, why in (
                 ("COMPILE", True, "false: the streamed blocks change their weights under the compiled graph"),
                 ("PARALLELISM", "fsdp", "ddp: FSDP shards weights that offload keeps on disk instead"),

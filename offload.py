@@ -460,6 +460,9 @@ class StreamedTransformer(Transformer):
         self._anchor = torch.zeros((), requires_grad=True)  # makes backward run when nothing below requires grad
         self._outer: Optional[str] = None  # how the embedding, norm and output are loaded: "frozen", "trained"
         self._block_buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
+        self._buffer_holds: list[Optional[int]] = [None, None]  # the block each set holds (None: being written)
+        self.keep_activations = False  # OFFLOAD_ACTIVATIONS=all (LoRA): no recompute, see _blocks_keeping_activations
+        self._backward_read: Optional[Future] = None  # the block _weight_for_backward reads ahead
         self._memory_optimizer: Optional[torch.optim.AdamW] = None
         self.reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None  # over ranks (RunOffload)
         self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
@@ -507,12 +510,14 @@ class StreamedTransformer(Transformer):
         the one that allocated them, keeps most of them: resident memory grew by a block per block)."""
         prefix = f"layers.{i}."
         buffers = self._block_buffers[i % 2]
+        self._buffer_holds[i % 2] = None
         out = {}
         for name, t in self.store.mapped(f"layers.{i}").items():
             local = name.removeprefix(prefix)
             if local not in buffers:
                 buffers[local] = torch.empty(t.shape, dtype=self._block_dtype(t), device=self.device)
             out[name] = buffers[local].copy_(t)
+        self._buffer_holds[i % 2] = i
         return out
 
     def _release(self, names: Iterable[str]) -> None:
@@ -631,12 +636,62 @@ class StreamedTransformer(Transformer):
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions)
         mask = self._attention_mask(seqlen, start_pos, attn_mask, tokens.device)
-        if training:
+        if training and self.keep_activations:
+            h = self._blocks_keeping_activations(h, cos, sin, mask)
+        elif training:
             h = _StreamedBlocks.apply(h, self._anchor, self, cos, sin, mask)
         else:  # evaluation and decoding: with a KV cache, each new token streams every block once
             for _, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
                 h = block(h, cos, sin, start_pos, mask)
         return self.norm(h)
+
+    def _blocks_keeping_activations(self, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
+        """The blocks under plain autograd, every activation kept in memory as training in memory keeps it (no
+        recompute: the in-memory step's arithmetic and speed, with its activation memory). Only the frozen block
+        weights autograd saves are swapped for tokens naming them (block, weight, view), and the backward resolves
+        each token from the store as it reaches that block (_weight_for_backward), reading the block below ahead.
+        Frozen weights only: a trained weight's gradient node would hold the whole model in memory."""
+        for i, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
+            prefix = f"layers.{i}."
+            storages = {p.untyped_storage().data_ptr(): name for name, p in block.named_parameters(prefix=prefix[:-1])
+                        if name in self._stored_names(i)}
+
+            def pack(t: torch.Tensor, i=i, storages=storages):
+                name = storages.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
+                if name is None:
+                    return t
+                return i, name, t.shape, t.stride(), t.storage_offset()
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack_saved):
+                h = block(h, cos, sin, 0, mask)
+        return h
+
+    def _stored_names(self, i: int) -> set[str]:
+        return set(self.store.units[f"layers.{i}"])
+
+    def _unpack_saved(self, saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        i, name, size, stride, offset = saved
+        return self._weight_for_backward(i)[name].as_strided(size, stride, offset)
+
+    def _weight_for_backward(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's weights in its buffer set (i % 2), read now if the set holds another block, and block i-1
+        read ahead into the other set. The backward reaches block i only once every node of block i+1 is done
+        (they all lie between its input and output), so the set being overwritten is no longer used."""
+        pending = self._backward_read
+        if self._buffer_holds[i % 2] != i and pending is not None:
+            started = time.perf_counter()
+            pending.result()
+            self.io_wait_seconds += time.perf_counter() - started
+            self._backward_read = pending = None
+        if self._buffer_holds[i % 2] != i:
+            with self._io():
+                self._read_block(i)
+        if i > 0 and pending is None and self._buffer_holds[(i - 1) % 2] != i - 1:
+            self._backward_read = self._reader.submit(self._read_block, i - 1)
+        prefix = f"layers.{i}."
+        return {prefix + local: t for local, t in self._block_buffers[i % 2].items()}
 
     # ---- the update (full fine-tuning) ---------------------------------------------------------------------------
     def zero_grad_streamed(self) -> None:
@@ -782,10 +837,10 @@ class RunOffload:
     checkpoints, not the store, are what is kept."""
 
     def __init__(self, directory: Path, device: torch.device, train_base: bool, adamw: AdamWSettings,
-                 autocast_dtype: Optional[torch.dtype] = None, world_size: int = 1, activations_on_disk: bool = False):
+                 autocast_dtype: Optional[torch.dtype] = None, world_size: int = 1, activations: str = "memory"):
         self.directory, self.device, self.train_base, self.adamw = Path(directory), device, train_base, adamw
         self.autocast_dtype = autocast_dtype  # the run's autocast (None: fp32), for open_streamed
-        self.world_size, self.activations_on_disk = world_size, activations_on_disk
+        self.world_size, self.activations = world_size, activations  # OFFLOAD_ACTIVATIONS: memory, disk or all
         self.pages = MappedPages()  # the store's files a checkpoint being written maps
         self.notes: list[str] = []
         self.model: Optional[StreamedTransformer] = None  # the policy
@@ -840,7 +895,8 @@ class RunOffload:
             self.model = model
             if self.world_size > 1:
                 model.reduce_grads = self.mean_over_ranks
-            if self.activations_on_disk:
+            model.keep_activations = self.activations == "all"
+            if self.activations == "disk":
                 model.activation_dir = self.directory / "activations"
                 shutil.rmtree(model.activation_dir, ignore_errors=True)  # an interrupted step's: never read again
                 model.activation_dir.mkdir(parents=True)
@@ -1003,23 +1059,26 @@ class RunOffload:
         a = store.args
         tokens = micro_batch * seq_len
         block_params = numels["layers.0"]
-        activations = a.n_layers * tokens * a.dim * c + tokens * (6 * a.dim + 3 * a.ffn_hidden_dim) * 4 * 2
-        masks = tokens * sum(m.weight.shape[1] for m in model.modules() if isinstance(getattr(m, "dropout", None),
-                                                                                   TapedDropout))
-        peak = 2 * block_params * held + activations + masks  # masks: a byte per adapter input, every block
+        block_activations = tokens * (6 * a.dim + 3 * a.ffn_hidden_dim) * 4 * 2  # one block's, and their gradients
+        activations = (a.n_layers * block_activations if model.keep_activations  # all kept: no recompute
+                       else a.n_layers * tokens * a.dim * c + block_activations)
+        taped = [m for m in model.modules() if isinstance(getattr(m, "dropout", None), TapedDropout)]
+        masks = 0 if model.keep_activations else tokens * sum(m.weight.shape[1] for m in taped)  # a byte an input
+        peak = 2 * block_params * held + activations + masks
         if self.train_base:
             read = micro_batches * (2 * blocks + outer) + (micro_batches + 1) * 4 * params + 3 * 4 * params + outer
             written = micro_batches * 4 * params + 3 * 4 * params
             peak += 2 * 4 * (numels.get("tok_embeddings", 0) + numels.get("output", 0)) + 4 * 4 * max(numels.values())
             what = "every weight, its gradient and its AdamW state"
         else:
-            read, written = micro_batches * 2 * blocks, 0
+            read, written = micro_batches * 2 * blocks, 0  # also keeping activations: the backward reads them back
             adapters = sum(p.numel() for p in model.parameters() if p.requires_grad and not p.is_meta)
             peak += held * a.vocab_size * a.dim + 4 * 4 * adapters
             what = "the frozen weights (adapters and their AdamW state in memory)"
         extra = f"; {', '.join(m.store.directory.name for m in self.others)} streamed too" if self.others else ""
         return (f"offload: disk, {store.directory.parent}: {what}, {len(store.units)} units, {_size(blocks + outer)}"
-                f" of weights on disk ({str(stored).removeprefix('torch.')}, {holding}), activations in "
+                f" of weights on disk ({str(stored).removeprefix('torch.')}, {holding}), "
+                f"{'every activation kept (no recompute)' if model.keep_activations else 'activations'} in "
                 f"{str(model.compute_dtype).removeprefix('torch.')} on {self.device}{extra} | per step: ~{_size(read)} read, ~{_size(written)} written | "
                 f"expected peak memory ~{_size(peak)} beyond the process's own | {'; '.join(self.notes)}")
 

@@ -965,7 +965,7 @@ def start_offload(cfg: Config, d: DistInfo) -> Optional[RunOffload]:
     autocast = None if cfg.training_precision == "fp32" else DTYPES[cfg.training_precision]
     directory = cfg.offload_path if d.world_size == 1 else cfg.offload_path / f"rank{d.rank}"  # a store per rank
     return RunOffload(directory, d.device, train_base=not cfg.lora_enabled, adamw=adamw, autocast_dtype=autocast,
-                      world_size=d.world_size, activations_on_disk=cfg.offload_activations == "disk")
+                      world_size=d.world_size, activations=cfg.offload_activations)
 
 
 def check_precision_fits_device(precision: PrecisionChoice, device: torch.device) -> None:

@@ -154,6 +154,38 @@ def test_the_recompute_replays_the_forwards_dropout_masks_instead_of_drawing_new
     assert counts == [(adapted_linears, 0), (adapted_linears, 0)]  # the in-memory draws, and none again
 
 
+def test_keeping_every_activation_streams_only_the_weights_and_trains_lora_as_in_memory(tmp_path, monkeypatch):
+    """OFFLOAD_ACTIVATIONS=all: no block runs again in the backward; the weights autograd saved are read back from
+    the store, also when two forwards (a DPO pair) share one backward."""
+    from model import TransformerBlock
+
+    reference, streamed = lora_pair(tmp_path, tiny_args(n_layers=5), train_base=False)
+    streamed.keep_activations = True
+    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+    losses, norms = run_steps(streamed, in_memory_step(streamed))
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
+    assert_same(adapters(reference), adapters(streamed))
+
+    calls, real_forward = [], TransformerBlock.forward
+    monkeypatch.setattr(TransformerBlock, "forward", lambda self, *a, **k: (calls.append(1), real_forward(self, *a, **k))[1])
+    reads, real_read = [], streamed._read_block
+    monkeypatch.setattr(streamed, "_read_block", lambda i: (reads.append(i), real_read(i))[1])
+    pair = micro_batches(seed=3)[0]
+    grads = []
+    for model in (reference, streamed):
+        torch.manual_seed(11)  # the same dropout masks for both
+        loss = stage_loss(model, pair[0]) + 0.5 * stage_loss(model, pair[1])
+        calls.clear(), reads.clear()
+        loss.backward()
+        assert not calls  # nothing recomputed
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert_same(*grads)
+    assert sorted(reads) == sorted([2, 1, 0] + [4, 3, 2, 1, 0])  # each block read back once per forward it served
+    # (the two the last forward left in memory, 4 and 3, are not read again)
+
+
 def test_block_inputs_kept_on_disk_train_as_in_memory_and_leave_no_file_behind(tmp_path, monkeypatch):
     reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
     streamed.activation_dir = tmp_path / "activations"

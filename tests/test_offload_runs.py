@@ -141,6 +141,11 @@ def test_offloaded_dpo_equals_in_memory(tmp_path, data, start, lora):
     assert ("reference streamed too" in out.stdout) != lora
     assert step_metric(tmp_path / "disk")[1] == pytest.approx(0.6931, abs=1e-3)  # the policy is its own reference
     same_run(tmp_path / "memory", tmp_path / "disk")
+    if lora:  # every activation kept instead of recomputed: chosen and rejected forwards share one backward
+        out = train(env_for(tmp_path, "kept", data, OFFLOAD="disk", OFFLOAD_ACTIVATIONS="all", **settings),
+                    "--checkpoint", str(start))
+        assert "every activation kept (no recompute)" in out.stdout
+        same_run(tmp_path / "memory", tmp_path / "kept")
 
 
 @pytest.mark.e2e
@@ -230,3 +235,13 @@ def test_block_inputs_on_disk_without_offload_are_refused_with_one_line():
     with pytest.raises(ConfigError, match=r"^OFFLOAD_ACTIVATIONS='disk' is invalid: expected memory without OFFLOAD="):
         load_config(overrides={"OFFLOAD_ACTIVATIONS": "disk"})
     assert load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "disk"}).offload_activations == "disk"
+
+
+def test_keeping_every_activation_is_refused_with_one_line_without_offload_and_for_full_fine_tuning():
+    with pytest.raises(ConfigError, match=r"^OFFLOAD_ACTIVATIONS='all' is invalid: expected memory without OFFLOAD="):
+        load_config(overrides={"OFFLOAD_ACTIVATIONS": "all"})
+    with pytest.raises(ConfigError, match=r"^OFFLOAD_ACTIVATIONS='all' is invalid: expected memory or disk without "
+                                          r"LoRA \(.*\)$"):
+        load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "all"})
+    assert load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "all",
+                                  "LORA_ENABLED": "true"}).offload_activations == "all"
