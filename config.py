@@ -156,7 +156,7 @@ class Config:
     offload_activations: str = _f("memory", "memory | disk | all: what OFFLOAD=disk keeps between the forward and "
                                             "the backward pass: each block's input in memory or on disk "
                                             "(OFFLOAD_DIR/activations, for long sequences), the backward recomputing "
-                                            "each block; all (LoRA only): every activation in memory as training in "
+                                            "each block; all: every activation in memory as training in "
                                             "memory keeps them, no recompute (faster, more memory); exact every way")
 
     # ---- distributed --------------------------------------------------------------------
@@ -263,9 +263,6 @@ class Config:
             if self.offload_activations != "memory":
                 bad("OFFLOAD_ACTIVATIONS", "memory without OFFLOAD=disk (disk and all are about a streamed model)")
             return
-        if self.offload_activations == "all" and not self.lora_enabled:
-            bad("OFFLOAD_ACTIVATIONS", "memory or disk without LoRA (all keeps every activation only for a frozen "
-                                       "base: a trained weight's gradient would keep every block in memory)")
         for key, wrong, why in (
                 ("COMPILE", True, "false: the streamed blocks change their weights under the compiled graph"),
                 ("PARALLELISM", "fsdp", "ddp: FSDP shards weights that offload keeps on disk instead"),

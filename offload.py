@@ -36,7 +36,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -461,7 +461,8 @@ class StreamedTransformer(Transformer):
         self._outer: Optional[str] = None  # how the embedding, norm and output are loaded: "frozen", "trained"
         self._block_buffers: tuple[dict, dict] = ({}, {})  # two sets of one block's weights, in the compute dtype
         self._buffer_holds: list[Optional[int]] = [None, None]  # the block each set holds (None: being written)
-        self.keep_activations = False  # OFFLOAD_ACTIVATIONS=all (LoRA): no recompute, see _blocks_keeping_activations
+        self.keep_activations = False  # OFFLOAD_ACTIVATIONS=all: no recompute, see _blocks_keeping_activations
+        self._incomplete_grads: Counter[str] = Counter()  # blocks whose gradients autograd has not all made yet
         self._backward_read: Optional[Future] = None  # the block _weight_for_backward reads ahead
         self._memory_optimizer: Optional[torch.optim.AdamW] = None
         self.reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None  # over ranks (RunOffload)
@@ -647,33 +648,60 @@ class StreamedTransformer(Transformer):
 
     def _blocks_keeping_activations(self, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
         """The blocks under plain autograd, every activation kept in memory as training in memory keeps it (no
-        recompute: the in-memory step's arithmetic and speed, with its activation memory). Only the frozen block
-        weights autograd saves are swapped for tokens naming them (block, weight, view), and the backward resolves
-        each token from the store as it reaches that block (_weight_for_backward), reading the block below ahead.
-        Frozen weights only: a trained weight's gradient node would hold the whole model in memory."""
-        for i, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
-            prefix = f"layers.{i}."
-            storages = {p.untyped_storage().data_ptr(): name for name, p in block.named_parameters(prefix=prefix[:-1])
-                        if name in self._stored_names(i)}
+        recompute: the in-memory step's arithmetic, with its activation memory). Only the block weights autograd
+        saves are swapped for tokens naming them (block, weight, view), and the backward resolves each token from
+        the store as it reaches that block (_weight_for_backward), reading the block below ahead.
 
-            def pack(t: torch.Tensor, i=i, storages=storages):
-                name = storages.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
-                if name is None:
-                    return t
-                return i, name, t.shape, t.stride(), t.storage_offset()
+        Full fine-tuning: each block's weights are fresh leaves over the shared buffers (a gradient node holds its
+        leaf, not the leaf's data, so later blocks may overwrite them); under autocast their matrices are cast here
+        rather than by autocast, so that the saved bf16 copies are known and swapped for tokens too (the same cast
+        autocast makes, so the same numbers); a block's gradients go to the store once autograd has them all."""
+        cast = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
+        for i, block in self.streamed_blocks(range(self.args.n_layers), trainable=self.train_base):
+            tokens: dict[int, tuple[str, bool]] = {}  # storage -> (weight name, saved as its autocast cast)
+            leaves: dict[str, nn.Parameter] = {}
+            for name in self.store.units[f"layers.{i}"]:
+                module_name, _, leaf = name.rpartition(".")
+                module = self.get_submodule(module_name)
+                leaves[name] = weight = module._parameters[leaf]
+                tokens[weight.untyped_storage().data_ptr()] = (name, False)
+                if self.train_base and cast is not None and weight.dim() == 2:
+                    module._parameters[leaf] = weight.to(cast)  # autograd sees the cast; the leaf gets its gradient
+                    tokens[module._parameters[leaf].untyped_storage().data_ptr()] = (name, True)
+            if self.train_base:
+                self._send_grads_when_complete(f"layers.{i}", leaves)
+
+            def pack(t: torch.Tensor, i=i, tokens=tokens):
+                found = tokens.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
+                return t if found is None else (i, *found, t.dtype, t.shape, t.stride(), t.storage_offset())
 
             with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack_saved):
                 h = block(h, cos, sin, 0, mask)
         return h
 
-    def _stored_names(self, i: int) -> set[str]:
-        return set(self.store.units[f"layers.{i}"])
+    def _send_grads_when_complete(self, unit: str, leaves: dict[str, nn.Parameter]) -> None:
+        """A block's leaves hand their gradients to the store as one unit, as soon as autograd has made the last."""
+        names = list(leaves)
+        grads: dict[str, torch.Tensor] = {}
+        self._incomplete_grads[unit] += 1
+
+        def hook(param: torch.Tensor, name: str) -> None:
+            grads[name], param.grad = param.grad, None
+            if len(grads) == len(names):
+                with self._io():
+                    self.store.accumulate_grads(unit, {n: grads[n] for n in names})
+                grads.clear()
+                self._incomplete_grads[unit] -= 1
+
+        for name, leaf in leaves.items():
+            leaf.register_post_accumulate_grad_hook(lambda p, name=name: hook(p, name))
 
     def _unpack_saved(self, saved):
         if isinstance(saved, torch.Tensor):
             return saved
-        i, name, size, stride, offset = saved
-        return self._weight_for_backward(i)[name].as_strided(size, stride, offset)
+        i, name, was_cast, dtype, size, stride, offset = saved
+        weight = self._weight_for_backward(i)[name]
+        return (weight.to(dtype) if was_cast else weight).as_strided(size, stride, offset)
 
     def _weight_for_backward(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's weights in its buffer set (i % 2), read now if the set holds another block, and block i-1
@@ -705,6 +733,9 @@ class StreamedTransformer(Transformer):
         skips the update, as train.py skips optimizer.step. Stored gradients are cleared, in-memory ones set to
         None; the embedding, norm and output layer are left in place, frozen, as they are after the update."""
         self.release()  # the last forward's embedding and output leaves; the next forward reads the updated ones
+        if any(self._incomplete_grads.values()):
+            raise OffloadError(f"the backward left {', '.join(sorted(+self._incomplete_grads))} without every "
+                               f"gradient; a step must back-propagate each forward before it updates")
         order = self._grad_order()
         norms = {}
         for unit, names in self.store.units.items():  # sweep 1: every stored gradient's norm

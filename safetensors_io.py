@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
@@ -95,21 +96,37 @@ class MappedPages:
             m.madvise(mmap.MADV_DONTNEED)  # clean private pages: dropping loses nothing
 
 
+# Linux 5.14+ (Python 3.11's mmap lacks the name): fault every page in writable at once
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)
+
+
+def _writable_mapping(f: BinaryIO) -> mmap.mmap:
+    """A shared mapping of the whole file with every page in place and writable: the first write to each page of
+    a shared mapping otherwise takes a fault of its own, which made an optimizer step on mapped state 3-4x slower
+    than on memory."""
+    buf = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED)
+    if _MADV_POPULATE_WRITE is not None:
+        try:
+            buf.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: the pages fault in one by one instead
+            pass
+    return buf
+
+
 def load_file(path: str | Path, names: Optional[Iterable[str]] = None,
               pages: Optional[MappedPages] = None, writable: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (or only `names`), memory-mapped: pages are read when first touched.
     `pages` collects the mapping, for its owner to release.
 
     The mapping is private (copy-on-write): writing to a returned tensor never changes the file. `writable`:
-    shared instead, every page read in at once, so that an in-place update (an optimizer step on an offload
+    shared instead, every page read in at once and writable, so that an in-place update (an optimizer step on an offload
     store's scratch files) writes the file itself, with no copy out and back; a crash can leave such a file
     half updated, so it is only for scratch."""
     path = Path(path)
     header, _, data_start = read_header(path)
     wanted = header.keys() if names is None else names
     with open(path, "r+b" if writable else "rb") as f:  # each tensor keeps `buf` alive
-        buf = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if writable
-               else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+        buf = _writable_mapping(f) if writable else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if pages is not None:
         pages.mappings.append(buf)
     out = {}

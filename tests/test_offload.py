@@ -52,8 +52,10 @@ def stage_loss(model, batch: dict) -> torch.Tensor:
                  attn_mask=document_attention_mask(batch["docs"]))
 
 
-def run_steps(model, step_fn, seed: int = 5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Losses and grad norms of STEPS optimizer steps; the loss divided by the step's trained tokens."""
+def run_steps(model, step_fn, seed: int = 5, autocast: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Losses and grad norms of STEPS optimizer steps; the loss divided by the step's trained tokens. `autocast`:
+    each forward under bf16 autocast, as train.py runs it (only the forward: autocast's cast of a trained weight is
+    cached until the region ends, so a region spanning an update would compute with the old weights)."""
     torch.manual_seed(seed)  # the adapters' dropout masks
     model.train()
     losses, norms = [], []
@@ -61,7 +63,8 @@ def run_steps(model, step_fn, seed: int = 5) -> tuple[list[torch.Tensor], list[t
         count = sum((b["targets"] != IGNORE_INDEX).sum() for b in step)
         total = torch.zeros(())
         for batch in step:
-            loss = stage_loss(model, batch) / count
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = stage_loss(model, batch) / count
             loss.backward()
             total += loss.detach()
         losses.append(total)
@@ -201,16 +204,23 @@ def test_block_inputs_kept_on_disk_train_as_in_memory_and_leave_no_file_behind(t
     assert not list(streamed.activation_dir.iterdir())  # each read back once by its backward, then deleted
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path, tied):
+@pytest.mark.parametrize("tied, keep, autocast", [(False, False, False), (True, False, False), (True, True, False),
+                                                   (False, True, True)],
+                         ids=["untied", "tied", "tied-activations-kept", "activations-kept-bf16-autocast"])
+def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path, tied, keep, autocast):
     """Every weight trains (base and adapters, so dropout is on): the base's gradients and AdamW state live in
-    the store, and clip_and_step makes the update torch.optim.AdamW + clip_grad_norm_ make in memory."""
-    reference, streamed = lora_pair(tmp_path, tiny_args(tie_word_embeddings=tied), train_base=True)
+    the store, and clip_and_step makes the update torch.optim.AdamW + clip_grad_norm_ make in memory. `keep`:
+    every activation kept instead of recomputed (under bf16 autocast the saved bf16 weight casts too)."""
+    reference, streamed = lora_pair(tmp_path, tiny_args(tie_word_embeddings=tied, n_layers=3 + 2 * keep),
+                                    train_base=True)
+    streamed.keep_activations = keep
+    resolved, resolve = [], streamed._unpack_saved  # the weights the backward read back from the store
+    streamed._unpack_saved = lambda saved: (resolved.append(saved), resolve(saved))[1]
     for p in reference.parameters():
         p.requires_grad_(True)
-    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
+    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference), autocast=autocast)
     settings = offload.AdamWSettings(weight_decay=WEIGHT_DECAY)
-    losses, norms = run_steps(streamed, lambda: streamed.clip_and_step(LR, MAX_NORM, settings))
+    losses, norms = run_steps(streamed, lambda: streamed.clip_and_step(LR, MAX_NORM, settings), autocast=autocast)
 
     assert all(n > MAX_NORM for n in ref_norms)
     assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
@@ -220,6 +230,11 @@ def test_full_fine_tuning_streamed_equals_in_memory_adamw_with_clipping(tmp_path
         del expected["output.weight"]
     assert_same(expected, streamed.stored_state_dict())
     assert_same(adapters(reference), adapters(streamed))
+    tokens = {(name, cast) for name, cast, *_ in (t[1:] for t in resolved if not isinstance(t, torch.Tensor))}
+    matrices = {n for n, t in expected.items() if n.startswith("layers.") and t.dim() == 2}
+    vectors = {n for n in expected if n.startswith("layers.")} - matrices
+    # no block weight (nor, under autocast, its bf16 cast) was held by autograd between forward and backward
+    assert tokens == (set() if not keep else {(n, autocast) for n in matrices} | {(n, False) for n in vectors})
     # Gradient files are scratch overwritten in place each step (the equal later steps show nothing of an
     # earlier step's gradients survives): one fp32 gradient per stored weight on disk, however many steps ran.
     grad_files = list((tmp_path / "store" / "grads").iterdir())
@@ -273,9 +288,8 @@ def streamed_lora_trains_as_in_memory_under_bf16_autocast(reference: Transformer
     torch.manual_seed(1)
     apply_lora(streamed, LORA)
     offload.materialize_adapters(streamed)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_losses, ref_norms = run_steps(reference, in_memory_step(reference))
-        losses, norms = run_steps(streamed, in_memory_step(streamed))
+    ref_losses, ref_norms = run_steps(reference, in_memory_step(reference), autocast=True)
+    losses, norms = run_steps(streamed, in_memory_step(streamed), autocast=True)
     assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
     assert torch.equal(torch.stack(norms), torch.stack(ref_norms))
     assert_same(adapters(reference), adapters(streamed))

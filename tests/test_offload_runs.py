@@ -88,6 +88,14 @@ def test_offloaded_full_fine_tuning_equals_in_memory_with_accumulation_and_clipp
 
 
 @pytest.mark.e2e
+def test_offloaded_full_fine_tuning_keeping_every_activation_equals_in_memory(tmp_path, data, start, full_runs):
+    out = train(env_for(tmp_path, "kept", data, OFFLOAD="disk", OFFLOAD_ACTIVATIONS="all", **SFT), "--checkpoint",
+                str(start))
+    assert "every activation kept (no recompute)" in out.stdout
+    same_run(full_runs["none"][0], tmp_path / "kept")
+
+
+@pytest.mark.e2e
 def test_an_offloaded_checkpoint_resumes_bit_exactly_offloaded_and_in_memory(tmp_path, data, start, full_runs):
     disk = full_runs["disk"][0]
     boxed = env_for(tmp_path, "boxed", data, OFFLOAD="disk", **SFT)
@@ -237,11 +245,7 @@ def test_block_inputs_on_disk_without_offload_are_refused_with_one_line():
     assert load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "disk"}).offload_activations == "disk"
 
 
-def test_keeping_every_activation_is_refused_with_one_line_without_offload_and_for_full_fine_tuning():
+def test_keeping_every_activation_without_offload_is_refused_with_one_line():
     with pytest.raises(ConfigError, match=r"^OFFLOAD_ACTIVATIONS='all' is invalid: expected memory without OFFLOAD="):
         load_config(overrides={"OFFLOAD_ACTIVATIONS": "all"})
-    with pytest.raises(ConfigError, match=r"^OFFLOAD_ACTIVATIONS='all' is invalid: expected memory or disk without "
-                                          r"LoRA \(.*\)$"):
-        load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "all"})
-    assert load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "all",
-                                  "LORA_ENABLED": "true"}).offload_activations == "all"
+    assert load_config(overrides={"OFFLOAD": "disk", "OFFLOAD_ACTIVATIONS": "all"}).offload_activations == "all"
