@@ -1,6 +1,10 @@
 """SFT, DPO, distillation and LoRA end to end, as users run them: `python train.py` and `torchrun`, on data
 prepared by the project's own scripts, from checkpoints on disk. For every stage: a stage change takes the
-weights only, a resumed run equals the uninterrupted one bit for bit, and 2 ranks equal 1 process."""
+weights only, a resumed run equals the uninterrupted one bit for bit, and 2 ranks equal 1 process.
+
+Each uninterrupted run also saves at step 2, and its resume test continues it from there (trainer_runs.cut_at):
+the first part of a split run would be those same two steps again, one more process per stage. --stop-step only
+decides where train.py's loop saves and stops, whatever the stage: test_train's boxes cover it."""
 
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import torch
 from checkpoint import read_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
-from trainer_runs import close_runs, make_token_data, same_run, step_metric, train, write_env
+from trainer_runs import close_runs, cut_at, make_token_data, same_run, step_metric, train, write_env
 from prep_helpers import prepare_chat_tasks
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +22,7 @@ pytestmark = pytest.mark.e2e
 SEQ = 64
 SHAPE = dict(DIM="64", N_LAYERS="2", N_HEADS="4", N_KV_HEADS="2", MULTIPLE_OF="32", MAX_SEQ_LEN=str(SEQ))
 RUN = dict(MAX_BATCH_SIZE="2", TOTAL_BATCH_SIZE=str(2 * SEQ * 2), MAX_STEPS="4", WARMUP_STEPS="1",
-           VALIDATE_EVERY_X_STEPS="2", VALIDATION_STEPS="1", SAVE_EVERY_X_STEPS="0", GENERATE_EVERY_X_STEPS="0",
+           VALIDATE_EVERY_X_STEPS="2", VALIDATION_STEPS="1", SAVE_EVERY_X_STEPS="2", GENERATE_EVERY_X_STEPS="0",
            INSTRUCT_EVAL_EXAMPLES="4")
 
 
@@ -48,9 +52,9 @@ def env_for(tmp_path: Path, name: str, data: dict, **overrides) -> Path:
                      **{**SHAPE, **RUN, **overrides})
 
 
-def resume_in_boxes(env: Path, run_dir: Path, flag: str, *first_args: str) -> None:
-    train(env, *first_args, "--stop-step", "2")
-    train(env, f"--{flag}", str(run_dir / "checkpoints" / "step_000002.pt"))
+def resumed_from_step_2(straight: Path, env: Path, flag: str) -> None:
+    """The uninterrupted run continued from its step-2 checkpoint in the env's RUN_DIR, by `flag`."""
+    train(env, f"--{flag}", str(cut_at(straight, 2, env.parent / env.stem)))
 
 
 # ---- SFT ------------------------------------------------------------------------------------------------------
@@ -73,37 +77,41 @@ def test_sft_from_a_pretraining_checkpoint_starts_afresh_and_reports_exact_match
     assert set(step_metric(sft_run, "val_exact_match_n").values()) == {4}
 
 
-def test_sft_resumed_with_instruct_checkpoint_equals_the_uninterrupted_run(tmp_path, data, pretrained, sft_run):
-    env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="sft")
-    resume_in_boxes(env, tmp_path / "boxed", "instruct_checkpoint", "--pretrain_checkpoint", str(pretrained))
+def test_sft_resumed_with_instruct_checkpoint_equals_the_uninterrupted_run(tmp_path, data, sft_run):
+    resumed_from_step_2(sft_run, env_for(tmp_path, "boxed", data, TRAINING_STAGE="sft"), "instruct_checkpoint")
     same_run(sft_run, tmp_path / "boxed")
 
 
 # ---- DPO ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, data, sft_run) -> Path:
+def dpo_start(tmp_path_factory, data, lora_sft_run) -> tuple[Path, str]:
+    """Full-weight DPO from the LoRA SFT run's adapter checkpoint, merged onto its base on the fly (DPO from a
+    full SFT checkpoint is the LoRA DPO run's start below): the run and what it printed."""
     tmp = tmp_path_factory.mktemp("dpo")
-    start = sft_run / "checkpoints" / "step_000004.pt"
+    start = lora_sft_run / "checkpoints" / "step_000004.pt"
     out = train(env_for(tmp, "straight", data, TRAINING_STAGE="dpo"), "--instruct_checkpoint", str(start))
-    assert "starting from the weights of" in out.stdout
-    return tmp / "straight"
+    return tmp / "straight", out.stdout
 
 
-def test_dpo_logs_rewards_and_preference_accuracy_and_resumes_exactly(tmp_path, data, sft_run, dpo_run):
+@pytest.fixture(scope="module")
+def dpo_run(dpo_start) -> Path:
+    assert "starting from the weights of" in dpo_start[1]
+    return dpo_start[0]
+
+
+def test_dpo_logs_rewards_and_preference_accuracy_and_resumes_exactly(tmp_path, data, dpo_run):
     for key in ("reward_chosen", "reward_rejected", "reward_margin", "accuracy", "logps_chosen", "logps_rejected",
                 "policy_accuracy", "val_accuracy", "val_reward_margin", "val_policy_accuracy"):
         assert step_metric(dpo_run, key), key
     assert sorted(step_metric(dpo_run, "val_exact_match")) == [0, 2, 4]  # SFT's held-out answers, before and after
     assert step_metric(dpo_run)[1] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its own reference
-    env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo")
-    resume_in_boxes(env, tmp_path / "boxed", "dpo_checkpoint", "--instruct_checkpoint",
-                    str(sft_run / "checkpoints" / "step_000004.pt"))
+    resumed_from_step_2(dpo_run, env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo"), "dpo_checkpoint")
     same_run(dpo_run, tmp_path / "boxed")
 
 
-def test_dpo_on_two_ranks_equals_one_process(tmp_path, data, sft_run, dpo_run):
+def test_dpo_on_two_ranks_equals_one_process(tmp_path, data, lora_sft_run, dpo_run):
     train(env_for(tmp_path, "ddp", data, TRAINING_STAGE="dpo"), "--instruct_checkpoint",
-          str(sft_run / "checkpoints" / "step_000004.pt"), torchrun=2)
+          str(lora_sft_run / "checkpoints" / "step_000004.pt"), torchrun=2)
     close_runs(dpo_run, tmp_path / "ddp")
 
 
@@ -134,7 +142,7 @@ def test_distillation_logs_both_parts_and_resumes_exactly(tmp_path, data, hf_tea
     assert step_metric(distill_run, "val_kd") and step_metric(distill_run, "val_teacher_loss")
     env = env_for(tmp_path, "boxed", data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=str(hf_teacher),
                   DIM="32", N_HEADS="2", N_KV_HEADS="1")
-    resume_in_boxes(env, tmp_path / "boxed", "pretrain_checkpoint")
+    resumed_from_step_2(distill_run, env, "pretrain_checkpoint")
     same_run(distill_run, tmp_path / "boxed")
 
 
@@ -168,8 +176,7 @@ def test_lora_dpo_starts_at_log_2_keeps_adapters_only_and_resumes_exactly(tmp_pa
     full = (sft_run / "checkpoints" / "step_000004.pt").stat().st_size
     assert (lora_dpo_run / "checkpoints" / "step_000004.pt").stat().st_size < full / 5
     env = env_for(tmp_path, "boxed", data, TRAINING_STAGE="dpo", LORA_DROPOUT="0.1", **LORA)
-    resume_in_boxes(env, tmp_path / "boxed", "dpo_checkpoint", "--instruct_checkpoint",
-                    str(sft_run / "checkpoints" / "step_000004.pt"))
+    resumed_from_step_2(lora_dpo_run, env, "dpo_checkpoint")
     same_run(lora_dpo_run, tmp_path / "boxed")
 
 
@@ -186,7 +193,16 @@ def test_lora_resume_refuses_another_rank_or_alpha_with_one_line(tmp_path, data,
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "alpha" in out.stderr.lower()
 
 
-def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkpoint(tmp_path, data, pretrained):
+@pytest.fixture(scope="module")
+def lora_sft_run(tmp_path_factory, data, pretrained) -> Path:
+    tmp = tmp_path_factory.mktemp("lora-sft")
+    train(env_for(tmp, "one", data, TRAINING_STAGE="sft", LORA_DROPOUT="0", **LORA), "--pretrain_checkpoint",
+          str(pretrained))
+    return tmp / "one"
+
+
+def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkpoint(tmp_path, data, pretrained,
+                                                                                     lora_sft_run, dpo_start):
     """Also SFT's 2-ranks-equal-1 check: the conversation loader's sharding and the masked token count across ranks
     (the full-weight gradient reduction is the pretraining DDP run's)."""
     import subprocess
@@ -195,11 +211,10 @@ def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkp
     from checkpoint import load_model
     from trainer_runs import ROOT
 
-    one, two = (env_for(tmp_path, name, data, TRAINING_STAGE="sft", LORA_DROPOUT="0", **LORA) for name in ("one", "two"))
-    train(one, "--pretrain_checkpoint", str(pretrained))
+    two = env_for(tmp_path, "two", data, TRAINING_STAGE="sft", LORA_DROPOUT="0", **LORA)
     train(two, "--pretrain_checkpoint", str(pretrained), torchrun=2)
-    close_runs(tmp_path / "one", tmp_path / "two")
-    adapters, merged = tmp_path / "one" / "checkpoints" / "step_000004.pt", tmp_path / "merged.pt"
+    close_runs(lora_sft_run, tmp_path / "two")
+    adapters, merged = lora_sft_run / "checkpoints" / "step_000004.pt", tmp_path / "merged.pt"
     result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "merge", "--checkpoint", str(adapters), "--out",
                              str(merged)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -208,7 +223,5 @@ def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkp
     with torch.no_grad():
         base = load_model(pretrained)(tokens)[0]
         assert not torch.allclose(model(tokens)[0], base)  # the adapters trained and were folded in
-    # and a later stage starts from the adapter checkpoint itself, merged on the fly
-    out = train(env_for(tmp_path, "dpo", data, TRAINING_STAGE="dpo", MAX_STEPS="1"), "--instruct_checkpoint",
-                str(adapters))
-    assert "starting from the weights of" in out.stdout
+    # and a later stage starts from the adapter checkpoint itself, merged on the fly: the DPO run above
+    assert "starting from the weights of" in dpo_start[1]

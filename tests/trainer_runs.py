@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,18 @@ def same_run(a: Path, b: Path) -> None:
     assert records(a) == records(b)
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def cut_at(run: Path, step: int, dest: Path) -> Path:
+    """`run` as it stood when it had just saved its step-`step` checkpoint (it saves one there): that checkpoint
+    and the records up to that step, copied into `dest`. Returns the checkpoint, for a resumed run in `dest`,
+    which must then log every later record of `run` itself: compare them with same_run(run, dest)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    ckpt = dest / "checkpoints" / f"step_{step:06d}.pt"
+    shutil.copyfile(run / "checkpoints" / ckpt.name, ckpt)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return ckpt
 
 
 def close_runs(a: Path, b: Path, tol: float = 1e-4) -> None:
