@@ -169,7 +169,7 @@ def pair_runs(tmp_path_factory):
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage,parallelism", [("orpo", "ddp"), ("simpo", "fsdp")])
 def test_a_reference_free_stage_resumes_bit_exactly_and_two_ranks_equal_one(pair_runs, stage, parallelism):
-    from trainer_runs import close_runs, same_run, step_metric, train, write_env
+    from trainer_runs import close_runs, cut_at, same_run, step_metric, train, write_env
 
     root, tokens, keys = pair_runs
     run = lambda name, *args: train(  # noqa: E731
@@ -179,9 +179,9 @@ def test_a_reference_free_stage_resumes_bit_exactly_and_two_ranks_equal_one(pair
     assert f"stage: {stage} + LoRA" in result.stdout and "pref acc" in result.stdout
     assert set(step_metric(whole)) == {1, 2, 3, 4} and step_metric(whole, "val_exact_match")
 
+    # the whole run continued from its step-2 checkpoint (a box stopped there would repeat its first two steps)
     boxed = root / f"{stage}-boxed"
-    run("boxed", "--stop-step", "2")
-    resumed = train(root / f"{stage}-boxed.env", "--checkpoint", str(boxed / "checkpoints" / "step_000002.pt"))
+    resumed = run("boxed", "--checkpoint", str(cut_at(whole, 2, boxed)))
     assert f"resuming {stage} from" in resumed.stdout
     same_run(whole, boxed)
 
