@@ -4,6 +4,7 @@ processes, real shards on disk, real checkpoints."""
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,14 +93,23 @@ def test_fsdp_run_matches_single_process_and_its_checkpoint_resumes_without_fsdp
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def first_box(tmp_path_factory, token_data, hellaswag) -> Path:
+    """The single run's first 3 steps as a --stop-step box: its run directory, for each resume test to copy."""
+    box = tmp_path_factory.mktemp("first-box") / "run"
+    first = train(write_env(box.parent / "box.env", token_data, box, **hellaswag), "--stop-step", "3")
+    assert "stopped" not in first.stdout and (box / "checkpoints" / "step_000003.pt").is_file()
+    return box
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("flag", ["--pretrain_checkpoint", "--checkpoint"])
-def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single, flag):
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, token_data, hellaswag, single, first_box,
+                                                              flag):
     straight = single
     resumed = tmp_path / "resumed"
+    shutil.copytree(first_box, resumed)
     env = write_env(tmp_path / "resumed.env", token_data, resumed, **hellaswag)
-    first = train(env, "--stop-step", "3")
-    assert "stopped" not in first.stdout and (resumed / "checkpoints" / "step_000003.pt").is_file()
     second = train(env, flag, str(resumed / "checkpoints" / "step_000003.pt"))
     assert f"resuming pretrain from {resumed / 'checkpoints' / 'step_000003.pt'} at step 3\n" in second.stdout
 
@@ -180,50 +190,49 @@ def test_logged_learning_rate_is_the_hand_computed_schedule(single):
 def test_a_changed_batch_geometry_on_resume_continues_from_the_same_sample_position(tmp_path):
     token_data = make_token_data(tmp_path / "data", documents=14)  # a short epoch, so it wraps in a few steps
     run_dir = tmp_path / "run"
-    common = dict(MAX_STEPS="8", VALIDATE_EVERY_X_STEPS="0", SAVE_EVERY_X_STEPS="0")
+    common = dict(MAX_STEPS="6", VALIDATE_EVERY_X_STEPS="0", SAVE_EVERY_X_STEPS="0")
     train(write_env(tmp_path / "a.env", token_data, run_dir, **common), "--stop-step", "3")  # 4 samples per step
     bigger = write_env(tmp_path / "b.env", token_data, run_dir, MAX_BATCH_SIZE="8", TOTAL_BATCH_SIZE="1024",
                        **common)  # 32 samples of 32 tokens per step
     out = train(bigger, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000003.pt")).stdout
     assert "batch geometry changed: 128 -> 1,024 token positions per step" in out
 
-    state = read_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["dataloader"]
+    state = read_checkpoint(run_dir / "checkpoints" / "step_000006.pt")["dataloader"]
     samples = (json.loads((token_data / "manifest.json").read_text())["splits"]["train"]["num_tokens"] - 1) // 32
     position, epoch = 0, 0
-    for per_step in [4] * 3 + [32] * 5:  # the documented rule, by hand: wrap at a step's start when short
+    for per_step in [4] * 3 + [32] * 3:  # the documented rule, by hand: wrap at a step's start when short
         position, epoch = (0, epoch + 1) if position + per_step > samples else (position, epoch)
         position += per_step
     assert (state["epoch"], state["position"]) == (epoch, position) and epoch >= 1
     # ... and the final checkpoint resumes (the old loader wrote one that refused to load)
     train(write_env(tmp_path / "c.env", token_data, run_dir, MAX_BATCH_SIZE="8", TOTAL_BATCH_SIZE="1024",
-                    MAX_STEPS="9", VALIDATE_EVERY_X_STEPS="0"),
-          "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000008.pt"))
+                    MAX_STEPS="7", VALIDATE_EVERY_X_STEPS="0"),
+          "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000006.pt"))
 
 
 @pytest.mark.e2e
-def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token_data):
+def test_a_fresh_run_never_overwrites_another_run_in_its_run_dir(tmp_path, token_data, single):
     run_dir = tmp_path / "run"
-    env = write_env(tmp_path / "run.env", token_data, run_dir, MAX_STEPS="2", WARMUP_STEPS="1",
-                    VALIDATE_EVERY_X_STEPS="0")
-    train(env)
-    before = (run_dir / "checkpoints" / "step_000002.pt").read_bytes()
+    shutil.copytree(single, run_dir)  # a finished run: its metrics and its step-6 checkpoint
+    env = write_env(tmp_path / "run.env", token_data, run_dir, VALIDATE_EVERY_X_STEPS="0")
+    before = (run_dir / "checkpoints" / "step_000006.pt").read_bytes()
     again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env)], cwd=tmp_path,
                            capture_output=True, text=True, env=clean_env(), timeout=60)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
-    assert re.search(r"RUN_DIR .* already holds a run .* resume it with --checkpoint .*step_000002\.pt.*"
+    assert re.search(r"RUN_DIR .* already holds a run .* resume it with --checkpoint .*step_000006\.pt.*"
                      r"--overwrite", again.stderr)
-    assert (run_dir / "checkpoints" / "step_000002.pt").read_bytes() == before
+    assert (run_dir / "checkpoints" / "step_000006.pt").read_bytes() == before
     # A restarted schedule from this run's own checkpoint would write over its step files: refused too...
     restart = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(env), "--pretrain_checkpoint",
-                              str(run_dir / "checkpoints" / "step_000002.pt"), "--reset-optimizer", "--start-step",
+                              str(run_dir / "checkpoints" / "step_000006.pt"), "--reset-optimizer", "--start-step",
                               "0"], cwd=tmp_path, capture_output=True, text=True, env=clean_env(), timeout=60)
     assert restart.returncode == 2 and "checkpoints after step 0" in restart.stderr
     # ... unless asked, and then the checkpoint it has just written is never the one deleted.
-    out = train(env, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000002.pt"), "--reset-optimizer",
+    out = train(env, "--pretrain_checkpoint", str(run_dir / "checkpoints" / "step_000006.pt"), "--reset-optimizer",
                 "--start-step", "0", "--overwrite").stdout
     assert "--overwrite: removed" in out
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_000002.pt"]
-    assert read_checkpoint(run_dir / "checkpoints" / "step_000002.pt")["step"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_000006.pt"]
+    assert read_checkpoint(run_dir / "checkpoints" / "step_000006.pt")["step"] == 6
 
 
 @pytest.mark.e2e
@@ -350,12 +359,10 @@ def test_bad_setup_stops_with_one_clear_line(tmp_path, token_data, overrides, ar
 
 
 @pytest.mark.e2e
-def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data):
-    run_dir = tmp_path / "run"
-    train(write_env(tmp_path / "a.env", token_data, run_dir, MAX_STEPS="1", WARMUP_STEPS="1"))
+def test_checkpoint_from_another_model_shape_is_refused(tmp_path, token_data, single):
     wider = write_env(tmp_path / "b.env", token_data, tmp_path / "run2", DIM="128", MAX_STEPS="2")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--env_file", str(wider), "--pretrain_checkpoint",
-                             str(run_dir / "checkpoints" / "step_000001.pt")], cwd=tmp_path, capture_output=True,
+                             str(single / "checkpoints" / "step_000006.pt")], cwd=tmp_path, capture_output=True,
                             text=True, env=clean_env(), timeout=60)
     assert result.returncode == 2 and "model shape" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
