@@ -450,20 +450,23 @@ class VariantRunner(ModelRunner):
 
 
 # ---- the offload row: train.py's step in memory and streamed from disk ---------------------------------------------
-OFFLOAD_METHODS = {"full": "full fine-tuning", "lora": "LoRA r=16"}  # LoRA: the trainer's default adapter settings
+# LoRA: the trainer's default adapter settings; -all: offloaded with OFFLOAD_ACTIVATIONS=all (no recompute)
+OFFLOAD_METHODS = {"full": "full fine-tuning", "full-all": "full, activations kept", "lora": "LoRA r=16",
+                   "lora-all": "LoRA r=16, activations kept"}
 
 
 def offload_config(preset: str, device: str, precision: str, method: str, where: str, directory: str,
                    micro_batches: int = 1) -> Config:
-    """The .env of an SFT run of the offload row's shape: `method` full or lora, `where` memory (OFFLOAD=none) or
-    disk (OFFLOAD=disk, its stores in `directory`), `micro_batches` per step; every other setting the trainer's
-    default."""
+    """The .env of an SFT run of the offload row's shape: `method` one of OFFLOAD_METHODS, `where` memory
+    (OFFLOAD=none) or disk (OFFLOAD=disk, its stores in `directory`), `micro_batches` per step; every other
+    setting the trainer's default."""
     shape = OFFLOAD_PRESETS[preset]
     return Config(**shape.model, max_seq_len=shape.seq_len, max_batch_size=shape.batch,
                   total_batch_size=shape.batch * shape.seq_len * micro_batches, training_stage="sft",
                   training_precision=precision,
-                  instruct_eval_examples=0, lora_enabled=method == "lora",
-                  offload="disk" if where == "disk" else "none", offload_dir=directory, device=device).validate()
+                  instruct_eval_examples=0, lora_enabled=method.startswith("lora"),
+                  offload="disk" if where == "disk" else "none", offload_dir=directory, device=device,
+                  offload_activations="all" if method.endswith("-all") and where == "disk" else "memory").validate()
 
 
 class _NeverStop:
@@ -1024,7 +1027,7 @@ def _training_lines(train: dict, widths: list[int]) -> list[str]:
 
 
 def _offload_lines(o: dict, rounds: dict) -> list[str]:
-    widths = [32, 9, 9, 6, 8, 10]
+    widths = [44, 9, 9, 6, 8, 10]
     if "not_run" in o:
         return ["", _row(["offload", "not run"], widths[:2]) + f"    {o['not_run']}"]
     lines = ["", _row(["offload, seconds per step", "in memory", "offloaded", "ratio", "I/O wait", "same steps"],

@@ -110,7 +110,7 @@ def first_sft_loss(method: str) -> float:
 
     cfg = bench.offload_config("tiny", "cpu", "fp32", method, "memory", "unused")
     model = build_model(cfg, bench.LLAMA3_VOCAB, torch.device("cpu"))
-    if method == "lora":
+    if cfg.lora_enabled:
         lora.with_new_adapters(model, lora.LoRASettings.from_config(cfg), cfg.seed)
     window = torch.randint(0, bench.LLAMA3_VOCAB, (cfg.max_batch_size, cfg.max_seq_len + 1),
                            generator=torch.Generator().manual_seed(bench.SEED + 1))
@@ -127,7 +127,8 @@ def test_offload_row_trains_the_same_steps_in_memory_and_streamed_from_disk(quic
     offload = report["offload"]
     assert offload["runs"]["bf16"] == NO_BF16
     steps = report["config"]["rounds"]["train_warmup"] + report["config"]["rounds"]["train"]
-    for method, label in (("full", "full fine-tuning, fp32"), ("lora", "LoRA r=16, fp32")):
+    for method, label in (("full", "full fine-tuning, fp32"), ("full-all", "full, activations kept, fp32"),
+                          ("lora", "LoRA r=16, fp32"), ("lora-all", "LoRA r=16, activations kept, fp32")):
         r = offload["runs"]["fp32"][method]
         memory, disk = r["memory"], r["disk"]
         # Offloading is exact, so equal figures step by step show both did the same work: the same first loss,
