@@ -205,19 +205,15 @@ def test_lora_sft_on_two_ranks_equals_one_process_and_merges_into_a_plain_checkp
                                                                                      lora_sft_run, dpo_start):
     """Also SFT's 2-ranks-equal-1 check: the conversation loader's sharding and the masked token count across ranks
     (the full-weight gradient reduction is the pretraining DDP run's)."""
-    import subprocess
-    import sys
-
+    import lora
     from checkpoint import load_model
-    from trainer_runs import ROOT
 
     two = env_for(tmp_path, "two", data, TRAINING_STAGE="sft", LORA_DROPOUT="0", **LORA)
     train(two, "--pretrain_checkpoint", str(pretrained), torchrun=2)
     close_runs(lora_sft_run, tmp_path / "two")
     adapters, merged = lora_sft_run / "checkpoints" / "step_000004.pt", tmp_path / "merged.pt"
-    result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "merge", "--checkpoint", str(adapters), "--out",
-                             str(merged)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    # lora.py merge's own command (in this process: test_lora runs it as a process)
+    assert lora.main(["merge", "--checkpoint", str(adapters), "--out", str(merged)]) == 0
     model = load_model(merged)
     tokens = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
