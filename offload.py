@@ -463,7 +463,7 @@ class StreamedTransformer(Transformer):
         self._buffer_holds: list[Optional[int]] = [None, None]  # the block each set holds (None: being written)
         self.keep_activations = False  # OFFLOAD_ACTIVATIONS=all: no recompute, see _blocks_keeping_activations
         self._incomplete_grads: Counter[str] = Counter()  # blocks whose gradients autograd has not all made yet
-        self._backward_read: Optional[Future] = None  # the block _weight_for_backward reads ahead
+        self._backward_read: Optional[tuple[int, Future]] = None  # the block _weight_for_backward reads ahead
         self._memory_optimizer: Optional[torch.optim.AdamW] = None
         self.reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None  # over ranks (RunOffload)
         self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
@@ -707,17 +707,16 @@ class StreamedTransformer(Transformer):
         """Block i's weights in its buffer set (i % 2), read now if the set holds another block, and block i-1
         read ahead into the other set. The backward reaches block i only once every node of block i+1 is done
         (they all lie between its input and output), so the set being overwritten is no longer used."""
-        pending = self._backward_read
-        if self._buffer_holds[i % 2] != i and pending is not None:
+        if self._backward_read is not None and self._backward_read[0] % 2 == i % 2:  # it writes the set i needs
             started = time.perf_counter()
-            pending.result()
+            self._backward_read[1].result()
             self.io_wait_seconds += time.perf_counter() - started
-            self._backward_read = pending = None
+            self._backward_read = None
         if self._buffer_holds[i % 2] != i:
             with self._io():
                 self._read_block(i)
-        if i > 0 and pending is None and self._buffer_holds[(i - 1) % 2] != i - 1:
-            self._backward_read = self._reader.submit(self._read_block, i - 1)
+        if i > 0 and self._backward_read is None and self._buffer_holds[(i - 1) % 2] != i - 1:
+            self._backward_read = (i - 1, self._reader.submit(self._read_block, i - 1))
         prefix = f"layers.{i}."
         return {prefix + local: t for local, t in self._block_buffers[i % 2].items()}
 

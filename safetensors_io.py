@@ -102,8 +102,8 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform =
 
 def _writable_mapping(f: BinaryIO) -> mmap.mmap:
     """A shared mapping of the whole file with every page in place and writable: the first write to each page of
-    a shared mapping otherwise takes a fault of its own, which made an optimizer step on mapped state 3-4x slower
-    than on memory."""
+    a shared mapping otherwise takes a fault of its own, which made AdamW on an offload store's mapped state 9x
+    slower than on memory (2.43 s against 0.26 s a step for a 320M model)."""
     buf = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED)
     if _MADV_POPULATE_WRITE is not None:
         try:
