@@ -33,7 +33,7 @@ from checkpoint import Checkpoint, CheckpointError, WeightSource, checked_tokeni
 from hardware import weights_dtype
 from model import Transformer
 from offload import AdamWSettings, RunOffload, StreamedTransformer
-from speedups import reordered_linears
+from speedups import exit_without_teardown, reordered_linears
 
 OFFLOAD_ROOT = Path("~/.cache/llama3-trainer/offload").expanduser()
 
@@ -330,4 +330,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from distributed import all_reduce_sum
 from generate import add_offload_arguments, check_offload_args, load_weights, model_device, pick_dtype
+from speedups import exit_without_teardown
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_LINES = 10042  # items in the official validation split
@@ -383,4 +384,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from checkpoint import Adapters, Checkpoint, CheckpointError, Provenance, load_model, unwrap
 from model import ModelArgs, Transformer
+from speedups import exit_without_teardown
 
 VALID_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _BLOCK_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])$")
@@ -558,4 +559,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

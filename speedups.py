@@ -13,8 +13,9 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,19 @@ def release_freed_memory() -> None:
     unit's copies behind (1.7 GB of an 8B-shaped model's, measured), counted in every later resident set."""
     if platform.libc_ver()[0] == "glibc":
         ctypes.CDLL(None).malloc_trim(0)
+
+
+# ---- process exit -----------------------------------------------------------------------------------
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a command whose main returned: flush what it printed and leave without the interpreter's teardown.
+
+    Tearing down an interpreter that imported torch (finalizing about 1,850 modules and libtorch's static
+    objects) took 1.7 s on a 2-core AMD EPYC Zen 3, after the command's work was done. Only for a main that
+    has closed what it opened (files, W&B, the process group): buffered output still unwritten would be lost.
+    Pages written through shared mappings (the offload store) are the kernel's already and are kept."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---- reordered linear weights for decoding -------------------------------------------------------------

@@ -45,7 +45,7 @@ from hellaswag_utils import evaluate as hellaswag_evaluate
 from metrics import RunLogger, format_step_line
 from model import IGNORE_INDEX, ModelArgs, Transformer
 from offload import AdamWSettings, OffloadError, RunOffload
-from speedups import keep_freed_memory_on_cpu, reordered_linears
+from speedups import exit_without_teardown, keep_freed_memory_on_cpu, reordered_linears
 from stages import TEXT_BYTES, TEXT_NATS, Distillation, Setting, Stage, build_stage, check_teacher, stage_class
 from tokenizer import load_tokenizer
 
@@ -1027,4 +1027,4 @@ def train(cfg: Config, args: argparse.Namespace, d: DistInfo) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())
