@@ -441,12 +441,15 @@ def test_bf16_autocast_trains_float32_adapters_close_to_float32():
     assert cos > 0.99
 
 
-@pytest.mark.e2e  # torch.compile: tens of seconds
+@pytest.mark.e2e  # torch.compile: seconds
 def test_compiled_forward_equals_eager_with_adapters_on_and_off():
-    base, model = adapted(args=ModelArgs(**{**ARGS.__dict__, "n_layers": 1}))  # compiling costs ~10 s a graph
+    base, model = adapted(args=ModelArgs(**{**ARGS.__dict__, "n_layers": 1}))
     model.eval()
     x = ids((2, 16), seed=14)
-    compiled = torch.compile(model, fullgraph=True)
+    # What LoRA must survive is the capture: one full graph through the adapters, and a guard on the switch
+    # that recompiles. aot_eager captures as inductor does but runs the graph eagerly; inductor's own code
+    # (50 s for these two graphs on a 2-core AVX2 CPU) is checked against transformers in test_compile.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert torch.allclose(logits(compiled, x), logits(model, x), rtol=0, atol=1e-5)
     with adapters_disabled(compiled):  # the switch reaches through the compile wrapper (one recompile)
         assert torch.allclose(logits(compiled, x), logits(base, x), rtol=0, atol=1e-5)
