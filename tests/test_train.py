@@ -255,9 +255,10 @@ def test_a_run_split_into_time_boxes_validates_and_stops_as_the_whole_run_does(t
     whole, boxed = tmp_path / "whole", tmp_path / "boxed"
     assert "early stopping" in train(write_env(tmp_path / "w.env", token_data, whole, **flat)).stdout
     env = write_env(tmp_path / "b.env", token_data, boxed, **flat)
-    train(env, "--stop-step", "1")
-    train(env, "--stop-step", "3", "--pretrain_checkpoint", str(boxed / "checkpoints" / "step_000001.pt"))
-    last = train(env, "--pretrain_checkpoint", str(sorted((boxed / "checkpoints").glob("step_*.pt"))[-1])).stdout
+    # a box ending at step 3, between the validations at 2 and 4: one of its own there would show in val_loss,
+    # and the patience already spent at step 2 must come back for the run to stop at 4 as the whole run does
+    train(env, "--stop-step", "3")
+    last = train(env, "--pretrain_checkpoint", str(boxed / "checkpoints" / "step_000003.pt")).stdout
     assert "early stopping" in last
     assert step_metric(boxed, "val_loss") == step_metric(whole, "val_loss")
     # validations at steps 0 (before training: the best), 2 and 4 (no better): patience 2 runs out at step 4,
