@@ -55,7 +55,7 @@ def exit_without_teardown(code: int) -> NoReturn:
     """End a command whose main returned: flush what it printed and leave without the interpreter's teardown.
 
     Tearing down an interpreter that imported torch (finalizing about 1,850 modules and libtorch's static
-    objects) took 1.7 s on a 2-core AMD EPYC Zen 3, after the command's work was done. Only for a main that
+    objects) took 0.8-1.7 s on a 2-core AMD EPYC Zen 3, after the command's work was done. Only for a main that
     has closed what it opened (files, W&B, the process group): buffered output still unwritten would be lost.
     Pages written through shared mappings (the offload store) are the kernel's already and are kept."""
     sys.stdout.flush()

@@ -355,9 +355,8 @@ import json, os, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import train
 results = []
-for directory in sys.argv[2:]:
+for directory, argv in json.loads(sys.argv[2]):
     os.chdir(directory)
-    argv = json.loads(open("argv.json").read())
     with tempfile.TemporaryFile() as err:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -378,16 +377,14 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def bad_setups(tmp_path_factory, token_data) -> list[tuple[int, str]]:
     """(exit code, stderr) of train.py started with each of BAD_SETUPS."""
-    directories = []
+    cases = []
     for i, (overrides, args, _) in enumerate(BAD_SETUPS):
         case = tmp_path_factory.mktemp(f"bad{i}")
-        env = {**TINY_RUN, "PRETRAIN_DATA_DIR": str(token_data), "RUN_DIR": str(case / "run"), **overrides}
-        (case / "bad.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        write_env(case / "bad.env", token_data, case / "run", **overrides)
         (case / "long.txt").write_text("A short prompt\n" + "word " * 40 + "\n")
-        (case / "argv.json").write_text(json.dumps(["--env_file", "bad.env", *args]))
-        directories.append(str(case))
-    out = subprocess.run([sys.executable, "-c", RUN_MAINS, str(ROOT), *directories], capture_output=True, text=True,
-                         env=clean_env(), timeout=120)
+        cases.append((str(case), ["--env_file", "bad.env", *args]))
+    out = subprocess.run([sys.executable, "-c", RUN_MAINS, str(ROOT), json.dumps(cases)], capture_output=True,
+                         text=True, env=clean_env(), timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return [tuple(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
 
