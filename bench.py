@@ -93,8 +93,8 @@ from model import ModelArgs, Transformer
 from stages import Distillation, DPOStage, Setting, SFTStage, Stage
 import hardware
 from hardware import datasheet_peak, plausible_mfu
-from speedups import keep_freed_memory_on_cpu, reordered_linears
-from train import OptimizerStep, Start, build_optimizer, initial_model, start_offload, to_device
+from speedups import reordered_linears
+from train import OptimizerStep, Start, build_optimizer, choose_cpu_allocator, initial_model, start_offload, to_device
 
 ROOT = Path(__file__).resolve().parent
 SEED = 1234
@@ -484,8 +484,8 @@ class OffloadRunner(ModelRunner):
     def __init__(self, kind: str, plan: Plan):
         super().__init__(kind, plan)
         self.where = kind.split(":")[1]
-        # train.py's main does this first on a CPU: both sides allocate as a user's run allocates
-        self.keeps_freed_memory = self.device.type == "cpu" and keep_freed_memory_on_cpu()
+        # train.py's main does this first: each side allocates as a user's run allocates
+        self.keeps_freed_memory = choose_cpu_allocator("disk" if self.where == "disk" else "none", self.device)
 
     def setup_training(self, precision: str, method: str, directory: str) -> dict:
         self.precision = precision
@@ -1057,8 +1057,8 @@ def _offload_lines(o: dict, rounds: dict) -> list[str]:
     if measured:
         side = measured[0]["memory"]
         cached = min(min(r["page_cache_share"].values()) for r in measured)
-        allocator = "its allocator setting (freed memory kept)" if side["keeps_freed_memory"] else \
-            "the default allocator (MALLOC_* set)"
+        allocator = "its allocator settings (in memory freed memory kept, offloaded glibc's defaults and the heap " \
+            "trimmed after blocks)" if side["keeps_freed_memory"] else "the default allocator (MALLOC_* set)"
         filesystem = f" ({o['store_filesystem']})" if o.get("store_filesystem") else ""
         lines.append(f"train.py's step: OptimizerStep, clip {side['grad_clip']:g}, AdamW at LR {side['lr']:g} "
                      f"(offloaded full fine-tuning: the store's clip_and_step), {allocator}; the store under "

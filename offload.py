@@ -49,7 +49,7 @@ from torch import nn
 
 from model import KVCache, ModelArgs, Transformer, rope_cos_sin, rope_frequencies
 from safetensors_io import MappedPages, load_file, save_file, sharded_files, write_atomically
-from speedups import release_freed_memory
+from speedups import HeapTrimmer, release_freed_memory
 
 STORE_FORMAT = "llama3-trainer-offload-store"
 MANIFEST = "manifest.json"
@@ -447,6 +447,8 @@ class AdamWSettings:
 class StreamedTransformer(Transformer):
     """A Transformer computing with weights streamed from a BlockStore; build it with `open_streamed`."""
 
+    streams_weights = True  # speedups.reordered_linears makes no copies of its weights
+
     def attach(self, store: BlockStore, compute_dtype: torch.dtype, device: torch.device | str, train_base: bool,
                autocast_dtype: Optional[torch.dtype] = None):
         self.store, self.compute_dtype, self.train_base = store, compute_dtype, train_base
@@ -469,6 +471,7 @@ class StreamedTransformer(Transformer):
         self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
         self._kept = 0
         self.dropout_tape = DropoutTape()  # the adapters' dropout masks between a block's forward and its recompute
+        self.trim_heap = HeapTrimmer()  # after each block: its freed activations must not stay resident
         # The meta placeholders say whether a stored weight trains, so that counting trainable parameters
         # (and FLOPs) reads the streamed model as it reads a model in memory.
         for name, p in self.named_parameters():
@@ -545,6 +548,7 @@ class StreamedTransformer(Transformer):
                 yield i, self.layers[i]
             finally:
                 self._release(self.store.units[f"layers.{i}"])
+                self.trim_heap()
 
     def keep_input(self, i: int, h: torch.Tensor) -> torch.Tensor | Path:
         """Block i's input until its backward: the tensor, or with `activation_dir` a file holding it (named by a
@@ -1073,7 +1077,7 @@ class RunOffload:
 
     def describe(self, micro_batches: int, micro_batch: int, seq_len: int) -> str:
         """The start-up line: what streams, the bytes each step reads and writes, and the peak memory expected
-        for weights, gradients, optimizer state and activations (beyond the process's own)."""
+        for weights, gradients, optimizer state, activations and the heap's slack (beyond the process's own)."""
         model, store = self.model, self.model.store
         sizes = {u: sum(f.stat().st_size for f in [store.path("weights", u)]) for u in store.units}
         blocks = sum(v for u, v in sizes.items() if u.startswith("layers."))
@@ -1094,7 +1098,7 @@ class RunOffload:
                        else a.n_layers * tokens * a.dim * c + block_activations)
         taped = [m for m in model.modules() if isinstance(getattr(m, "dropout", None), TapedDropout)]
         masks = 0 if model.keep_activations else tokens * sum(m.weight.shape[1] for m in taped)  # a byte an input
-        peak = 2 * block_params * held + activations + masks
+        peak = 2 * block_params * held + activations + masks + model.trim_heap.slack  # freed, not yet trimmed
         if self.train_base:
             read = micro_batches * (2 * blocks + outer) + (micro_batches + 1) * 4 * params + 3 * 4 * params + outer
             written = micro_batches * 4 * params + 3 * 4 * params

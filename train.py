@@ -944,8 +944,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if d.device.type == "cpu" and cfg.offload == "none":  # an offloaded run is for memory: glibc returns its
-        keep_freed_memory_on_cpu()  # big buffers at once (kept, a full fine-tuning step's grew by 2 GB a step)
+    choose_cpu_allocator(cfg.offload, d.device)
     try:
         return train(cfg, args, d)
     except (SetupError, DataError, CheckpointError, HellaSwagDataError, lora.LoRAError, OffloadError,
@@ -954,6 +953,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     finally:
         teardown_distributed()
+
+
+def choose_cpu_allocator(offload: str, device: torch.device) -> bool:
+    """In memory, glibc keeps freed big buffers for the next step (speedups.keep_freed_memory_on_cpu). An offloaded
+    run is for memory: glibc's defaults return big buffers at once (kept, an offloaded full fine-tuning step grew
+    by 2 GB a step), and the streamed model trims the heap (speedups.HeapTrimmer). Returns whether it kept them."""
+    return device.type == "cpu" and offload == "none" and keep_freed_memory_on_cpu()
 
 
 def start_offload(cfg: Config, d: DistInfo) -> Optional[RunOffload]:

@@ -1,6 +1,7 @@
-"""The glibc setting training makes on CPU (speedups.keep_freed_memory_on_cpu): freed big buffers stay
-with the process, so the next step does not page-fault them in again. Checked by counting page faults in
-a fresh interpreter."""
+"""The glibc settings training makes on CPU: in memory (speedups.keep_freed_memory_on_cpu) freed big buffers
+stay with the process, so the next step does not page-fault them in again, checked by counting page faults in
+a fresh interpreter; offloaded (speedups.HeapTrimmer) freed heap memory goes back to the system once the
+resident set has grown by the trimmer's slack, checked by reading the resident set."""
 
 import json
 import os
@@ -53,3 +54,37 @@ def test_a_users_malloc_variable_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_PERTURB_", "0")  # returns before touching this process's allocator
     assert speedups.keep_freed_memory_on_cpu() is False
+
+
+# 1 MiB buffers from the heap (MALLOC_MMAP_THRESHOLD_ below keeps glibc from mapping them), each followed by a
+# small one that outlives it: freed, the big ones are holes between live chunks, which glibc keeps resident.
+HOLES = r"""
+import json, sys, torch
+from speedups import HeapTrimmer
+resident = HeapTrimmer._resident
+before = resident()
+roomy, tight = HeapTrimmer(slack=2**30), HeapTrimmer(slack=64 * 2**20)
+big, small = [], []
+for _ in range(400):
+    big.append(torch.ones(2**18))
+    small.append(torch.ones(64))
+del big
+held = resident()
+roomy()
+after_roomy = resident()
+tight()
+print(json.dumps({"before": before, "held": held, "after_roomy": after_roomy, "after_tight": resident(),
+                  "trims": [roomy.trims, tight.trims]}))
+"""
+
+
+def test_the_heap_trimmer_returns_freed_holes_once_the_resident_set_grew_by_its_slack():
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "MALLOC_MMAP_THRESHOLD_": str(2**22)}
+    proc = subprocess.run([sys.executable, "-c", HOLES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    assert r["held"] - r["before"] >= 300 * mib, r  # glibc kept the 400 freed MiB resident
+    assert r["trims"] == [0, 1], r  # 400 MiB of growth: within the roomy slack, past the tight one
+    assert abs(r["after_roomy"] - r["held"]) < 16 * mib, r
+    assert r["after_tight"] - r["before"] < 64 * mib, r  # the holes went back

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import offload
 from generate import complete, generate_tokens
 from hardware import cpu_has_native_bf16
 from model import ModelArgs, Transformer
@@ -51,6 +52,18 @@ def test_reordered_linears_compute_what_linear_computes_for_one_row_and_a_batch(
             assert patched_linears(model) == 0
         # bf16: oneDNN's reordered product rounds exactly as the default bf16 linear does on this CPU
         assert (fast.float() - plain.float()).abs().max().item() <= tol * plain.float().abs().max().item()
+
+
+@needs_kernels
+def test_a_model_streaming_its_weights_from_disk_gets_no_reordered_copies(tmp_path):
+    model = build()
+    with torch.inference_mode(), reordered_linears(model) as patched:
+        assert patched == LINEARS  # the same weights in memory get theirs
+    streamed = offload.open_streamed(offload.write_store_from_model(tmp_path / "store", model))
+    streamed.load_outer()
+    assert type(streamed.output) is nn.Linear and streamed.output.weight.device.type == "cpu"  # reorderable
+    with torch.inference_mode(), reordered_linears(streamed) as patched:
+        assert patched == patched_linears(streamed) == 0
 
 
 @needs_kernels
