@@ -51,15 +51,17 @@ def release_freed_memory() -> None:
 
 
 class HeapTrimmer:
-    """Called between phases that free most of what they allocated (a streamed model calls it after each block),
-    hands glibc's freed heap memory back whenever the resident set has grown by `slack` bytes since it last did.
+    """Called between phases that free most of what they allocated (a streamed model calls it after each block's
+    recompute and backward): hands glibc's freed heap memory back whenever the resident set has grown by `slack`
+    bytes since it last did.
 
     glibc keeps the holes that short-lived buffers leave between longer-lived ones on its heap, resident, and
     reuses them only where a later buffer fits: an 8B-shaped LoRA step streamed in fp32 (each block's
     activations freed between its adapters' gradients and dropout masks, kept) grew from 4.6 to 7.9 GB resident
-    over one step. Trimming after every block bounds that, but the next block then page-faults its buffers in
-    again (+11% on a 1B-shaped step); trimming only once the slack is used up cost +4% and held the step within
-    0.2 GB of trimming always (2-core AMD EPYC Zen 3, fp32, BENCHMARKS.md "Offloaded runs and the heap")."""
+    over one step; with this the whole run peaked at 5.42 GiB. Trimming after every block bounds it too, but the
+    next block then page-faults its buffers in again (+11-15% a step of a 1B shape); trimming once the slack is
+    used up cost 4-7% and held 0.16 GiB more (2-core AMD EPYC Zen 3, fp32, BENCHMARKS.md "Offloaded runs and
+    the heap")."""
 
     def __init__(self, slack: int = 256 * 2**20):
         self.slack = slack
