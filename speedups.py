@@ -51,8 +51,8 @@ def release_freed_memory() -> None:
 
 
 class HeapTrimmer:
-    """Called between phases that free most of what they allocated (a streamed model calls it after each block's
-    recompute and backward): hands glibc's freed heap memory back whenever the resident set has grown by `slack`
+    """Called between phases that free most of what they allocated (a streamed model calls it after each block
+    whose activations it freed): hands glibc's freed heap memory back whenever the resident set has grown by `slack`
     bytes since it last did.
 
     glibc keeps the holes that short-lived buffers leave between longer-lived ones on its heap, resident, and

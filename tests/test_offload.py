@@ -131,17 +131,23 @@ def test_lora_training_streamed_equals_in_memory_with_dropout_accumulation_and_c
                            adapters(streamed)["layers.0.attention.wq.lora_a.weight"])
 
 
-def test_a_streamed_model_trims_the_heap_after_each_blocks_recompute_and_backward(tmp_path):
+def test_a_streamed_model_trims_the_heap_after_each_block_whose_activations_it_freed(tmp_path):
     reference, streamed = lora_pair(tmp_path, tiny_args(), train_base=False)
     trims = []
     streamed.trim_heap = lambda: trims.append(1)
     tokens = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         streamed(tokens)
+    assert len(trims) == 3  # evaluation and decoding: each of the 3 blocks
     _, loss = streamed(tokens, tokens, return_logits=False)
-    assert trims == []  # forwards keep what they allocate, or free it to the next block of the same shapes
+    assert len(trims) == 3 + 3  # the forward keeping only block inputs
     loss.backward()
-    assert len(trims) == 3
+    assert len(trims) == 3 + 3 + 3  # the recompute and backward
+    trims.clear()
+    streamed.keep_activations = True  # OFFLOAD_ACTIVATIONS=all: nothing freed until the backward ends
+    _, loss = streamed(tokens, tokens, return_logits=False)
+    loss.backward()
+    assert trims == []
 
 
 def test_the_recompute_replays_the_forwards_dropout_masks_instead_of_drawing_new_ones(tmp_path):
