@@ -475,22 +475,22 @@ class _NeverStop:
 
 
 class OffloadRunner(ModelRunner):
-    """One side of the offload row, kind "offload:memory" or "offload:disk": for each method in turn, the model,
-    stage and optimizer step train.py builds for an SFT run of the row's shape, in memory or streamed from an
+    """One side of the offload row, kind "offload:memory" or "offload:disk": for the method it is set up for, the
+    model, stage and optimizer step train.py builds for an SFT run of the row's shape, in memory or streamed from an
     OFFLOAD=disk store, stepping one batch of packed SFT rows. Every step's loss and gradient norm is kept, warm-up
-    included. No peak memory is taken: the methods share the process (and an offloaded peak would count the
-    store's mapped pages)."""
+    included. A process serves one method (train.py's allocator settings depend on it); no peak memory is taken (an
+    offloaded peak would count the store's mapped pages)."""
 
     def __init__(self, kind: str, plan: Plan):
         super().__init__(kind, plan)
         self.where = kind.split(":")[1]
-        # train.py's main does this first: each side allocates as a user's run allocates
-        self.keeps_freed_memory = choose_cpu_allocator("disk" if self.where == "disk" else "none", self.device)
 
     def setup_training(self, precision: str, method: str, directory: str) -> dict:
         self.precision = precision
         cfg = offload_config(self.plan.preset, self.plan.device, precision, method, self.where, directory,
                              self.plan.offload_micro_batches)
+        # train.py's main does this first: each side allocates as a user's run allocates (a process per method)
+        self.keeps_freed_memory = choose_cpu_allocator(cfg, self.device)
         d = DistInfo(0, 0, 1, self.device)
         settings = lora.LoRASettings.from_config(cfg) if cfg.lora_enabled else None
         self.offloaded = start_offload(cfg, d)  # None in memory
@@ -775,26 +775,31 @@ def filesystem_type(path: str) -> Optional[str]:
 
 
 def bench_offload_precision(plan: Plan, precision: str, rounds: Rounds) -> dict:
-    """Each method in memory against offloaded, in one pair of processes, alternated step by step (rounds as the
-    training step's); each method's store lives in a temporary directory that outlives both processes."""
-    kinds = {"memory": "offload:memory", "disk": "offload:disk"}
+    """Each method in memory against offloaded, alternated step by step (rounds as the training step's); each
+    method's store lives in a temporary directory that outlives its processes."""
     out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="bench-offload-") as tmp, \
-            model_processes(plan, tuple(kinds.values())) as procs:
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as tmp:
         for method in OFFLOAD_METHODS:
-            print(f"offload, {method}, {precision} ...", file=sys.stderr)
-            store = Path(tmp) / method
-            info = call_both(procs, "setup_training", precision, method, str(store))
-            runs = {kind: (lambda p=p: p.call("train_step")) for kind, p in procs.items()}
-            alternate(runs, rounds.train_warmup, 0)
-            cached_before = page_cache_share(store)
-            steps = alternate(runs, 0, rounds.train)
-            cached_after = page_cache_share(store)
-            done = call_both(procs, "finish_training")
-            shutil.rmtree(store)
-            out[method] = offload_figures({where: (info[k], steps[k], done[k]) for where, k in kinds.items()})
-            out[method]["page_cache_share"] = {"before": cached_before, "after": cached_after}
+            out[method] = _bench_offload_method(plan, precision, method, Path(tmp) / method, rounds)
     return out
+
+
+def _bench_offload_method(plan: Plan, precision: str, method: str, store: Path, rounds: Rounds) -> dict:
+    """One method's pair of fresh processes: each picks the allocator settings train.py would for the method."""
+    kinds = {"memory": "offload:memory", "disk": "offload:disk"}
+    with model_processes(plan, tuple(kinds.values())) as procs:
+        print(f"offload, {method}, {precision} ...", file=sys.stderr)
+        info = call_both(procs, "setup_training", precision, method, str(store))
+        runs = {kind: (lambda p=p: p.call("train_step")) for kind, p in procs.items()}
+        alternate(runs, rounds.train_warmup, 0)
+        cached_before = page_cache_share(store)
+        steps = alternate(runs, 0, rounds.train)
+        cached_after = page_cache_share(store)
+        done = call_both(procs, "finish_training")
+    shutil.rmtree(store)
+    figures = offload_figures({where: (info[k], steps[k], done[k]) for where, k in kinds.items()})
+    figures["page_cache_share"] = {"before": cached_before, "after": cached_after}
+    return figures
 
 
 def offload_figures(sides: dict[str, tuple[dict, list, dict]]) -> dict:
@@ -1057,8 +1062,9 @@ def _offload_lines(o: dict, rounds: dict) -> list[str]:
     if measured:
         side = measured[0]["memory"]
         cached = min(min(r["page_cache_share"].values()) for r in measured)
-        allocator = "its allocator settings (in memory freed memory kept, offloaded glibc's defaults and the heap " \
-            "trimmed after blocks)" if side["keeps_freed_memory"] else "the default allocator (MALLOC_* set)"
+        allocator = ("train.py's allocator settings (freed memory kept in memory and offloaded full fine-tuning; "
+                     "offloaded LoRA glibc's defaults, the heap trimmed after each block's backward)") \
+            if side["keeps_freed_memory"] else "the default allocator (MALLOC_* set)"
         filesystem = f" ({o['store_filesystem']})" if o.get("store_filesystem") else ""
         lines.append(f"train.py's step: OptimizerStep, clip {side['grad_clip']:g}, AdamW at LR {side['lr']:g} "
                      f"(offloaded full fine-tuning: the store's clip_and_step), {allocator}; the store under "

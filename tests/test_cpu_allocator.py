@@ -1,7 +1,8 @@
-"""The glibc settings training makes on CPU: in memory (speedups.keep_freed_memory_on_cpu) freed big buffers
-stay with the process, so the next step does not page-fault them in again, checked by counting page faults in
-a fresh interpreter; offloaded (speedups.HeapTrimmer) freed heap memory goes back to the system once the
-resident set has grown by the trimmer's slack, checked by reading the resident set."""
+"""The glibc settings training makes on CPU: in memory and for offloaded full fine-tuning
+(speedups.keep_freed_memory_on_cpu) freed big buffers stay with the process, so the next step does not
+page-fault them in again, checked by counting page faults in a fresh interpreter; for an offloaded LoRA run
+glibc's defaults, and (speedups.HeapTrimmer) freed heap memory goes back to the system once the resident set
+has grown by the trimmer's slack, checked by reading the resident set."""
 
 import json
 import os
@@ -21,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULTS = r"""
 import json, resource, sys, torch
 import train, speedups
-took = speedups.keep_freed_memory_on_cpu() if sys.argv[1] == "tuned" else False
+from config import Config
+mode = sys.argv[1]
+if mode.startswith("run:"):  # the settings train.py's main makes for a run: OFFLOAD, LORA_ENABLED
+    offload, lora_enabled = mode[4:].split(",")
+    took = train.choose_cpu_allocator(Config(offload=offload, lora_enabled=lora_enabled == "lora"),
+                                      torch.device("cpu"))
+else:
+    took = speedups.keep_freed_memory_on_cpu() if mode == "tuned" else False
 torch.empty(16 * 2**20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(9):
@@ -47,6 +55,16 @@ def test_freed_big_buffers_are_reused_without_page_faults():
     assert default["faults"] >= pages // 2  # glibc maps each 64 MiB buffer afresh: a fault per page
     # kept: at most the heap's growth once or twice, not a fault per page per buffer
     assert tuned["took"] and tuned["faults"] <= pages // 4
+
+
+@pytest.mark.e2e
+def test_training_keeps_freed_buffers_except_offloaded_lora_which_is_for_memory():
+    pages = 9 * 64 * 2**20 // 4096
+    for run in ("none,full", "none,lora", "disk,full"):
+        kept = faults(f"run:{run}")
+        assert kept["took"] and kept["faults"] <= pages // 4, (run, kept)
+    lora = faults("run:disk,lora")  # glibc's defaults: the 8B LoRA's 6 GiB depend on them
+    assert not lora["took"] and lora["faults"] >= pages // 2, lora
 
 
 def test_a_users_malloc_variable_wins(monkeypatch):
