@@ -1063,7 +1063,7 @@ def _offload_lines(o: dict, rounds: dict) -> list[str]:
         side = measured[0]["memory"]
         cached = min(min(r["page_cache_share"].values()) for r in measured)
         allocator = ("train.py's allocator settings (freed memory kept in memory and offloaded full fine-tuning; "
-                     "offloaded LoRA glibc's defaults, the heap trimmed after each block's backward)") \
+                     "offloaded LoRA glibc's defaults, the heap trimmed after blocks that freed activations)") \
             if side["keeps_freed_memory"] else "the default allocator (MALLOC_* set)"
         filesystem = f" ({o['store_filesystem']})" if o.get("store_filesystem") else ""
         lines.append(f"train.py's step: OptimizerStep, clip {side['grad_clip']:g}, AdamW at LR {side['lr']:g} "

@@ -409,7 +409,6 @@ class _StreamedBlocks(torch.autograd.Function):
             with model.dropout_tape.recording() as masks:
                 h = block(h, cos, sin, 0, mask)
             ctx.masks.append(masks)
-            model.trim_heap()
         return h
 
     @staticmethod
@@ -427,7 +426,6 @@ class _StreamedBlocks(torch.autograd.Function):
             if model.train_base:
                 with model._io():
                     model.store.accumulate_grads(f"layers.{i}", model.take_grads(block, f"layers.{i}."))
-            model.trim_heap()
         return grad, None, None, None, None, None
 
 
@@ -474,12 +472,7 @@ class StreamedTransformer(Transformer):
         self.activation_dir: Optional[Path] = None  # OFFLOAD_ACTIVATIONS=disk: where block inputs wait for backward
         self._kept = 0
         self.dropout_tape = DropoutTape()  # the adapters' dropout masks between a block's forward and its recompute
-        # After each block whose activations were freed (a forward keeping only block inputs, its recompute and
-        # backward, evaluation), which glibc would keep resident: an 8B-shaped LoRA step in fp32 peaked at 6.01 GiB
-        # trimming after the backward's blocks only, 5.42 GiB trimming after the forward's too. Not while every
-        # activation is kept (OFFLOAD_ACTIVATIONS=all): the heap then grows by what stays alive, and trimming as it
-        # grew took a 320M model's full fine-tuning from 1.36x to 1.54x the in-memory step.
-        self.trim_heap = HeapTrimmer()
+        self.trim_heap = HeapTrimmer()  # after each block whose activations were freed: see streamed_blocks
         # The meta placeholders say whether a stored weight trains, so that counting trainable parameters
         # (and FLOPs) reads the streamed model as it reads a model in memory.
         for name, p in self.named_parameters():
@@ -540,8 +533,14 @@ class StreamedTransformer(Transformer):
             module._parameters[leaf] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
                                                     requires_grad=self.train_base and not _is_adapter(name))
 
-    def streamed_blocks(self, order: Iterable[int], trainable: bool) -> Iterator[tuple[int, nn.Module]]:
-        """Each block of `order` with its weights in place, the next one read meanwhile; released after use."""
+    def streamed_blocks(self, order: Iterable[int], trainable: bool, frees_activations: bool = True,
+                        ) -> Iterator[tuple[int, nn.Module]]:
+        """Each block of `order` with its weights in place, the next one read meanwhile; released after use, and
+        the heap trimmed where the caller freed the block's activations, which glibc would keep resident: the
+        README's 8B LoRA command in fp32 peaked at 6.45 GiB trimming after the backward's blocks only, 5.39 GiB
+        after the forward's too (2-core AMD EPYC Zen 4). Not while every activation is kept
+        (OFFLOAD_ACTIVATIONS=all): the heap then grows by what stays alive, and trimming as it grew took a 320M
+        model's full fine-tuning from 1.36x to 1.54x the in-memory step."""
         order = list(order)
         pending: Optional[Future] = self._reader.submit(self._read_block, order[0]) if order else None
         for k, i in enumerate(order):
@@ -556,6 +555,8 @@ class StreamedTransformer(Transformer):
                 yield i, self.layers[i]
             finally:
                 self._release(self.store.units[f"layers.{i}"])
+                if frees_activations:
+                    self.trim_heap()
 
     def keep_input(self, i: int, h: torch.Tensor) -> torch.Tensor | Path:
         """Block i's input until its backward: the tensor, or with `activation_dir` a file holding it (named by a
@@ -655,7 +656,6 @@ class StreamedTransformer(Transformer):
         else:  # evaluation and decoding: with a KV cache, each new token streams every block once
             for _, block in self.streamed_blocks(range(self.args.n_layers), trainable=False):
                 h = block(h, cos, sin, start_pos, mask)
-                self.trim_heap()
         return self.norm(h)
 
     def _blocks_keeping_activations(self, h: torch.Tensor, cos, sin, mask) -> torch.Tensor:
@@ -669,7 +669,8 @@ class StreamedTransformer(Transformer):
         rather than by autocast, so that the saved bf16 copies are known and swapped for tokens too (the same cast
         autocast makes, so the same numbers); a block's gradients go to the store once autograd has them all."""
         cast = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
-        for i, block in self.streamed_blocks(range(self.args.n_layers), trainable=self.train_base):
+        for i, block in self.streamed_blocks(range(self.args.n_layers), trainable=self.train_base,
+                                             frees_activations=False):
             tokens: dict[int, tuple[str, bool]] = {}  # storage -> (weight name, saved as its autocast cast)
             leaves: dict[str, nn.Parameter] = {}
             for name in self.store.units[f"layers.{i}"]:

@@ -958,10 +958,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def choose_cpu_allocator(cfg: Config, device: torch.device) -> bool:
     """glibc keeps freed big buffers for the next step (speedups.keep_freed_memory_on_cpu) in memory and for
     offloaded full fine-tuning, whose logits and embedding gradients are a few fixed GB a step: under glibc's
-    defaults each step page-faulted them in again, 6.2 s against 4.0 s a step of bench.py's 320M row (bf16,
-    every activation kept; peak 3.2 against 5.9 GB, flat over 8 steps; 2-core AMD EPYC Zen 4). Offloaded LoRA keeps glibc's defaults:
-    its frozen base allocates little per step, and it is how an 8B fits in 6 GiB; there the streamed model
-    trims the heap (speedups.HeapTrimmer). Returns whether it kept them."""
+    defaults each step page-faulted them in again, 6.2 s against 4.0 s a step of bench.py's 320M row (bf16, every
+    activation kept; peak 3.2 against 5.9 GB, flat over 8 steps; 2-core AMD EPYC Zen 4). Offloaded LoRA keeps
+    glibc's defaults: its frozen base allocates little per step, and it is how an 8B fits in 6 GiB; there the
+    streamed model trims the heap (speedups.HeapTrimmer). Returns whether it kept them."""
     keep = cfg.offload == "none" or not cfg.lora_enabled
     return device.type == "cpu" and keep and keep_freed_memory_on_cpu()
 
